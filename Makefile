@@ -1,0 +1,39 @@
+# One command sets up and runs the main job; one runs the tests.  Everything lives in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch must be installed before anything that depends on torch, or pip pulls
+# the (multi-GB) CUDA build.  Override on machines that need another build.
+TORCH ?= torch==2.13.0
+DEMO := runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# OpenAI's own model.py and tokenizer, the reference the tests compare against.  Installed
+	# without dependencies: its torchvision requirement would replace the CPU torch.
+	$(PY) -m pip install --quiet --no-deps clip-anytorch==2.6.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clipforge convert tiny-vit $(DEMO)/tiny-vit --to clipforge
+	$(VENV)/bin/clipforge samples $(DEMO)/photos
+	$(VENV)/bin/clipforge classify $(DEMO)/photos --model $(DEMO)/tiny-vit --top 3 \
+		--labels "an astronaut,a cat,a cup of coffee,a horse,a motorcycle,a page of text,a rocket,a camera"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_embed.py
+
+clean:
+	rm -rf $(VENV) runs

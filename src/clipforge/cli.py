@@ -1,0 +1,208 @@
+"""The ``clipforge`` command line: models, classify, embed, convert, samples."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configs import ACTIVATIONS, ARCHITECTURES
+from .factory import create_model
+from .fileio import atomic_directory
+from .inference import embed_images, embed_texts, find_images
+from .model import CLIP
+from .weights import FORMATS, save_model
+from .weights.pretrained import PRETRAINED
+
+log = logging.getLogger("clipforge")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--model", default=default, required=default is None,
+                        help="architecture name, checkpoint file, model directory or "
+                             "hf-hub:org/repo" + (f" (default {default})" if default else ""))
+    parser.add_argument("--weights", help="with an architecture name: pretrained tag "
+                        "(e.g. openai), hf-hub:org/repo or a checkpoint file")
+    parser.add_argument("--activation", choices=ACTIVATIONS,
+                        help="override the activation (bare state dicts default to quick_gelu)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def _load(args: argparse.Namespace) -> CLIP:
+    model = create_model(args.model, weights=args.weights, device=args.device,
+                         activation=args.activation)
+    if args.weights is None and args.model in ARCHITECTURES:
+        log.warning("%s has random weights (no --weights given): its outputs are meaningless "
+                    "until it is trained or loaded from a checkpoint", args.model)
+    return model
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = []
+    for name, config in ARCHITECTURES.items():
+        with torch.device("meta"):
+            params = sum(p.numel() for p in CLIP(config).parameters())
+        tags = ", ".join(PRETRAINED.get(name, {})) or "-"
+        rows.append((name, "ViT" if config.vision.is_vit else "ResNet", str(config.image_size),
+                     str(config.embed_dim), f"{params / 1e6:.1f}M", config.activation, tags))
+    header = ("model", "tower", "image", "embed", "params", "activation", "pretrained weights")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise SystemExit("error: --labels needs at least two comma-separated labels")
+    if "{}" not in args.template:
+        raise SystemExit(f"error: --template {args.template!r} has no '{{}}' for the label")
+    paths = find_images(args.images)
+    if not paths:
+        raise SystemExit(f"error: no image files in {' '.join(args.images)}")
+    model = _load(args)
+    prompts = [args.template.format(label) for label in labels]
+    text = torch.from_numpy(embed_texts(model, prompts, progress=False, truncate=True).vectors)
+    images = embed_images(model, paths, batch_size=args.batch_size, progress=False)
+    scale = model.logit_scale.exp().item()
+    probs = (scale * torch.from_numpy(images.vectors) @ text.T).softmax(dim=-1)
+    results = []
+    for path, row in zip(images.ids, probs):
+        order = row.argsort(descending=True)
+        results.append({"image": path, "predictions": [
+            {"label": labels[i], "probability": round(row[i].item(), 6)} for i in order]})
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results,
+                          "skipped": [{"image": p, "error": e} for p, e in images.failures]},
+                         indent=2))
+    else:
+        for result in results:
+            print(result["image"])
+            for pred in result["predictions"][: args.top]:
+                print(f"  {pred['probability']:7.2%}  {pred['label']}")
+    for path, error in images.failures:
+        print(f"skipped: {error}", file=sys.stderr)
+    return 1 if not results else 0
+
+
+def _write_table(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if not args.images and not args.texts:
+        raise SystemExit("error: give --images and/or --texts")
+    texts: list[str] = []
+    if args.texts:
+        try:
+            texts = [line.rstrip("\n") for line in
+                     Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SystemExit(f"error: cannot read --texts {args.texts}: {exc}") from None
+    paths = find_images(args.images or [])
+    if args.images and not paths:
+        raise SystemExit(f"error: no image files in {' '.join(args.images)}")
+    model = _load(args)
+    failures = []
+    with atomic_directory(args.out) as out:
+        if paths:
+            result = embed_images(model, paths, batch_size=args.batch_size,
+                                  num_workers=args.workers)
+            np.save(out / "image_embeddings.npy", result.vectors.astype(np.float32))
+            _write_table(out / "images.csv", ("row", "path"), list(enumerate(result.ids)))
+            failures += [("image", p, e) for p, e in result.failures]
+            print(f"{len(result.ids)} images embedded, {len(result.failures)} skipped")
+        if texts:
+            result = embed_texts(model, texts, batch_size=args.batch_size * 8,
+                                 truncate=args.truncate)
+            np.save(out / "text_embeddings.npy", result.vectors.astype(np.float32))
+            _write_table(out / "texts.csv", ("row", "line", "text"),
+                         [(r, int(i) + 1, texts[int(i)]) for r, i in enumerate(result.ids)])
+            failures += [("text", f"line {int(i) + 1}", e) for i, e in result.failures]
+            print(f"{len(result.ids)} texts embedded, {len(result.failures)} skipped")
+        _write_table(out / "skipped.csv", ("kind", "item", "reason"), failures)
+        (out / "model.json").write_text(json.dumps(
+            {"model": str(args.model), "weights": args.weights, "config": model.config.to_dict()},
+            indent=2) + "\n")
+    for kind, item, reason in failures:
+        print(f"skipped {kind} {item}: {reason}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    model = create_model(args.src, weights=args.weights, activation=args.activation)
+    if args.weights is None and args.src in ARCHITECTURES:
+        log.warning("%s: no --weights given, writing a randomly initialised model", args.src)
+    save_model(model, args.dst, format=args.to)
+    print(f"wrote {args.dst} ({args.to} format, activation {model.config.activation})")
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from .samples import write_sample_photos
+
+    for path in write_sample_photos(args.directory):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list architectures and known pretrained weights")
+
+    p = sub.add_parser("classify", help="zero-shot classify images against text labels")
+    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("--labels", required=True, help='comma-separated, e.g. "cat,dog,a diagram"')
+    p.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
+    p.add_argument("--top", type=int, default=5, help="labels shown per image")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_model_options(p)
+
+    p = sub.add_parser("embed", help="write normalised image/text embeddings (.npy + .csv ids)")
+    p.add_argument("--images", nargs="+", help="image files or directories")
+    p.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of "
+                   "skipping them")
+    _add_model_options(p)
+
+    p = sub.add_parser("convert", help="convert weights between formats")
+    p.add_argument("src", help="checkpoint file, model directory, hf-hub:org/repo or a name")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", choices=FORMATS, default="clipforge")
+    p.add_argument("--weights", help="with an architecture name: tag, hf-hub:org/repo or file")
+    p.add_argument("--activation", choices=ACTIVATIONS)
+
+    p = sub.add_parser("samples", help="write scikit-image's sample photos as PNG files")
+    p.add_argument("directory", type=Path)
+    return parser
+
+
+COMMANDS = {"models": cmd_models, "classify": cmd_classify, "embed": cmd_embed,
+            "convert": cmd_convert, "samples": cmd_samples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,111 @@
+"""``create_model`` and ``load``: from a name, a file or a directory to a ready model.
+
+The name decides nothing by itself: it only selects a row of the architecture table.  Files bring
+their own config (or one inferred from their shapes), and the weights are checked key by key and
+shape by shape before loading so that a wrong file gives a precise message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .configs import ARCHITECTURES, CLIPConfig, get_config
+from .image import Preprocess
+from .model import CLIP
+from .weights.checkpoint import ARCHIVE_ATTRIBUTES, CheckpointError, StateDict
+from .weights.formats import read_weights
+from .weights.pretrained import HUB_PREFIX, download, resolve
+
+# openai/CLIP spells its names with '/' and '@336px'; accept those for users who know them.
+OPENAI_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14",
+                "ViT-L/14@336px": "ViT-L-14-336"}
+
+
+def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: str | None
+             ) -> tuple[CLIPConfig, StateDict | None, str]:
+    """(config, state dict or None for random init, where the weights came from)."""
+    spec = str(name_or_path)
+    spec = OPENAI_NAMES.get(spec, spec)
+    if Path(spec).exists():
+        if weights is not None:
+            raise ValueError(f"{spec} is a checkpoint already; pass weights= only with a model name")
+        config, sd = read_weights(spec, activation)
+        return config, sd, spec
+    if spec.startswith(HUB_PREFIX):
+        repo, _ = resolve("", spec)
+        config, sd = read_weights(download(repo), activation)
+        return config, sd, spec
+    config = get_config(spec)
+    if activation:
+        config = config.replace(activation=activation)
+    if weights is None:
+        return config, None, "random initialisation"
+    if Path(weights).exists():
+        file_config, sd = read_weights(weights, activation or config.activation)
+        return config.replace(preprocess=file_config.preprocess), sd, str(weights)
+    repo, tag_activation = resolve(spec, str(weights))
+    file_config, sd = read_weights(download(repo), activation or tag_activation)
+    return file_config, sd, f"{spec} {weights}"
+
+
+def load_checked(model: CLIP, sd: StateDict, source: str) -> None:
+    """Load ``sd`` into ``model`` (assigning its tensors), after checking that every key and
+    shape fits; the error names the source and the first offending keys."""
+    sd = {k: v for k, v in sd.items() if k not in ARCHIVE_ATTRIBUTES}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(v.shape)})"
+                  for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise CheckpointError(
+            f"weights from {source} do not fit the architecture: " + "; ".join(problems)
+            + ". Check the model name / checkpoint pairing (or pass the checkpoint alone so its "
+            "architecture is read from the file)."
+        )
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 activation: str | None = None) -> CLIP:
+    """Build a :class:`CLIP` in eval mode with ``model.preprocess`` set.
+
+    ``name_or_path``: a built-in architecture (see :func:`available_models`), a checkpoint file
+    (OpenAI TorchScript or state dict, OpenCLIP, clipforge ``.safetensors``), a model directory
+    (clipforge or Hugging Face ``CLIPModel``) or ``hf-hub:org/repo``.  ``weights``: with a name,
+    a pretrained tag (``"openai"``, ``"laion2b_s39b_b160k"``...), ``hf-hub:org/repo`` or a local
+    file; None gives random initialisation.  ``activation`` ("quick_gelu" | "gelu") overrides
+    what the weights record; bare state dicts record nothing and are read as QuickGELU.
+    ``dtype`` defaults to float32 whatever the file stores.
+    """
+    config, sd, source = _resolve(name_or_path, weights, activation)
+    if sd is None:
+        model = CLIP(config)
+    else:
+        with torch.device("meta"):
+            model = CLIP(config)
+        load_checked(model, sd, source)
+    model = model.to(device=device, dtype=dtype or torch.float32)
+    model.preprocess = Preprocess.from_config(config)
+    return model.eval()
+
+
+def load(name_or_path: str | Path, *, weights: str | Path | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         activation: str | None = None) -> tuple[CLIP, Callable]:
+    """openai/CLIP's ``clip.load``: ``(model, preprocess)``; arguments as :func:`create_model`."""
+    model = create_model(name_or_path, weights=weights, device=device, dtype=dtype,
+                         activation=activation)
+    return model, model.preprocess
+
+
+def available_models() -> list[str]:
+    """Built-in architecture names (each has a config; see ``clipforge models`` for weights)."""
+    return list(ARCHITECTURES)

@@ -1,0 +1,178 @@
+"""Image towers: the Vision Transformer and OpenAI's modified ResNet.
+
+Both map normalised pixels [N, 3, H, W] to [N, embed_dim] (before L2 normalisation), with the
+parameter names of openai/CLIP's ``model.py``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import VisionConfig
+from .transformer import LayerNorm, Transformer
+
+
+class VisionTransformer(nn.Module):
+    """Patchify (conv without bias), prepend a class token, add positions, ``ln_pre``,
+    transformer, ``ln_post`` on the class token, then project with ``proj``."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str):
+        super().__init__()
+        width, patch = cfg.width, cfg.patch_size
+        if cfg.image_size % patch:
+            raise ValueError(f"image size {cfg.image_size} is not a multiple of patch {patch}")
+        self.image_size = cfg.image_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        scale = width**-0.5
+        grid = cfg.image_size // patch
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # [N, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        if x.shape[1] != self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"expected {self.image_size}x{self.image_size} images, got "
+                f"{tuple(pixels.shape[-2:])}: use the model's preprocess transform"
+            )
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+    def init_weights(self) -> None:
+        self.transformer.init_weights()
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck whose strided version average-pools before the 3x3->1x1 path
+    (anti-aliasing), as in OpenAI's modified ResNet."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            # OpenAI's key names: "-1" (pool, no parameters), "0" (conv), "1" (norm).
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention of the mean feature (as query) over the spatial grid."""
+
+    def __init__(self, grid: int, width: int, heads: int, out_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
+        self.k_proj = nn.Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, out_dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # [N, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        n, length, width = x.shape
+        head_dim = width // self.heads
+        q = self.q_proj(x[:, :1]).view(n, 1, self.heads, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(n, length, self.heads, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(n, length, self.heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.c_proj(out.transpose(1, 2).reshape(n, width))
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: three-conv stem with average pooling, anti-aliased strided blocks,
+    attention pooling in place of global average pooling."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        width = cfg.width
+        if cfg.image_size % 32:
+            raise ValueError(f"ResNet image size {cfg.image_size} is not a multiple of 32")
+        self.image_size = cfg.image_size
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, cfg.layers[0])
+        self.layer2 = self._make_layer(width * 2, cfg.layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, cfg.layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, cfg.layers[3], stride=2)
+        self.attnpool = AttentionPool2d(cfg.image_size // 32, width * 32, cfg.heads, embed_dim)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.conv1.weight.dtype)
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if x.shape[-1] * x.shape[-2] + 1 != self.attnpool.positional_embedding.shape[0]:
+            raise ValueError(
+                f"expected {self.image_size}x{self.image_size} images, got "
+                f"{tuple(pixels.shape[-2:])}: use the model's preprocess transform"
+            )
+        return self.attnpool(x)
+
+    def init_weights(self) -> None:
+        pool = self.attnpool
+        std = pool.c_proj.in_features**-0.5
+        for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            nn.init.normal_(linear.weight, std=std)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for name, param in stage.named_parameters():
+                if name.endswith("bn3.weight"):
+                    nn.init.zeros_(param)
+
+
+def build_vision_tower(cfg: VisionConfig, embed_dim: int, activation: str) -> nn.Module:
+    if cfg.is_vit:
+        return VisionTransformer(cfg, embed_dim, activation)
+    return ModifiedResNet(cfg, embed_dim)
