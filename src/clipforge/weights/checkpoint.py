@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -63,9 +62,10 @@ def _read_pickle(path: Path) -> StateDict:
             "clipforge never runs code from a checkpoint; convert the file to safetensors in an "
             "environment you trust, or use a state-dict file from a trusted source"
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch raises many types for damaged or foreign files
         raise CheckpointError(
-            f"cannot read {path}: the file is truncated or corrupt ({exc}); download it again"
+            f"cannot read {path}: not a PyTorch checkpoint, or truncated or corrupt "
+            f"({type(exc).__name__}: {exc}); download or export it again"
         ) from exc
     return unwrap_state_dict(obj, path)
 

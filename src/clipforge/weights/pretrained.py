@@ -8,6 +8,9 @@ the network is unavailable the error says how to pass a local file instead.
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,38 +78,48 @@ def resolve(model: str, weights: str) -> tuple[str, str | None]:
     return known[weights].repo, known[weights].activation
 
 
-def download(repo: str) -> Path:
-    """Fetch a repository's configs and one weights file into the Hugging Face cache and return
-    the snapshot directory.  Offline, only the cache is used, and a miss fails at once with
-    instructions for passing a local file."""
-    from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub's host, so that being offline fails at once instead of after
+    huggingface_hub's retries.  Behind a proxy the check is left to the download itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from huggingface_hub import constants
 
+    url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        listed: set[str] | None = set(list_repo_files(repo))
-    except RepositoryNotFoundError as exc:
-        raise WeightsUnavailableError(f"no Hugging Face Hub repository {repo!r}") from exc
-    except Exception:  # offline, proxy, DNS...: fall back on the local cache
-        listed = None
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
-    def fetch(name: str) -> Path | None:
-        if listed is not None and name not in listed:
-            return None
+
+def download(repo: str) -> Path:
+    """Return a snapshot directory holding the repository's configs and one weights file: from
+    the Hugging Face cache when there, else downloaded into it.  Offline, a cache miss fails at
+    once with instructions for passing a local file instead."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(name: str, cached_only: bool) -> Path | None:
         try:
-            return Path(hf_hub_download(repo, name, local_files_only=listed is None))
-        except (EntryNotFoundError, FileNotFoundError):
+            return Path(hf_hub_download(repo, name, local_files_only=cached_only))
+        except (EntryNotFoundError, LocalEntryNotFoundError, FileNotFoundError):
             return None
-        except Exception as exc:  # network failure or an offline cache miss
-            if listed is None:
-                return None
-            raise WeightsUnavailableError(f"download of {name} from {repo!r} failed: {exc}") from exc
 
-    for name in HUB_CONFIGS:
-        fetch(name)
-    for name in HUB_FILES:
-        if (path := fetch(name)) is not None:
-            return path.parent
-    if listed is None:
+    def first_weights(names: tuple[str, ...], cached_only: bool) -> Path | None:
+        for name in HUB_CONFIGS:
+            if name in names:
+                fetch(name, cached_only)
+        for name in HUB_FILES:
+            if name in names and (path := fetch(name, cached_only)) is not None:
+                return path.parent
+        return None
+
+    if (snapshot := first_weights(HUB_CONFIGS + HUB_FILES, cached_only=True)) is not None:
+        return snapshot
+    if not _hub_reachable():
         raise WeightsUnavailableError(
             f"cannot download weights from the Hugging Face Hub repository {repo!r}: there is no "
             "network (or HF_HUB_OFFLINE is set) and they are not in the local cache. Download "
@@ -114,7 +127,14 @@ def download(repo: str) -> Path:
             "local file or directory: clipforge.create_model('/path/to/checkpoint') or "
             "`--model /path/to/checkpoint`."
         )
-    raise WeightsUnavailableError(f"{repo!r} holds none of {', '.join(HUB_FILES)}")
+    try:
+        listed = tuple(list_repo_files(repo))
+        snapshot = first_weights(listed, cached_only=False)
+    except Exception as exc:  # HTTP errors, unknown or gated repositories, broken connections
+        raise WeightsUnavailableError(f"download from {repo!r} failed: {exc}") from exc
+    if snapshot is None:
+        raise WeightsUnavailableError(f"{repo!r} holds none of {', '.join(HUB_FILES)}")
+    return snapshot
 
 
 __all__ = ["PRETRAINED", "Pretrained", "WeightsUnavailableError", "CheckpointError", "download",

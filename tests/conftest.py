@@ -1,0 +1,76 @@
+"""Shared fixtures: perturbed tiny models, OpenAI's reference code, sample photos."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import clipforge
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run tests on large models")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="large model: opt in with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter and float buffer, so that zero-initialised biases, unit
+    norms and fresh BatchNorm statistics cannot hide a wrong mapping."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * scale
+            if name.endswith("running_var"):
+                tensor.copy_((tensor + noise).abs() + 0.5)
+            else:
+                tensor.add_(noise.to(tensor.dtype))
+    return model
+
+
+@pytest.fixture
+def tiny_vit() -> clipforge.CLIP:
+    return perturb(clipforge.create_model("tiny-vit"), seed=1)
+
+
+@pytest.fixture
+def tiny_rn() -> clipforge.CLIP:
+    return perturb(clipforge.create_model("tiny-rn"), seed=2)
+
+
+def _load_by_path(package: str, module: str) -> ModuleType:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} not installed (make setup installs clip-anytorch --no-deps)")
+    path = Path(spec.submodule_search_locations[0]) / f"{module}.py"
+    mod_spec = importlib.util.spec_from_file_location(f"_reference_{package}_{module}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def openai_model() -> ModuleType:
+    """openai/CLIP's own model.py (from the clip-anytorch wheel), loaded by file: its package
+    __init__ needs torchvision, which cannot be installed beside the CPU torch."""
+    return _load_by_path("clip", "model")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from clipforge.samples import write_sample_photos
+
+    return write_sample_photos(tmp_path_factory.mktemp("photos"))
