@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb
 
 import clipforge
 from clipforge.configs import ARCHITECTURES, CLIPConfig, TextConfig, VisionConfig
+from conftest import perturb
 
 transformers = pytest.importorskip("transformers")
 

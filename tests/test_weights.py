@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb
 from safetensors.torch import save_file
 
 import clipforge
 from clipforge.configs import ARCHITECTURES
 from clipforge.weights import CheckpointError, UnsafeCheckpointError, WeightsUnavailableError
 from clipforge.weights.infer import infer_config
+from conftest import perturb
 
 
 def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:

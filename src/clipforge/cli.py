@@ -87,7 +87,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(result["image"])
             for pred in result["predictions"][: args.top]:
                 print(f"  {pred['probability']:7.2%}  {pred['label']}")
-    for path, error in images.failures:
+    for _, error in images.failures:
         print(f"skipped: {error}", file=sys.stderr)
     return 1 if not results else 0
 

@@ -28,8 +28,8 @@ class VisionConfig:
     """Image tower.  ``patch_size`` set means a ViT; ``None`` means OpenAI's modified ResNet.
 
     For a ViT, ``width``/``layers``/``heads``/``mlp_width`` describe the transformer.  For a ResNet,
-    ``width`` is the stem width (64 for RN50), ``layers`` the block count per stage and ``heads`` the
-    attention-pooling heads.
+    ``width`` is the stem width (64 for RN50), ``layers`` the block count per stage and
+    ``heads`` the attention-pooling heads.
     """
 
     image_size: int

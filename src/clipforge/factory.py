@@ -7,8 +7,8 @@ shape by shape before loading so that a wrong file gives a precise message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,7 +31,8 @@ def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: s
     spec = OPENAI_NAMES.get(spec, spec)
     if Path(spec).exists():
         if weights is not None:
-            raise ValueError(f"{spec} is a checkpoint already; pass weights= only with a model name")
+            raise ValueError(f"{spec} is a checkpoint already; pass weights= only with a "
+                             "model name")
         config, sd = read_weights(spec, activation)
         return config, sd, spec
     if spec.startswith(HUB_PREFIX):

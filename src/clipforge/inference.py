@@ -6,9 +6,9 @@ by token length so each batch runs only as far as its longest text, then returne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

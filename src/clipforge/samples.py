@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-
 # scikit-image loader name -> what the photo shows (usable as a caption).
 SAMPLE_PHOTOS: dict[str, str] = {
     "astronaut": "a portrait of an astronaut with the American flag",

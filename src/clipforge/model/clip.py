@@ -2,13 +2,14 @@
 
 The layout and parameter names are openai/CLIP's (``visual.*`` for the image tower, the text tower
 at the root), so OpenAI and OpenCLIP state dicts load as they are.  One class serves every
-architecture; what differs between RN50 and ViT-bigG-14 is the :class:`~clipforge.configs.CLIPConfig`.
+architecture; what differs between RN50 and ViT-bigG-14 is the
+:class:`~clipforge.configs.CLIPConfig`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

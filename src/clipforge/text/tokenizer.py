@@ -16,9 +16,9 @@ import functools
 import gzip
 import html
 import json
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 import ftfy
 import regex
@@ -59,7 +59,8 @@ class ContextLengthError(ValueError):
 
 
 class Tokenizer:
-    """Byte-level BPE with ``encode``/``decode``; calling it tokenizes a batch like :func:`tokenize`."""
+    """Byte-level BPE with ``encode``/``decode``; calling it tokenizes a batch (as
+    :func:`tokenize`)."""
 
     def __init__(self, vocab_path: str | Path | None = None):
         path = Path(vocab_path) if vocab_path else resources.files(__package__) / VOCAB_FILE

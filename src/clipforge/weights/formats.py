@@ -17,8 +17,14 @@ from ..configs import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from ..fileio import atomic_directory, atomic_file
 from ..text import get_tokenizer
 from .checkpoint import CheckpointError, StateDict, read_checkpoint
-from .huggingface import (config_from_hf, config_to_hf, from_hf_state_dict, preprocessor_to_hf,
-                          read_hf_json, to_hf_state_dict)
+from .huggingface import (
+    config_from_hf,
+    config_to_hf,
+    from_hf_state_dict,
+    preprocessor_to_hf,
+    read_hf_json,
+    to_hf_state_dict,
+)
 from .infer import infer_config
 
 FORMAT = "clipforge"
@@ -59,7 +65,8 @@ def _weights_file(directory: Path) -> Path:
     for name in WEIGHTS_FILES:
         if (directory / name).is_file():
             return directory / name
-    raise CheckpointError(f"{directory} holds no weights file (looked for {', '.join(WEIGHTS_FILES)})")
+    raise CheckpointError(
+        f"{directory} holds no weights file (looked for {', '.join(WEIGHTS_FILES)})")
 
 
 def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig, StateDict]:

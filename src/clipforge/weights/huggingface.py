@@ -32,7 +32,8 @@ _FIXED = {
     "ln_final": "text_model.final_layer_norm",
     "logit_scale": "logit_scale",
 }
-_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+_TRANSPOSED = {"visual.proj": "visual_projection.weight",
+               "text_projection": "text_projection.weight"}
 _TOWERS = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
            "transformer.resblocks.": "text_model.encoder.layers."}
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}
@@ -142,7 +143,8 @@ def preprocessor_to_hf(config: CLIPConfig) -> dict[str, Any]:
     size, pre = config.image_size, config.preprocess
     return {
         "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": _RESAMPLE[pre.interpolation],
+        "do_resize": True, "size": {"shortest_edge": size},
+        "resample": _RESAMPLE[pre.interpolation],
         "do_center_crop": True, "crop_size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(pre.mean), "image_std": list(pre.std), "do_convert_rgb": True,

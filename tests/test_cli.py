@@ -1,0 +1,117 @@
+"""The command line, run in-process on real photos and a saved tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import clipforge
+from clipforge.cli import main
+
+LABELS = ["an astronaut", "a cat", "a cup of coffee", "a horse", "a motorcycle"]
+
+
+@pytest.fixture
+def saved_model(tiny_vit, tmp_path):
+    path = tmp_path / "tiny"
+    clipforge.save_model(tiny_vit, path)
+    return path
+
+
+def test_models_lists_architectures_and_tags(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in clipforge.available_models():
+        assert name in out
+    assert "laion2b_s39b_b160k" in out and "151.3M" in out
+
+
+def test_classify_matches_the_model(saved_model, photos, capsys) -> None:
+    assert main(["classify", *map(str, photos), "--labels", ",".join(LABELS),
+                 "--model", str(saved_model), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in report["results"]] == [str(p) for p in photos]
+    model = clipforge.create_model(saved_model)
+    tokens = clipforge.tokenize([f"a photo of a {label}." for label in LABELS])
+    pixels = torch.stack([model.preprocess.load(p) for p in photos])
+    with torch.no_grad():
+        expected = model(pixels, tokens)[0].softmax(dim=-1)
+    for result, probs in zip(report["results"], expected):
+        predictions = result["predictions"]
+        got = [p["probability"] for p in predictions]
+        assert got == sorted(got, reverse=True) and sum(got) == pytest.approx(1, abs=1e-4)
+        for p in predictions:
+            assert p["probability"] == pytest.approx(probs[LABELS.index(p["label"])].item(),
+                                                     abs=1e-5)
+
+
+def test_classify_skips_unreadable_images(saved_model, photos, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[-1].read_bytes()[:200] if photos[-1].suffix == ".jpg"
+                       else b"not an image")
+    assert main(["classify", str(photos[0]), str(broken), "--labels", "a cat,a dog",
+                 "--model", str(saved_model)]) == 0
+    captured = capsys.readouterr()
+    assert str(photos[0]) in captured.out
+    assert "broken.jpg" in captured.err and "skipped" in captured.err
+
+
+def test_classify_bad_arguments(saved_model, photos, capsys) -> None:
+    with pytest.raises(SystemExit, match="at least two"):
+        main(["classify", str(photos[0]), "--labels", "cat", "--model", str(saved_model)])
+    assert main(["classify", str(photos[0]), "--labels", "a,b", "--model", "no/such/model"]) == 2
+    assert "unknown model 'no/such/model'" in capsys.readouterr().err
+
+
+def test_embed_writes_unit_vectors_and_reports_skips(saved_model, photos, tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in photos[:3]:
+        (images / photo.name).write_bytes(photo.read_bytes())
+    (images / "corrupt.png").write_bytes(b"\x89PNG broken")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a cat\n\na dog on a beach\n" + "word " * 100 + "\nthe end\n")
+    out = tmp_path / "out"
+    assert main(["embed", "--images", str(images), "--texts", str(texts), "--out", str(out),
+                 "--model", str(saved_model), "--batch-size", "2"]) == 0
+    image_vectors = np.load(out / "image_embeddings.npy")
+    text_vectors = np.load(out / "text_embeddings.npy")
+    assert image_vectors.shape == (3, 64) and text_vectors.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(text_vectors, axis=1), 1, atol=1e-5)
+    with (out / "texts.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["text"] for r in rows] == ["a cat", "a dog on a beach", "the end"]
+    with (out / "skipped.csv").open() as f:
+        skipped = {r["item"]: r["reason"] for r in csv.DictReader(f)}
+    assert any(item.endswith("corrupt.png") for item in skipped)
+    assert "line 3" in skipped and "tokens long" in skipped["line 3"]
+    model = clipforge.create_model(saved_model)
+    with torch.no_grad():
+        direct = model.encode_text(clipforge.tokenize(["a dog on a beach"]), normalize=True)
+        first = sorted(images.glob("*.png"))[0]
+        image = model.encode_image(model.preprocess.load(first)[None], normalize=True)
+    np.testing.assert_allclose(text_vectors[1], direct[0].numpy(), atol=1e-5)
+    with (out / "images.csv").open() as f:
+        image_rows = list(csv.DictReader(f))
+    row = next(int(r["row"]) for r in image_rows if r["path"] == str(first))
+    np.testing.assert_allclose(image_vectors[row], image[0].numpy(), atol=1e-5)
+
+
+def test_convert_between_formats(saved_model, tmp_path, tiny_vit) -> None:
+    assert main(["convert", str(saved_model), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.safetensors")]) == 0
+    back = clipforge.create_model(tmp_path / "back.safetensors")
+    for key, value in tiny_vit.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_module_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "clipforge", "models"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "ViT-bigG-14" in result.stdout
