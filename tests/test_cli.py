@@ -115,3 +115,20 @@ def test_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "clipforge", "models"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "ViT-bigG-14" in result.stdout
+
+
+def test_default_model_offline_says_how_to_pass_a_file(photos, tmp_path, monkeypatch,
+                                                       capsys) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["classify", str(photos[0]), "--labels", "a cat,a dog"]) == 2
+    err = capsys.readouterr().err
+    assert "timm/vit_base_patch32_clip_224.openai" in err and "--model /path/to" in err
+
+
+def test_tiny_model_without_weights_warns(photos, caplog) -> None:
+    assert main(["classify", str(photos[0]), "--labels", "a cat,a dog", "--model",
+                 "tiny-rn"]) == 0
+    assert "random initialisation" in caplog.text

@@ -18,29 +18,38 @@ from .fileio import atomic_directory
 from .inference import embed_images, embed_texts, find_images
 from .model import CLIP
 from .weights import FORMATS, save_model
-from .weights.pretrained import PRETRAINED
+from .weights.pretrained import PRETRAINED, pretrained_tags
 
 log = logging.getLogger("clipforge")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--model", default=default, required=default is None,
+DEFAULT_MODEL = "ViT-B-32"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="architecture name, checkpoint file, model directory or "
-                             "hf-hub:org/repo" + (f" (default {default})" if default else ""))
-    parser.add_argument("--weights", help="with an architecture name: pretrained tag "
-                        "(e.g. openai), hf-hub:org/repo or a checkpoint file")
+                             f"hf-hub:org/repo (default {DEFAULT_MODEL})")
+    parser.add_argument("--weights", help="with an architecture name: pretrained tag, "
+                        "hf-hub:org/repo or a checkpoint file (default: the first published "
+                        "tag listed by `clipforge models`, e.g. openai)")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="override the activation (bare state dicts default to quick_gelu)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
 
 
-def _load(args: argparse.Namespace) -> CLIP:
-    model = create_model(args.model, weights=args.weights, device=args.device,
-                         activation=args.activation)
-    if args.weights is None and args.model in ARCHITECTURES:
-        log.warning("%s has random weights (no --weights given): its outputs are meaningless "
-                    "until it is trained or loaded from a checkpoint", args.model)
-    return model
+def _load(name: str, weights: str | None, activation: str | None, device: str = "cpu") -> CLIP:
+    """A model for the command line: a bare architecture name gets its first published weights;
+    one with none (the tiny test configs) is randomly initialised, with a warning."""
+    if weights is None and name in ARCHITECTURES:
+        tags = pretrained_tags(name)
+        if tags:
+            weights = tags[0]
+            log.info("using %s weights %r (choose others with --weights)", name, weights)
+        else:
+            log.warning("%s has no published weights: using a random initialisation, whose "
+                        "outputs are meaningless until it is trained", name)
+    return create_model(name, weights=weights, device=device, activation=activation)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -67,7 +76,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if not paths:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
-    model = _load(args)
+    model = _load(args.model, args.weights, args.activation, args.device)
     prompts = [args.template.format(label) for label in labels]
     text = torch.from_numpy(embed_texts(model, prompts, progress=False, truncate=True).vectors)
     images = embed_images(model, paths, batch_size=args.batch_size, progress=False)
@@ -112,7 +121,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     paths = find_images(args.images or [])
     if args.images and not paths:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
-    model = _load(args)
+    model = _load(args.model, args.weights, args.activation, args.device)
     failures = []
     with atomic_directory(args.out) as out:
         if paths:
@@ -141,9 +150,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    model = create_model(args.src, weights=args.weights, activation=args.activation)
-    if args.weights is None and args.src in ARCHITECTURES:
-        log.warning("%s: no --weights given, writing a randomly initialised model", args.src)
+    model = _load(args.src, args.weights, args.activation)
     save_model(model, args.dst, format=args.to)
     print(f"wrote {args.dst} ({args.to} format, activation {model.config.activation})")
     return 0

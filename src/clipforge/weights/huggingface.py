@@ -79,12 +79,13 @@ def from_hf_state_dict(hf: StateDict) -> StateDict:
     """``CLIPModel`` state dict -> OpenAI layout (the inverse of :func:`to_hf_state_dict`)."""
     inverse_fixed = {v: k for k, v in _FIXED.items()}
     inverse_block = {v: k for k, v in _BLOCK.items()}
+    inverse_transposed = {v: k for k, v in _TRANSPOSED.items()}
     out: StateDict = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in hf.items():
         if key.endswith("position_ids"):
             continue  # an index buffer some transformers versions save
-        if (transposed := {v: k for k, v in _TRANSPOSED.items()}.get(key)) is not None:
+        if (transposed := inverse_transposed.get(key)) is not None:
             out[transposed] = value.t().contiguous()
             continue
         if (fixed := _rename_fixed(key, inverse_fixed)) is not None:
