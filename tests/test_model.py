@@ -53,6 +53,15 @@ def test_written_model_matches_transformers(config: CLIPConfig, tmp_path) -> Non
     _compare_with_hf(ours, hf)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
+def test_full_size_matches_transformers(name: str, tmp_path) -> None:
+    ours = perturb(clipforge.create_model(name), seed=9, scale=0.01)
+    clipforge.save_model(ours, tmp_path / "hf", format="hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    _compare_with_hf(ours, hf)
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_transformers_model_loads_exactly(act: str, tmp_path) -> None:
     """The other direction: a model transformers built and saved, read by clipforge."""
