@@ -37,7 +37,12 @@ def read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, str]]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if is_torchscript_archive(path):
-        return read_torchscript_state_dict(path), {}
+        try:
+            return read_torchscript_state_dict(path), {}
+        except UnsafeCheckpointError:
+            raise
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
     return _read_pickle(path), {}
 
 
