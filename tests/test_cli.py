@@ -132,3 +132,17 @@ def test_tiny_model_without_weights_warns(photos, caplog) -> None:
     assert main(["classify", str(photos[0]), "--labels", "a cat,a dog", "--model",
                  "tiny-rn"]) == 0
     assert "random initialisation" in caplog.text
+
+
+def test_embed_never_replaces_a_foreign_folder(saved_model, photos, tmp_path, capsys) -> None:
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    args = ["embed", "--images", str(photos[0]), "--model", str(saved_model)]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "not written by clipforge" in capsys.readouterr().err
+    assert (mine / "thesis.txt").read_text() == "precious"
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--workers", "2", "--out", str(out)]) == 0  # re-run replaces its own
+    assert np.load(out / "image_embeddings.npy").shape == (1, 64)

@@ -247,3 +247,35 @@ def test_offline_download_fails_at_once_with_instructions(hub_cache) -> None:
     assert "timm/vit_base_patch32_clip_224.openai" in str(err.value)
     with pytest.raises(WeightsUnavailableError, match="known tags: openai"):
         clipforge.create_model("ViT-B-32", weights="openia")
+
+
+def test_laion_style_repository_with_both_layouts(tiny_vit, tmp_path) -> None:
+    """LAION's repositories hold OpenCLIP files and transformers files side by side; a download
+    may bring the transformers config.json with only the OpenCLIP weights, or the reverse."""
+    clipforge.save_model(tiny_vit, tmp_path / "hf", format="hf")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()},
+              repo / "open_clip_model.safetensors")
+    (repo / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"quick_gelu": True, "vision_cfg": {"head_width": 16},
+                       "text_cfg": {"heads": 4}}}))
+    from_open_clip = clipforge.create_model(repo)
+    assert from_open_clip.config == tiny_vit.config
+    assert_same_tensors(tiny_vit, from_open_clip)
+    (repo / "open_clip_model.safetensors").unlink()
+    (repo / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    assert_same_tensors(tiny_vit, clipforge.create_model(repo))
+
+
+def test_save_replaces_a_model_but_never_a_foreign_folder(tiny_vit, tiny_rn, tmp_path) -> None:
+    clipforge.save_model(tiny_vit, tmp_path / "m")
+    clipforge.save_model(tiny_rn, tmp_path / "m")  # overwriting its own output is fine
+    assert clipforge.create_model(tmp_path / "m").config == tiny_rn.config
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not written by clipforge"):
+        clipforge.save_model(tiny_vit, tmp_path / "docs")
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers

@@ -123,7 +123,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
     model = _load(args.model, args.weights, args.activation, args.device)
     failures = []
-    with atomic_directory(args.out) as out:
+    with atomic_directory(args.out, marker="model.json") as out:
         if paths:
             result = embed_images(model, paths, batch_size=args.batch_size,
                                   num_workers=args.workers)

@@ -26,12 +26,22 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, marker: str) -> Iterator[Path]:
     """Yield a temporary folder; on success it takes the place of ``path`` (old one removed).
 
-    Readers see either the complete old folder or the complete new one, never a mix.
+    Readers see either the complete old folder or the complete new one, never a mix.  An existing
+    non-empty folder is replaced only if it holds ``marker`` (a file clipforge writes there), so
+    a mistyped destination can never swallow a user's own folder.
     """
-    path = Path(path)
+    path = Path(path).resolve()
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory")
+        if any(path.iterdir()) and not (path / marker).exists():
+            raise FileExistsError(
+                f"{path} exists, is not empty and was not written by clipforge (no {marker}); "
+                "choose a new or empty directory"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

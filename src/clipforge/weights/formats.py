@@ -46,7 +46,7 @@ def read_weights(path: str | Path, activation: str | None = None) -> tuple[CLIPC
         sd, metadata = read_checkpoint(path)
         if CONFIG_KEY in metadata:
             config = _native_config(json.loads(metadata[CONFIG_KEY]), activation)
-        elif any(k.startswith(("vision_model.", "text_model.")) for k in sd):
+        elif is_hf_layout(sd):
             raise CheckpointError(
                 f"{path} holds Hugging Face CLIPModel weights without their config.json: "
                 "pass the directory that contains both"
@@ -61,6 +61,10 @@ def _native_config(data: dict[str, Any], activation: str | None) -> CLIPConfig:
     return config.replace(activation=activation) if activation else config
 
 
+def is_hf_layout(sd: StateDict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
+
+
 def _weights_file(directory: Path) -> Path:
     for name in WEIGHTS_FILES:
         if (directory / name).is_file():
@@ -70,18 +74,23 @@ def _weights_file(directory: Path) -> Path:
 
 
 def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig, StateDict]:
+    """Read a model directory.  The tensors' key layout, not which config files happen to be
+    present, decides how to read it: LAION's hub repositories hold both an OpenCLIP config with
+    OpenCLIP weights and a transformers config, and only one of them may be downloaded."""
     config_json = read_hf_json(directory / "config.json")
-    open_clip_json = read_hf_json(directory / "open_clip_config.json")
     weights = _weights_file(directory)
     sd, _ = read_checkpoint(weights)
     if config_json and config_json.get("format") == FORMAT:
         return _native_config(config_json["model"], activation), sd
-    if config_json and "vision_config" in config_json:
+    if is_hf_layout(sd):
+        if not (config_json and "vision_config" in config_json):
+            raise CheckpointError(f"{weights} holds Hugging Face CLIPModel weights but "
+                                  f"{directory} has no CLIPModel config.json beside them")
         config = config_from_hf(config_json, read_hf_json(directory / "preprocessor_config.json"),
                                 source=str(directory / "config.json"))
         return (config.replace(activation=activation) if activation else config,
                 from_hf_state_dict(sd))
-    if open_clip_json:
+    if (open_clip_json := read_hf_json(directory / "open_clip_config.json")) is not None:
         return config_from_open_clip(open_clip_json, sd, activation, str(weights)), sd
     return infer_config(sd, activation, source=str(weights)), sd
 
@@ -121,7 +130,7 @@ def save_clipforge(config: CLIPConfig, sd: StateDict, destination: str | Path) -
         with atomic_file(destination) as tmp:
             save_file(_contiguous(sd), str(tmp), metadata=metadata)
         return destination
-    with atomic_directory(destination) as tmp:
+    with atomic_directory(destination, marker="config.json") as tmp:
         save_file(_contiguous(sd), str(tmp / "model.safetensors"), metadata=metadata)
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -132,7 +141,7 @@ def save_huggingface(config: CLIPConfig, sd: StateDict, destination: str | Path)
     """Write a directory that ``transformers.CLIPModel.from_pretrained`` and ``CLIPProcessor``
     load: config, safetensors weights, image-processor and tokenizer files."""
     hf_sd = to_hf_state_dict(sd)
-    with atomic_directory(destination) as tmp:
+    with atomic_directory(destination, marker="config.json") as tmp:
         save_file(_contiguous(hf_sd), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(
