@@ -279,3 +279,15 @@ def test_save_replaces_a_model_but_never_a_foreign_folder(tiny_vit, tiny_rn, tmp
         clipforge.save_model(tiny_vit, tmp_path / "docs")
     assert (tmp_path / "docs" / "notes.txt").read_text() == "keep"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_named_architecture_with_a_file_keeps_the_files_activation(tmp_path) -> None:
+    gelu = perturb(clipforge.CLIP(ARCHITECTURES["tiny-vit"].replace(activation="gelu")))
+    clipforge.save_model(gelu, tmp_path / "gelu.safetensors")
+    torch.save(gelu.state_dict(), tmp_path / "bare.pt")
+    assert clipforge.create_model("tiny-vit", weights=tmp_path / "gelu.safetensors"
+                                  ).config.activation == "gelu"
+    assert clipforge.create_model("tiny-vit", weights=tmp_path / "bare.pt"
+                                  ).config.activation == "quick_gelu"
+    assert clipforge.create_model("tiny-vit", weights=tmp_path / "bare.pt", activation="gelu"
+                                  ).config.activation == "gelu"

@@ -45,8 +45,11 @@ def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: s
     if weights is None:
         return config, None, "random initialisation"
     if Path(weights).exists():
-        file_config, sd = read_weights(weights, activation or config.activation)
-        return config.replace(preprocess=file_config.preprocess), sd, str(weights)
+        # The name gives the architecture; the activation is what the file records (QuickGELU
+        # for a bare state dict) unless the caller says otherwise: never the name's row.
+        file_config, sd = read_weights(weights, activation)
+        return (config.replace(activation=file_config.activation,
+                               preprocess=file_config.preprocess), sd, str(weights))
     repo, tag_activation = resolve(spec, str(weights))
     file_config, sd = read_weights(download(repo), activation or tag_activation)
     return file_config, sd, f"{spec} {weights}"
