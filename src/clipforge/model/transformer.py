@@ -32,7 +32,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back, so fp16/bf16 weights stay numerically safe."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype not in (torch.float16, torch.bfloat16):
             return super().forward(x)
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
                             self.bias.float(), self.eps).to(x.dtype)

@@ -1,0 +1,67 @@
+"""torch.distributed set-up from torchrun's environment, and the helpers the loop needs.
+
+``torchrun --nproc_per_node N -m clipforge train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous variables; multi-node runs add ``--nnodes``/``--rdzv-endpoint``.  gloo on CPU, NCCL on
+GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun; return (ranks, this process's device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(), torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        backend, dev = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, dev = "gloo", torch.device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank), dev
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce and average ``.grad`` over ranks in one flat buffer (what DDP does in buckets);
+    used after a GradCache step, whose many partial backwards run under ``no_sync``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
