@@ -28,9 +28,11 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """All ranks' features, concatenated in rank order; gradients flow back to their owners."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(all_gather(features), dim=0)
+    # The autograd-aware gather: its backward sends each rank the gradient of its own slice.
+    return all_gather_tensor_autograd(features.contiguous(), gather_dim=0,
+                                      group=dist.group.WORLD)
 
 
 def _rank() -> int:

@@ -28,8 +28,9 @@ class ImageLoadError(ValueError):
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turning every PIL/OS failure into one clear error."""
     try:
-        img = Image.open(path)
-        img.load()  # decode now: truncated files fail here, not later in a batch
+        with open(path, "rb") as f:  # closing the file, not the image, keeps the pixels
+            img = Image.open(f)
+            img.load()  # decode now: truncated files fail here, not later in a batch
         return img
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc

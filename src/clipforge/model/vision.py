@@ -35,6 +35,16 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped while training
+
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep a random subset of patch tokens (always the class token): FLIP (Li et al. 2023)
+        trains on 50-75% fewer tokens for nearly the same accuracy."""
+        keep = max(1, int(round((x.shape[1] - 1) * (1 - self.patch_dropout))))
+        scores = torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
+        index = scores.topk(keep, dim=-1).indices + 1
+        patches = x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
+        return torch.cat([x[:, :1], patches], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
@@ -46,8 +56,10 @@ class VisionTransformer(nn.Module):
                 f"expected {self.image_size}x{self.image_size} images, got "
                 f"{tuple(pixels.shape[-2:])}: use the model's preprocess transform"
             )
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
-        x = self.transformer(x)
+        x = x + self.positional_embedding.to(x.dtype)
+        if self.training and self.patch_dropout > 0:
+            x = self._drop_patches(x)
+        x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
 
     def init_weights(self) -> None:

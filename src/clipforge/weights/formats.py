@@ -79,7 +79,9 @@ def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig
     OpenCLIP weights and a transformers config, and only one of them may be downloaded."""
     config_json = read_hf_json(directory / "config.json")
     weights = _weights_file(directory)
-    sd, _ = read_checkpoint(weights)
+    sd, metadata = read_checkpoint(weights)
+    if CONFIG_KEY in metadata:  # written with the weights: authoritative
+        return _native_config(json.loads(metadata[CONFIG_KEY]), activation), sd
     if config_json and config_json.get("format") == FORMAT:
         return _native_config(config_json["model"], activation), sd
     if is_hf_layout(sd):
@@ -135,6 +137,20 @@ def save_clipforge(config: CLIPConfig, sd: StateDict, destination: str | Path) -
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(document, indent=2) + "\n")
     return destination
+
+
+def save_into_directory(config: CLIPConfig, sd: StateDict, directory: str | Path) -> Path:
+    """Write clipforge's two model files into an existing folder that holds other things too
+    (a training run's directory), each atomically.  The weights go first: their metadata carries
+    the config and readers trust it over ``config.json``, so the pair is never inconsistent."""
+    directory = Path(directory)
+    with atomic_file(directory / "model.safetensors") as tmp:
+        save_file(_contiguous(sd), str(tmp), metadata={"format": "pt",
+                                                       CONFIG_KEY: config.to_json()})
+    with atomic_file(directory / "config.json") as tmp:
+        document = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return directory
 
 
 def save_huggingface(config: CLIPConfig, sd: StateDict, destination: str | Path) -> Path:

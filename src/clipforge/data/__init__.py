@@ -1,0 +1,1 @@
+"""Built-in datasets: procedurally generated image-caption data needing no downloads."""

@@ -1,0 +1,539 @@
+"""Training data as people have it: CSV/TSV tables, folders of captioned images, webdataset shards.
+
+Every source yields :class:`Sample` items.  A bad item (an unreadable or truncated image, a missing
+file, an empty caption, a corrupt tar member) is never an exception: it comes back as a ``Sample``
+with ``image``/``caption`` set to ``None`` and ``error`` naming the file or key and the reason, so
+a training loop can skip and count it (:class:`SkipCounter`) without losing its place.
+
+* :class:`CsvCaptions` -- a CSV or TSV with a header row, one image path and caption per row.
+* :class:`FolderCaptions` -- ``cat.jpg`` + ``cat.txt`` pairs anywhere under a directory.
+* :class:`WebDatasetCaptions` -- img2dataset-style tar shards, streamed with ``webdataset``.
+
+:func:`open_source` picks one from a path or pattern; :func:`check_readable` stops a run at once
+when a source has nothing usable.  All randomness (shard order, shuffle buffer, resampling) is a
+function of ``seed``, the epoch, the rank and the DataLoader worker, never of global RNG state.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import inspect
+import io
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from ..inference import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+# Reasons an item is skipped; each error message contains exactly one of them.
+UNREADABLE_IMAGE = "unreadable image"
+MISSING_IMAGE = "missing image"
+EMPTY_CAPTION = "empty caption"
+MISSING_CAPTION = "missing caption"
+UNREADABLE_CAPTION = "unreadable caption"
+CORRUPT_SHARD = "corrupt shard"
+REASONS = (UNREADABLE_IMAGE, MISSING_IMAGE, EMPTY_CAPTION, MISSING_CAPTION, UNREADABLE_CAPTION,
+           CORRUPT_SHARD)
+
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+WDS_CAPTION_KEY = "txt"
+_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:(//)?")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class DataError(ValueError):
+    """A data source has nothing usable (or cannot be opened at all)."""
+
+
+@dataclass
+class Sample:
+    """One image-caption pair, or the reason it could not be read (``error``)."""
+
+    image: Image.Image | None
+    caption: str | None
+    key: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.image is not None and bool(self.caption)
+
+
+def _bad(key: str, reason: str, detail: str = "") -> Sample:
+    return Sample(None, None, key, f"{key}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def _caption_or_error(key: str, caption: str | None, image: Image.Image) -> Sample:
+    caption = (caption or "").strip()
+    if not caption:
+        return _bad(key, EMPTY_CAPTION)
+    return Sample(image, caption, key)
+
+
+def _load_file(path: Path) -> Image.Image | Sample:
+    """The decoded image, or the error Sample naming the file.  (Like ``load_image``, but the
+    file is closed when decoding fails, not left to the garbage collector.)"""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return image
+    except FileNotFoundError:
+        return _bad(str(path), MISSING_IMAGE, "no such file")
+    except Exception as exc:  # PIL raises many kinds for malformed files; none may escape
+        return _bad(str(path), UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}")
+
+
+def skip_reason(error: str) -> str:
+    """The reason (one of :data:`REASONS`, else ``"other"``) named in an error message."""
+    return next((reason for reason in REASONS if reason in error), "other")
+
+
+class SkipCounter:
+    """Tallies skipped samples by reason, for the logs: ``{"unreadable image": 3, ...}``."""
+
+    def __init__(self, examples: int = 3):
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.max_examples = examples
+
+    def add(self, item: Sample | str | None) -> bool:
+        """Count a Sample's error or an error message; returns whether anything was counted."""
+        error = item.error if isinstance(item, Sample) else item
+        if isinstance(item, Sample) and error is None and not item.ok:
+            error = f"{item.key}: {EMPTY_CAPTION if item.image is not None else MISSING_IMAGE}"
+        if not error:
+            return False
+        self.counts[skip_reason(error)] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(error)
+        return True
+
+    def update(self, items: Iterable[Sample | str | None]) -> None:
+        for item in items:
+            self.add(item)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts.most_common())
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common()) or "none"
+
+
+# --------------------------------------------------------------------------- CSV / TSV
+
+
+class CsvCaptions(Dataset):
+    """Map-style dataset over a CSV/TSV with a header row: an image path and a caption per row.
+
+    Relative image paths resolve against ``root`` (default: the CSV's folder).  The separator
+    is a tab for ``.tsv`` files and a comma otherwise, unless given.
+    """
+
+    def __init__(self, path: str | Path, image_key: str = "filepath", caption_key: str = "title",
+                 separator: str | None = None, root: str | Path | None = None):
+        self.path = Path(path)
+        self.spec = str(path)
+        if separator is None:
+            separator = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        self.root = Path(root) if root is not None else self.path.parent
+        self.image_key, self.caption_key = image_key, caption_key
+        try:
+            with open(self.path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f, delimiter=separator)
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{self.path} is empty: expected a header row naming an "
+                                    f"image column ({image_key!r}) and a caption column "
+                                    f"({caption_key!r})")
+                missing = [k for k in (image_key, caption_key) if k not in header]
+                if missing:
+                    raise ValueError(
+                        f"{self.path} has no column {' or '.join(map(repr, missing))}; its "
+                        f"columns are: {', '.join(map(repr, header))} (separator "
+                        f"{separator!r}). Name the columns with --csv-image-key and "
+                        "--csv-caption-key (image_key=/caption_key=)")
+                i, c = header.index(image_key), header.index(caption_key)
+                self.images: list[str] = []
+                self.captions: list[str] = []
+                for row in reader:
+                    if not row:
+                        continue
+                    self.images.append(row[i] if i < len(row) else "")
+                    self.captions.append(row[c] if c < len(row) else "")
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"cannot read {self.path}: {exc}") from exc
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> Path:
+        return self.root / self.images[index]  # an absolute path replaces root
+
+    def __getitem__(self, index: int) -> Sample:
+        if not self.images[index].strip():
+            return _bad(f"{self.path} row {index + 2}", MISSING_IMAGE, "empty image path")
+        path = self.image_path(index)
+        image = _load_file(path)
+        if isinstance(image, Sample):
+            return image
+        return _caption_or_error(str(path), self.captions[index], image)
+
+    def __repr__(self) -> str:
+        return f"CsvCaptions({self.spec!r}, {len(self)} rows)"
+
+
+# --------------------------------------------------------------------------- folder
+
+
+class FolderCaptions(Dataset):
+    """Images (by suffix) anywhere under ``root``, each with a same-name ``.txt`` caption.
+
+    Images with no caption file beside them are listed in ``skipped`` and left out.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.spec = str(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root} is not a directory")
+        images = sorted(p for p in self.root.rglob("*")
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.images: list[Path] = []
+        self.skipped: list[Path] = []
+        for path in images:
+            (self.images if path.with_suffix(".txt").is_file() else self.skipped).append(path)
+        if self.skipped:
+            log.warning("%s: %d image(s) have no .txt caption beside them and are skipped, "
+                        "e.g. %s", self.root, len(self.skipped), self.skipped[0])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        path = self.images[index]
+        text_path = path.with_suffix(".txt")
+        try:
+            caption = text_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return _bad(str(text_path), UNREADABLE_CAPTION, str(exc))
+        image = _load_file(path)
+        if isinstance(image, Sample):
+            return image
+        return _caption_or_error(str(path), caption, image)
+
+    def __repr__(self) -> str:
+        return f"FolderCaptions({self.spec!r}, {len(self)} pairs, {len(self.skipped)} skipped)"
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def _is_remote(url: str) -> bool:
+    return bool(_URL_SCHEME.match(url)) and not re.match(r"^[a-zA-Z]:[\\/]", url)
+
+
+def expand_shards(urls: str | Path | Iterable[str | Path]) -> list[str]:
+    """Shard URLs from ``::``-separated brace patterns (``shards/{00000..00009}.tar``), globs
+    and lists.  A local shard that does not exist is an error."""
+    import braceexpand
+
+    specs = str(urls).split("::") if isinstance(urls, (str, Path)) else [str(u) for u in urls]
+    result: list[str] = []
+    for spec in specs:
+        for url in braceexpand.braceexpand(spec):
+            if _is_remote(url):
+                result.append(url)
+            elif _GLOB_CHARS.search(url) and not Path(url).exists():
+                matches = sorted(glob.glob(url))
+                if not matches:
+                    raise DataError(f"no shard matches {url!r}")
+                result += matches
+            else:
+                result.append(url)
+    if not result:
+        raise DataError(f"no shards in {urls!r}")
+    missing = [u for u in result if not _is_remote(u) and not Path(u).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(result)} shard(s) of {urls!r} do not exist, "
+                        f"e.g. {missing[0]}")
+    return result
+
+
+def _seed(*parts: int) -> int:
+    """A seed from integers, independent of PYTHONHASHSEED and of global RNG state."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class _ErrorCollector:
+    """A webdataset handler: remember the error and carry on.  The stream turns each error into a
+    Sample error, so that it is counted like any other skipped item.  webdataset may report one
+    broken shard twice (the member read, then the tar iteration); that counts once per shard
+    read."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, str]] = []
+        self.url = "?"
+        self._last: tuple[str, str] | None = None
+
+    def track(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+        """A pipeline stage noting which shard is being read (the handler is not told)."""
+        for shard in shards:
+            self.url, self._last = shard["url"], None
+            yield shard
+
+    def __call__(self, exc: Exception) -> bool:
+        name = type(exc).__name__
+        if self._last != (self.url, name):
+            self._last = (self.url, name)
+            text = str(exc.args[0]) if exc.args else str(exc)
+            text = re.sub(r" @ <.*>$", "", text)
+            self.pending.append((self.url, f"{CORRUPT_SHARD} ({name}: {text})"[:500]))
+        return True
+
+    def drain(self) -> Iterator[Sample]:
+        while self.pending:
+            url, reason = self.pending.pop(0)
+            yield _bad(url, reason)
+
+
+def _closing(opened: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for source in opened:
+        try:
+            yield source
+        finally:  # the shard has been read (or the stream abandoned)
+            source["stream"].close()
+
+
+def _tar_samples(shards: Iterator[dict[str, str]], errors: _ErrorCollector
+                 ) -> Iterator[dict[str, Any]]:
+    """``wds.tarfile_to_samples``, but closing each shard once read (webdataset 1.0.2 leaves
+    that to the garbage collector: a ResourceWarning per shard)."""
+    from webdataset import tariterators
+
+    opened = tariterators.url_opener(errors.track(shards), handler=errors)
+    files = tariterators.tar_file_expander(_closing(opened), handler=errors)
+    return tariterators.group_by_keys(files, handler=errors)
+
+
+class WebDatasetCaptions(IterableDataset):
+    """img2dataset-style tar shards (``000000000.jpg`` + ``000000000.txt``) as a stream of Samples.
+
+    Without ``resampled``, each pass reads every shard once: the shard list is shuffled the same
+    way on every rank (seeded by ``seed`` and the epoch, see :meth:`set_epoch`) and split across
+    torch.distributed ranks and DataLoader workers, so no sample is read twice in one pass (a rank
+    or worker left without a shard yields nothing).  With ``resampled``, every rank and worker
+    draws shards with replacement for ever (multi-epoch runs; stop by step count).  Samples pass
+    through a shuffle buffer of ``shuffle_buffer`` raw (undecoded) samples.
+    """
+
+    def __init__(self, urls: str | Path | Iterable[str | Path], resampled: bool = False,
+                 shuffle_buffer: int = 1000, seed: int = 0):
+        self.spec = str(urls) if isinstance(urls, (str, Path)) else " ".join(map(str, urls))
+        self.urls = expand_shards(urls)
+        self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for another pass; call before creating the DataLoader iterator."""
+        self.epoch = epoch
+
+    def _shards(self) -> Iterator[dict[str, str]]:
+        urls = list(self.urls)
+        random.Random(_seed(self.seed, self.epoch, 0x5A4D)).shuffle(urls)
+        for url in urls:
+            yield {"url": url}
+
+    def _shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 0x5B0F))
+        yield from wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+
+    def pipeline(self, errors: _ErrorCollector):
+        import webdataset as wds
+
+        if self.resampled:
+            def worker_seed() -> int:
+                rank, _, worker, _ = wds.utils.pytorch_worker_info()
+                return _seed(rank, worker, self.epoch)
+
+            shards = [wds.ResampledShards(self.urls, seed=self.seed, worker_seed=worker_seed,
+                                          deterministic=True)]
+        else:
+            shards = [self._shards, wds.split_by_node, wds.split_by_worker]
+        return wds.DataPipeline(*shards, functools.partial(_tar_samples, errors=errors),
+                                self._shuffle)
+
+    def __iter__(self) -> Iterator[Sample]:
+        errors = _ErrorCollector()
+        for raw in self.pipeline(errors):
+            yield from errors.drain()
+            yield self.decode(raw)
+        yield from errors.drain()
+
+    @staticmethod
+    def decode(raw: dict[str, Any]) -> Sample:
+        key = str(raw.get("__key__", "?"))
+        where = f"{key} in {raw.get('__url__', '?')}"
+        image_key = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
+        if image_key is None:
+            has = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "nothing"
+            return Sample(None, None, key, f"{where}: {MISSING_IMAGE} (sample has: {has})")
+        if WDS_CAPTION_KEY not in raw:
+            return Sample(None, None, key, f"{where}: {MISSING_CAPTION} (no .txt)")
+        try:
+            caption = raw[WDS_CAPTION_KEY].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Sample(None, None, key, f"{where}: {UNREADABLE_CAPTION} ({exc})")
+        try:
+            image = Image.open(io.BytesIO(raw[image_key]))
+            image.load()
+        except Exception as exc:  # any decoding failure is this sample's, not the stream's
+            detail = re.sub(r" ?<_io\.BytesIO object at \w+>", "", str(exc))
+            return Sample(None, None, key, f"{where}: {UNREADABLE_IMAGE} "
+                                           f"(.{image_key}: {type(exc).__name__}: {detail})")
+        sample = _caption_or_error(key, caption, image)
+        if sample.error:
+            sample.error = f"{where}: {EMPTY_CAPTION}"
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"WebDatasetCaptions({self.spec!r}, {len(self.urls)} shards, "
+                f"resampled={self.resampled})")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+KINDS = ("a .csv/.tsv file (image path and caption columns)",
+         "a directory of images with same-name .txt captions",
+         "webdataset .tar shards: a file, a brace pattern like shards/{00000..00009}.tar, "
+         "a glob like shards/*.tar, or several joined with '::'")
+
+
+def _is_shard_pattern(spec: str) -> bool:
+    import braceexpand
+
+    if "::" in spec:
+        return True
+    expanded = list(braceexpand.braceexpand(spec))
+    if len(expanded) != 1 or expanded[0] != spec:
+        return True
+    return bool(_GLOB_CHARS.search(spec)) and not Path(spec).exists()
+
+
+def _is_tar(spec: str) -> bool:
+    return spec.lower().endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _construct(cls: type, spec: Any, options: dict[str, Any]) -> Dataset:
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls(spec, **{k: v for k, v in options.items() if k in accepted})
+
+
+def open_source(spec: str | Path, **options: Any) -> Dataset:
+    """A data source from a path or pattern (see :data:`KINDS`).
+
+    ``options`` go to the constructor of the chosen kind (``image_key``, ``caption_key``,
+    ``separator``, ``root`` for CSV; ``resampled``, ``shuffle_buffer``, ``seed`` for shards);
+    options meant for the other kinds are ignored, unknown ones are an error.
+    """
+    kinds = (CsvCaptions, FolderCaptions, WebDatasetCaptions)
+    known = set().union(*(inspect.signature(k.__init__).parameters for k in kinds))
+    known -= {"self", "path", "urls"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"open_source: unknown option(s) {', '.join(unknown)}")
+    text = str(spec)
+    path = Path(text)
+    accepted = "; ".join(KINDS)
+    if path.is_dir():
+        folder = _construct(FolderCaptions, path, options)
+        tars = sorted(path.glob("*.tar"))
+        if len(folder) == 0 and not folder.skipped and tars:  # an img2dataset output folder
+            return _construct(WebDatasetCaptions, [str(t) for t in tars], options)
+        return folder
+    if path.suffix.lower() in (".csv", ".tsv"):
+        if not path.is_file():
+            raise ValueError(f"data source {text!r}: no such file")
+        return _construct(CsvCaptions, path, options)
+    if _is_remote(text) or _is_tar(text) or _is_shard_pattern(text):
+        return _construct(WebDatasetCaptions, text, options)
+    if not path.exists():
+        raise ValueError(f"data source {text!r} does not exist; expected {accepted}")
+    raise ValueError(f"data source {text!r} is not a kind clipforge reads; expected {accepted}")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _source_name(source: Any) -> str:
+    return str(getattr(source, "spec", None) or repr(source))
+
+
+def check_readable(source: Dataset, probe: int = 64) -> None:
+    """Read up to ``probe`` items (the first ones) and raise :class:`DataError` if none is usable.
+
+    The training loop calls this before starting, so that a source with nothing usable (wrong
+    column, wrong root, every file corrupt) stops at once with the reasons, not after hours.
+    """
+    name = _source_name(source)
+    if isinstance(source, IterableDataset):
+        items = islice(iter(source), probe)
+    else:
+        size = len(source)  # type: ignore[arg-type]
+        if size == 0:
+            hint = ""
+            if getattr(source, "skipped", None):
+                hint = (f": {len(source.skipped)} image(s) have no same-name .txt caption, "
+                        f"e.g. {source.skipped[0]}")
+            raise DataError(f"no readable sample in {name}: it has no items{hint}")
+        items = (source[i] for i in range(min(probe, size)))
+    counter = SkipCounter(examples=3)
+    seen = 0
+    for item in items:
+        seen += 1
+        if not isinstance(item, Sample):  # (image, caption) pairs of the built-in dataset
+            image, caption = item
+            item = Sample(image, caption, str(seen - 1))
+        if item.ok:
+            return
+        counter.add(item)
+    if seen == 0:
+        hint = ""
+        if isinstance(source, WebDatasetCaptions) and not source.resampled:
+            import webdataset as wds
+
+            world = wds.utils.pytorch_worker_info()[1]
+            hint = (f" ({len(source.urls)} shard(s) split across {world} rank(s): a rank with "
+                    "no shard reads nothing; use more shards or resampled=True)")
+        raise DataError(f"no readable sample in {name}: it yielded no items{hint}")
+    raise DataError(f"no readable sample in {name}: the first {seen} item(s) all failed "
+                    f"({counter}): " + "; ".join(counter.examples))

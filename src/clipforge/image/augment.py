@@ -1,0 +1,96 @@
+"""Training augmentation: OpenCLIP's RandomResizedCrop, ToTensor and Normalize, no torchvision.
+
+OpenCLIP trains with torchvision's ``RandomResizedCrop(S, scale=(0.9, 1.0),
+interpolation=BICUBIC)``, then ``convert("RGB")``, ``ToTensor`` and ``Normalize``.  The crop box
+is drawn with torchvision's ``RandomResizedCrop.get_params`` algorithm, reproduced step for step
+(ten tries of area / log-aspect-ratio sampling, then a central crop with the ratio clamped), and
+applied as torchvision applies it to PIL images: ``img.crop(box)`` then ``img.resize((S, S))``.
+(PIL's ``resize(..., box=...)`` is *not* the same: its filter reads pixels outside the box near
+the edges, where a crop sees only the crop.)
+
+Randomness comes only from the ``numpy.random.Generator`` the caller passes, seeded from
+(seed, sample index), so a resumed run draws the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..configs import CLIPConfig, PreprocessConfig
+from .transform import _RESAMPLE, Preprocess
+
+
+def random_resized_crop_params(width: int, height: int, scale: tuple[float, float],
+                               ratio: tuple[float, float], rng: np.random.Generator
+                               ) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, height, width)``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: a central crop, the aspect ratio clamped into range.
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Callable ``(PIL image, rng) -> float32 tensor [3, S, S]``: random crop, resize, normalise."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of "
+                             f"{', '.join(_RESAMPLE)}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+
+    @classmethod
+    def from_config(cls, config: CLIPConfig, **kwargs) -> TrainTransform:
+        pre: PreprocessConfig = config.preprocess
+        return cls(config.image_size, pre.mean, pre.std, pre.interpolation, **kwargs)
+
+    @cached_property
+    def _normalize(self) -> Preprocess:
+        return Preprocess(self.image_size, self.mean, self.std, self.interpolation)
+
+    def crop_box(self, img: Image.Image, rng: np.random.Generator
+                 ) -> tuple[int, int, int, int]:
+        """The ``(left, top, right, bottom)`` box this rng draws for this image."""
+        top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale,
+                                                     self.ratio, rng)
+        return left, top, left + w, top + h
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        img = img.crop(self.crop_box(img, rng)).resize(size, _RESAMPLE[self.interpolation])
+        return self._normalize.to_tensor(img.convert("RGB"))

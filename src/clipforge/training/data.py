@@ -1,0 +1,143 @@
+"""Batches for training, each a pure function of (seed, step): the key to exact resume.
+
+Sample ``i`` of the run (counting over all steps and ranks) is read from the source, augmented
+with randomness drawn from (seed, i) and tokenized.  Step ``s`` on rank ``r`` of ``W`` takes
+samples ``s*B + r*B/W ... s*B + (r+1)*B/W - 1`` of a global batch ``B``: ranks never share a
+sample, DataLoader workers split batches, and resuming at step ``s`` reads exactly what an
+uninterrupted run would have read.  A finite source is walked through a fresh permutation per
+epoch.  An unreadable item is replaced by another (chosen deterministically) and counted, so batch
+sizes stay equal across ranks, which the all-gather of features requires.
+
+Webdataset shards stream instead (no random access): they are split across ranks and workers by
+the webdataset library, resampled for multi-epoch runs; resuming them restarts the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from ..data.sources import Sample
+from ..image.augment import TrainTransform
+from ..text import get_tokenizer
+
+MAX_REPLACEMENTS = 16
+
+
+def as_sample(item: Any, key: str) -> Sample:
+    """Sources yield :class:`Sample`; the built-in dataset yields (image, caption) pairs."""
+    if isinstance(item, Sample):
+        return item
+    image, caption = item
+    return Sample(image=image, caption=caption, key=key, error=None)
+
+
+class TrainingSamples(Dataset):
+    """Map-style: global sample index -> (pixels, tokens, skipped-item reasons)."""
+
+    def __init__(self, source: Dataset, transform: TrainTransform, context_length: int,
+                 seed: int):
+        self.source, self.transform = source, transform
+        self.context_length, self.seed = context_length, seed
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:  # indices are unbounded; the sampler decides how many
+        return 2**62
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.source))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def _position(self, index: int) -> int:
+        if getattr(self.source, "draws_by_index", False):  # the built-in dataset
+            return index % len(self.source)
+        epoch, offset = divmod(index, len(self.source))
+        return int(self._permutation(epoch)[offset])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        skipped: list[str] = []
+        for attempt in range(MAX_REPLACEMENTS):
+            probe = index if attempt == 0 else index * 7919 + attempt * 104729
+            position = self._position(probe)
+            sample = as_sample(self.source[position], key=str(position))
+            if sample.error is None and sample.image is not None and sample.caption:
+                rng = np.random.default_rng([self.seed, index, attempt])
+                pixels = self.transform(sample.image, rng)
+                tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
+                                         truncate=True)[0]
+                return pixels, tokens, skipped
+            skipped.append(sample.error or f"{sample.key}: empty caption")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable samples around index "
+                           f"{index}: {skipped[:3]}")
+
+
+class StepBatches(Sampler[list[int]]):
+    """The sample indices of this rank's share of each step from ``start_step`` on."""
+
+    def __init__(self, start_step: int, total_steps: int, global_batch: int, rank: int,
+                 world_size: int):
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} "
+                             "processes")
+        self.start, self.total = start_step, total_steps
+        self.global_batch, self.local = global_batch, global_batch // world_size
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            first = step * self.global_batch + self.rank * self.local
+            yield list(range(first, first + self.local))
+
+
+class StreamingSamples(IterableDataset):
+    """Webdataset shards -> (pixels, tokens, skipped); randomness from (seed, rank, worker, n)."""
+
+    def __init__(self, source: IterableDataset, transform: TrainTransform, context_length: int,
+                 seed: int, rank: int):
+        self.source, self.transform = source, transform
+        self.context_length, self.seed, self.rank = context_length, seed, rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        skipped: list[str] = []
+        for n, item in enumerate(self.source):
+            sample = as_sample(item, key=str(n))
+            if sample.error is not None or sample.image is None or not sample.caption:
+                skipped.append(sample.error or f"{sample.key}: empty caption")
+                continue
+            rng = np.random.default_rng([self.seed, self.rank, worker, n])
+            tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
+                                     truncate=True)[0]
+            yield self.transform(sample.image, rng), tokens, skipped
+            skipped = []
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, list[str]]]
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, tokens, skipped = zip(*batch)
+    return torch.stack(pixels), torch.stack(tokens), [s for group in skipped for s in group]
+
+
+def build_loader(source: Dataset, transform: TrainTransform, context_length: int, seed: int,
+                 start_step: int, total_steps: int, global_batch: int, rank: int,
+                 world_size: int, workers: int) -> DataLoader:
+    # A private generator: creating the loader must not consume the global random state, which
+    # the checkpoint restores for the model (patch dropout).
+    common = dict(num_workers=workers, collate_fn=collate, generator=torch.Generator(),
+                  persistent_workers=False, prefetch_factor=4 if workers else None)
+    if isinstance(source, IterableDataset):
+        stream = StreamingSamples(source, transform, context_length, seed, rank)
+        return DataLoader(stream, batch_size=global_batch // world_size, **common)
+    samples = TrainingSamples(source, transform, context_length, seed)
+    sampler = StepBatches(start_step, total_steps, global_batch, rank, world_size)
+    return DataLoader(samples, batch_sampler=sampler, **common)

@@ -1,0 +1,345 @@
+"""``clipforge train``: contrastive pretraining from a laptop to a GPU cluster.
+
+One loop serves every scale: a single CPU process, or N processes under torchrun with
+DistributedDataParallel (gloo on CPU, NCCL on GPU).  Options cover the known speed-ups: bf16
+autocast, fp16 with a gradient scaler (GPU), GradCache micro-batching for large batches, patch
+dropout (FLIP), gradient checkpointing and locked towers (LiT).  A run directory holds
+checkpoints, metrics (JSONL, optionally TensorBoard), the loss curve, the evaluation and, when
+the run ends, the final model itself: ``clipforge.load(run_dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..configs import ACTIVATIONS
+from ..data.sources import check_readable, open_source
+from ..data.synthetic import SyntheticCaptions
+from ..factory import create_model
+from ..fileio import atomic_file
+from ..image.augment import TrainTransform
+from ..loss import LOGIT_SCALE_MAX
+from ..weights.formats import save_into_directory
+from .checkpoint import (
+    load_checkpoint,
+    random_state,
+    resolve_resume,
+    save_checkpoint,
+    set_random_state,
+)
+from .data import build_loader
+from .distributed import all_reduce_mean, average_gradients, init_distributed
+from .gradcache import gradcache_backward
+from .objective import LOSSES, Objective
+from .optim import build_optimizer, cosine_schedule
+
+log = logging.getLogger("clipforge.train")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+BUILTIN_DATA = "builtin"
+
+
+@dataclass
+class TrainConfig:
+    output: Path
+    data: str = BUILTIN_DATA
+    model: str = "small-vit"
+    weights: str | None = None
+    activation: str | None = None
+    steps: int = 1500
+    batch_size: int = 128
+    micro_batch: int | None = None
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.2
+    grad_clip: float | None = 1.0
+    loss: str = "clip"
+    precision: str = "fp32"
+    patch_dropout: float = 0.0
+    grad_checkpointing: bool = False
+    lock_image: bool = False
+    lock_text: bool = False
+    workers: int = 1
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    log_every: int = 10
+    eval_every: int = 0
+    tensorboard: bool = False
+    device: str = "cpu"
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    progress: bool = True
+
+    def validate(self) -> None:
+        problems = []
+        if self.loss not in LOSSES:
+            problems.append(f"--loss {self.loss!r}: choose {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            problems.append("--precision fp16 needs a CUDA device (use bf16 on CPU)")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            problems.append(f"--activation {self.activation!r}: choose {', '.join(ACTIVATIONS)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive")
+        if self.micro_batch is not None and not 0 < self.micro_batch:
+            problems.append("--micro-batch must be positive")
+        if not 0 <= self.patch_dropout < 1:
+            problems.append("--patch-dropout must be in [0, 1)")
+        if self.lock_image and self.lock_text:
+            problems.append("--lock-image and --lock-text together leave nothing to train")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in
+                dataclasses.asdict(self).items()}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _open_data(config: TrainConfig, image_size: int):
+    if config.data == BUILTIN_DATA:
+        return SyntheticCaptions(seed=config.seed, image_size=image_size, split="train")
+    # Shards are resampled: runs are counted in steps, never run dry, and no rank waits for
+    # another at an epoch end.  (CSV and folder sources ignore the option.)
+    source = open_source(config.data, image_key=config.csv_image_key,
+                         caption_key=config.csv_caption_key, seed=config.seed, resampled=True)
+    check_readable(source)
+    return source
+
+
+class MetricsLog:
+    """Append-only JSONL (and TensorBoard when asked); on resume, entries past the checkpoint
+    are dropped so the file describes exactly one history."""
+
+    def __init__(self, path: Path, resume_step: int, tensorboard: bool):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with atomic_file(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("--tensorboard needs: pip install tensorboard") from exc
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the final evaluation (empty for non-main ranks)."""
+    config.validate()
+    ranks, device = init_distributed(config.device)
+    output = Path(config.output)
+    checkpoints = output / "checkpoints"
+    if ranks.is_main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (output / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, weights=config.weights, activation=config.activation)
+    model.visual.patch_dropout = config.patch_dropout if hasattr(model.visual, "proj") else 0.0
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    objective = Objective(model, config.loss)
+    if config.weights is None and not Path(config.model).exists():
+        objective.init_temperature()
+    _lock_towers(objective, config)
+    train_mode(model, config)
+    objective.to(device)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = build_optimizer(objective, config.lr, config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+
+    start_step = 0
+    resume_from = resolve_resume(config.resume, checkpoints) if config.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_random_state(state["random"])
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    ddp = DistributedDataParallel(objective) if ranks.enabled else None
+    source = _open_data(config, model.config.image_size)
+    transform = TrainTransform.from_config(model.config)
+    loader = build_loader(source, transform, model.context_length, config.seed, start_step,
+                          config.steps, config.batch_size, ranks.rank, ranks.world_size,
+                          config.workers)
+    metrics = MetricsLog(output / "metrics.jsonl", start_step, config.tensorboard) \
+        if ranks.is_main else None
+    autocast = _autocast(config, device)
+    skipped: dict[str, int] = {}
+    last_good = resume_from
+
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and
+                                                                      ranks.is_main),
+               desc="train", unit="step", dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start_step
+    step = start_step
+    for pixels, tokens, bad in loader:
+        if step >= config.steps:
+            break
+        for reason in bad:
+            kind = reason.split(":")[-1].strip()[:60] or "unreadable"
+            skipped[kind] = skipped.get(kind, 0) + 1
+            log.warning("skipped sample: %s", reason)
+        pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device)
+        loss = _step(config, objective, ddp, pixels, tokens, autocast, scaler, optimizer,
+                     trainable)
+        value = all_reduce_mean(loss).item()  # the global batch's loss, the same on every rank
+        if not math.isfinite(value):
+            bar.close()
+            where = f"the last good checkpoint is {last_good}" if last_good else \
+                "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {value} at step {step + 1}; stopped; {where}. "
+                                   "Lower --lr, raise --warmup or set --grad-clip.")
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        step += 1
+
+        if ranks.is_main:
+            temperature = model.logit_scale.exp().item()
+            now = time.perf_counter()
+            rate = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", temp=f"{temperature:.1f}",
+                            samples_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                metrics.write({"step": step, "loss": value, "lr": lr,
+                               "temperature": temperature, "samples_per_s": rate,
+                               "skipped": dict(skipped)})
+                tick, tick_step = now, step
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                _periodic_eval(config, model, metrics, step)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            if ranks.is_main:
+                last_good = save_checkpoint(checkpoints, step, {
+                    "step": step, "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "random": random_state(),
+                    "config": json.dumps(config.to_json()),
+                }, config.keep_checkpoints)
+    bar.close()
+    if step < config.steps:
+        raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
+
+    result: dict[str, Any] = {}
+    if ranks.is_main:
+        model.eval()
+        save_into_directory(model.config, model.state_dict(), output)
+        if metrics is not None:
+            metrics.close()
+        from .report import final_report
+
+        result = final_report(config, model, output, skipped)
+    if ranks.enabled:
+        torch.distributed.barrier()
+    return result
+
+
+def _locked_modules(model, config: TrainConfig) -> list[torch.nn.Module]:
+    locked: list[torch.nn.Module] = []
+    if config.lock_image:
+        locked.append(model.visual)
+    if config.lock_text:
+        locked += [model.token_embedding, model.transformer, model.ln_final]
+    return locked
+
+
+def _lock_towers(objective: Objective, config: TrainConfig) -> None:
+    """LiT: a locked tower keeps its weights fixed (Zhai et al. 2022)."""
+    for module in _locked_modules(objective.model, config):
+        module.requires_grad_(False)
+    if config.lock_text:
+        objective.model.positional_embedding.requires_grad_(False)
+        objective.model.text_projection.requires_grad_(False)
+
+
+def train_mode(model, config: TrainConfig) -> None:
+    """Training mode, except locked towers, whose BatchNorm statistics must not move."""
+    model.train()
+    for module in _locked_modules(model, config):
+        module.eval()
+
+
+def _step(config: TrainConfig, objective: Objective, ddp: DistributedDataParallel | None,
+          pixels: torch.Tensor, tokens: torch.Tensor, autocast, scaler: torch.amp.GradScaler,
+          optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    if config.micro_batch and config.micro_batch < pixels.shape[0]:
+        sync = ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+        with sync:
+            loss = gradcache_backward(objective.model, pixels, tokens,
+                                      lambda i, t, s: scaler.scale(objective.loss_fn(i, t, s)),
+                                      config.micro_batch, autocast)
+        average_gradients(trainable)
+        loss = loss / scaler.get_scale() if scaler.is_enabled() else loss
+    else:
+        with autocast():
+            loss = (ddp or objective)(pixels, tokens)
+        scaler.scale(loss).backward()
+    if config.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def _periodic_eval(config: TrainConfig, model, metrics: MetricsLog | None, step: int) -> None:
+    if config.data != BUILTIN_DATA or metrics is None:
+        return
+    from .report import evaluate_builtin
+
+    model.eval()
+    try:
+        result = evaluate_builtin(model, config.seed, n=240)
+    finally:
+        train_mode(model, config)
+    metrics.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
