@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch must be installed before anything that depends on torch, or pip pulls
 # the (multi-GB) CUDA build.  Override on machines that need another build.
 TORCH ?= torch==2.13.0
-DEMO := runs/demo
+DEMO := runs/first-run
 
 .PHONY: setup demo test lint bench clean
 
@@ -21,10 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/clipforge convert tiny-vit $(DEMO)/tiny-vit --to clipforge
-	$(VENV)/bin/clipforge samples $(DEMO)/photos
-	$(VENV)/bin/clipforge classify $(DEMO)/photos --model $(DEMO)/tiny-vit --top 3 \
-		--labels "an astronaut,a cat,a cup of coffee,a horse,a motorcycle,a page of text,a rocket,a camera"
+	$(VENV)/bin/clipforge train --output $(DEMO)
 
 test: setup
 	$(PY) -m pytest -q

@@ -23,7 +23,7 @@ from clipforge.training.loop import TrainConfig, TrainingDiverged, train
 from clipforge.training.objective import Objective
 
 TINY = ["--model", "tiny-vit", "--batch-size", "16", "--warmup", "2", "--workers", "0",
-        "--log-every", "1", "--no-progress"]
+        "--log-every", "1", "--no-progress", "--precision", "fp32"]
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -112,7 +112,8 @@ def test_gradcache_run_equals_plain_run(tmp_path) -> None:
 def test_run_directory_is_a_model(tmp_path, photos, capsys) -> None:
     run = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "4", "--checkpoint-every", "2",
-                 "--keep-checkpoints", "1", "--loss", "siglip", "--output", str(run)]) == 0
+                 "--keep-checkpoints", "1", "--loss", "siglip", "--precision", "bf16",
+                 "--output", str(run)]) == 0
     out = capsys.readouterr().out
     assert "held-out compositions" in out and "recall@5" in out
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004.pt"]

@@ -219,17 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="small-vit", help="architecture, or a model to fine-tune")
     p.add_argument("--weights", help="initial weights for an architecture name")
     p.add_argument("--activation", choices=ACTIVATIONS)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=450)
     p.add_argument("--batch-size", type=int, default=128, help="global batch (all processes)")
     p.add_argument("--micro-batch", type=int, help="GradCache: exact large batches, computing "
                    "at most this many examples with a graph at once")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--weight-decay", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--loss", choices=("clip", "siglip"), default="clip")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="bf16 autocast (CPU/GPU) or fp16 with a gradient scaler (GPU)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="bf16 autocast (CPU/GPU), fp16 with a gradient scaler (GPU); auto: "
+                   "bf16 where the hardware computes it natively, else fp32")
     p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: share of patches "
                    "dropped while training (ViT)")
     p.add_argument("--grad-checkpointing", action="store_true")

@@ -47,7 +47,17 @@ from .optim import build_optimizer, cosine_schedule
 
 log = logging.getLogger("clipforge.train")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (AVX-512 BF16 or AMX CPUs; GPUs from
+    Ampere on), where bf16 autocast is a real speed-up rather than an emulation."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
 BUILTIN_DATA = "builtin"
 
 
@@ -58,15 +68,15 @@ class TrainConfig:
     model: str = "small-vit"
     weights: str | None = None
     activation: str | None = None
-    steps: int = 1500
+    steps: int = 450
     batch_size: int = 128
     micro_batch: int | None = None
     lr: float = 2e-3
-    warmup: int = 100
+    warmup: int = 40
     weight_decay: float = 0.2
     grad_clip: float | None = 1.0
     loss: str = "clip"
-    precision: str = "fp32"
+    precision: str = "auto"
     patch_dropout: float = 0.0
     grad_checkpointing: bool = False
     lock_image: bool = False
@@ -168,6 +178,10 @@ class MetricsLog:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the final evaluation (empty for non-main ranks)."""
     config.validate()
+    if config.precision == "auto":
+        config = dataclasses.replace(
+            config, precision="bf16" if native_bf16(config.device) else "fp32")
+        log.info("precision: %s", config.precision)
     ranks, device = init_distributed(config.device)
     output = Path(config.output)
     checkpoints = output / "checkpoints"
@@ -202,6 +216,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         set_random_state(state["random"])
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
+    elif ranks.is_main and any(checkpoints.glob("step_*.pt")):
+        log.warning("%s holds an earlier run: starting a new one over it (pass --resume latest "
+                    "to continue that run instead)", output)
 
     ddp = DistributedDataParallel(objective) if ranks.enabled else None
     source = _open_data(config, model.config.image_size)
