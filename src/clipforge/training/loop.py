@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..configs import ACTIVATIONS
-from ..data.sources import check_readable, open_source
+from ..data.sources import check_readable, open_source, skip_reason
 from ..data.synthetic import SyntheticCaptions
 from ..factory import create_model
 from ..fileio import atomic_file
@@ -241,7 +241,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if step >= config.steps:
             break
         for reason in bad:
-            kind = reason.split(":")[-1].strip()[:60] or "unreadable"
+            kind = skip_reason(reason)
             skipped[kind] = skipped.get(kind, 0) + 1
             log.warning("skipped sample: %s", reason)
         pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device)
