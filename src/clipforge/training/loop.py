@@ -332,9 +332,11 @@ def _step(config: TrainConfig, objective: Objective, ddp: DistributedDataParalle
     if config.micro_batch and config.micro_batch < pixels.shape[0]:
         sync = ddp.no_sync() if ddp is not None else contextlib.nullcontext()
         with sync:
-            loss = gradcache_backward(objective.model, pixels, tokens,
-                                      lambda i, t, s: scaler.scale(objective.loss_fn(i, t, s)),
-                                      config.micro_batch, autocast)
+            # the chunked CLIP loss: the full-batch step never holds N x N logits
+            loss = gradcache_backward(
+                objective.model, pixels, tokens,
+                lambda i, t, s: scaler.scale(objective.chunked_loss_fn(i, t, s)),
+                config.micro_batch, autocast)
         average_gradients(trainable)
         loss = loss / scaler.get_scale() if scaler.is_enabled() else loss
     else:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import SigLipLoss, clip_loss, upcast
+from ..loss import SigLipLoss, clip_loss, clip_loss_chunked, upcast
 from ..model import CLIP
 
 LOSSES = ("clip", "siglip")
@@ -34,6 +34,15 @@ class Objective(nn.Module):
         if self.siglip is not None:
             return self.siglip(image, text, logit_scale)
         return clip_loss(image, text, logit_scale)
+
+    def chunked_loss_fn(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
+                        ) -> torch.Tensor:
+        """``loss_fn`` for GradCache's full-batch loss step: the same value and gradients, but
+        the CLIP loss never holds the N x N logits (``clip_loss_chunked``; single process only,
+        it falls back to ``clip_loss`` across ranks).  SigLIP is unchanged."""
+        if self.siglip is not None:
+            return self.siglip(image, text, logit_scale)
+        return clip_loss_chunked(image, text, logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         image = F.normalize(upcast(self.model.encode_image(images)), dim=-1)
