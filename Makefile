@@ -31,6 +31,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs
