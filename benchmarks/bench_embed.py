@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import clipforge
+from machine import cpu_name, machine_busy_s
 
 CEILING_GFLOPS = 208.0  # measured float32 matmul ceiling of the reference machine (2 Zen 4 cores)
 TOKENIZER_LOOPS = 20  # calls per timed tokenizer repetition (one call takes only milliseconds)
@@ -118,22 +119,13 @@ class BackgroundLoad:
     def __init__(self) -> None:
         self.cores: float | None = None
 
-    @staticmethod
-    def _machine_busy_s() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
     def __enter__(self) -> BackgroundLoad:
         times = os.times()
-        self._start = (self._machine_busy_s(), times.user + times.system, time.perf_counter())
+        self._start = (machine_busy_s(), times.user + times.system, time.perf_counter())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy, times, wall = self._machine_busy_s(), os.times(), time.perf_counter()
+        busy, times, wall = machine_busy_s(), os.times(), time.perf_counter()
         busy0, own0, wall0 = self._start
         if busy is None or busy0 is None:
             return
@@ -175,19 +167,12 @@ def hf_inputs(ids: torch.Tensor, eot_id: int, pad_to_longest: bool
 def environment() -> dict[str, object]:
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     blas = next((part.split("=", 1)[1] for part in torch.__config__.show().replace(",", " ").split()
                  if part.startswith("BLAS_INFO=")), "unknown")
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "clipforge": clipforge.__version__,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "blas": blas, "platform": platform.platform()}
 
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name, machine_busy_s
+
 GIB = 1024**3
 WORDS = ["red", "blue", "green", "circle", "star", "square", "small", "large", "two", "three",
          "on", "a", "striped", "dotted", "background", "left", "right", "of", "the", "above"]
@@ -100,16 +102,6 @@ def run_child(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- parent process
-def machine_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine so far (``/proc/stat``); None off Linux."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(spec: dict, timeout: float) -> dict:
     """Run one configuration in a fresh interpreter.  ``others``: CPU cores used on average by
     processes other than the child while it ran (a disturbance above ~0.1 on 2 cores)."""
@@ -175,16 +167,8 @@ def environment() -> dict:
 
     import clipforge
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "clipforge": clipforge.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "clipforge": clipforge.__version__, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB}
 
