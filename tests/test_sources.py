@@ -55,7 +55,7 @@ def _encoded(seed: int, fmt: str = "JPEG") -> bytes:
 
 
 def test_train_transform_shape_dtype_and_determinism():
-    t = TrainTransform(64, MEAN, STD)
+    t = TrainTransform(Preprocess(64, MEAN, STD))
     img = _image(0, (120, 90))
     a = t(img, np.random.default_rng([7, 3]))
     b = t(img, np.random.default_rng([7, 3]))
@@ -69,7 +69,7 @@ def test_train_transform_shape_dtype_and_determinism():
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_full_crop_equals_eval_preprocess(mode):
     img = _image(1, (150, 150), mode)
-    train = TrainTransform(64, MEAN, STD, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    train = TrainTransform(Preprocess(64, MEAN, STD), scale=(1.0, 1.0), ratio=(1.0, 1.0))
     evaluate = Preprocess(64, MEAN, STD)
     for seed in range(3):
         assert torch.equal(train(img, np.random.default_rng(seed)), evaluate(img))
@@ -77,7 +77,7 @@ def test_full_crop_equals_eval_preprocess(mode):
 
 @pytest.mark.parametrize("size", [(3000, 40), (40, 3000), (1, 1), (5, 2)])
 def test_crops_stay_in_bounds_for_extreme_shapes(size):
-    t = TrainTransform(32, MEAN, STD)
+    t = TrainTransform(Preprocess(32, MEAN, STD))
     img = Image.new("RGB", size, (10, 200, 30))
     for seed in range(50):
         left, top, right, bottom = t.crop_box(img, np.random.default_rng(seed))
@@ -101,11 +101,12 @@ def test_train_transform_from_config():
     config = dataclasses.replace(config, preprocess=PreprocessConfig(mean=(0.5,) * 3,
                                                                      std=(0.25,) * 3))
     t = TrainTransform.from_config(config)
-    assert (t.image_size, t.mean, t.std, t.interpolation) == (224, (0.5,) * 3, (0.25,) * 3,
-                                                              "bicubic")
+    assert t.eval == Preprocess(224, (0.5,) * 3, (0.25,) * 3, "bicubic")
     assert (t.scale, t.ratio) == ((0.9, 1.0), (3 / 4, 4 / 3))
     with pytest.raises(ValueError, match="scale"):
-        TrainTransform(224, MEAN, STD, scale=(1.0, 0.5))
+        TrainTransform(Preprocess(224, MEAN, STD), scale=(1.0, 0.5))
+    with pytest.raises(ValueError, match="unknown interpolation 'nearest'"):
+        Preprocess(224, MEAN, STD, "nearest")
 
 
 # --------------------------------------------------------------------------- files on disk

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..configs import CLIPConfig, PreprocessConfig
+from ..configs import CLIPConfig
 from .transform import _RESAMPLE, Preprocess
 
 
@@ -56,19 +55,14 @@ def random_resized_crop_params(width: int, height: int, scale: tuple[float, floa
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """Callable ``(PIL image, rng) -> float32 tensor [3, S, S]``: random crop, resize, normalise."""
+    """Callable ``(PIL image, rng) -> float32 tensor [3, S, S]``: a random resized crop on top
+    of the exact evaluation transform ``eval`` (its size, resampling and normalisation)."""
 
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
+    eval: Preprocess
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of "
-                             f"{', '.join(_RESAMPLE)}")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
@@ -76,12 +70,7 @@ class TrainTransform:
 
     @classmethod
     def from_config(cls, config: CLIPConfig, **kwargs) -> TrainTransform:
-        pre: PreprocessConfig = config.preprocess
-        return cls(config.image_size, pre.mean, pre.std, pre.interpolation, **kwargs)
-
-    @cached_property
-    def _normalize(self) -> Preprocess:
-        return Preprocess(self.image_size, self.mean, self.std, self.interpolation)
+        return cls(Preprocess.from_config(config), **kwargs)
 
     def crop_box(self, img: Image.Image, rng: np.random.Generator
                  ) -> tuple[int, int, int, int]:
@@ -91,6 +80,6 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        img = img.crop(self.crop_box(img, rng)).resize(size, _RESAMPLE[self.interpolation])
-        return self._normalize.to_tensor(img.convert("RGB"))
+        size = (self.eval.image_size, self.eval.image_size)
+        img = img.crop(self.crop_box(img, rng)).resize(size, _RESAMPLE[self.eval.interpolation])
+        return self.eval.to_tensor(img.convert("RGB"))

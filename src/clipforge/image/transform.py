@@ -62,6 +62,11 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of "
+                             f"{', '.join(_RESAMPLE)}")
+
     @classmethod
     def from_config(cls, config: CLIPConfig) -> Preprocess:
         pre: PreprocessConfig = config.preprocess
