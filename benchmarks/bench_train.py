@@ -5,7 +5,7 @@ its peak resident set (``VmHWM`` in ``/proc/self/status``), which includes the P
 torch, the model, AdamW's state and the input batch (``base`` is the resident set just before
 the first step, after all of that is built).
 
-Each step is clipforge's real training step, ``clipforge.training.loop._step``: the model and
+Each clipforge step is its real training step, ``clipforge.training.loop._step``: the model and
 loss wrapped in ``Objective(create_model(name), "clip")``, AdamW from ``build_optimizer`` with the
 paper's parameter groups, gradient clipping at 1.0, a ``TrainConfig`` giving the precision
 (fp32, or bf16 autocast) and ``micro_batch`` (GradCache, whose full-batch loss step uses the
@@ -14,8 +14,14 @@ size and captions of 1-8 random words from a small vocabulary (so the text tower
 sequences, as on real captions).  Throughput is the median over the timed steps after the
 warm-up steps; seconds are wall time per step.
 
-(a) throughput and peak memory: tiny-vit and small-vit at batch 128, ViT-B-32 at batch 16, in
-    fp32 and bf16 autocast;
+The peer is Hugging Face ``transformers.CLIPModel`` with the same initial weights (clipforge's
+model saved in Hugging Face's layout and loaded by transformers), the same inputs (ids padded
+to the longest caption with an attention mask, as ``CLIPTokenizer(padding="longest")`` gives
+them), its own loss (``return_loss=True``: the same symmetric cross-entropy), and the same AdamW
+groups, gradient clipping and autocast.  It has no ResNet image tower, so small-rn runs alone.
+
+(a) throughput and peak memory: tiny-vit, small-rn and small-vit at batch 128, ViT-B-32 at
+    batch 16, in fp32 and bf16 autocast, clipforge next to transformers;
 (b) GradCache memory curve: tiny-vit, micro-batch 256, global batch 256 to 32,768, next to the
     plain full-batch step (no GradCache) measured in the same run, for as long as the plain
     step's estimated peak (linear in the batch from the previous point, plus six float32
@@ -38,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_embed import hf_inputs
+from clipforge.configs import get_config
 from machine import cpu_name, machine_busy_s
 
 GIB = 1024**3
@@ -66,6 +74,9 @@ def run_child(spec: dict) -> dict:
     model = clipforge.create_model(spec["model"])
     objective = Objective(model, "clip")
     objective.init_temperature()
+    peer = spec.get("impl", "clipforge") == "transformers"
+    if peer:
+        objective = _transformers_model(model)
     with tempfile.TemporaryDirectory() as output:
         config = TrainConfig(output=Path(output), model=spec["model"],
                              batch_size=spec["batch"], micro_batch=spec["micro_batch"],
@@ -85,20 +96,48 @@ def run_child(spec: dict) -> dict:
     tokens = pool[torch.randint(0, len(pool), (n,), generator=g)]
     pixels = torch.randn(n, 3, size, size, generator=g)
 
+    if peer:
+        ids, mask = hf_inputs(tokens, clipforge.get_tokenizer().eot_token_id, True)
+
+        def step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = objective(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                                 return_loss=True).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            return loss.detach()
+    else:
+        def step() -> torch.Tensor:
+            return _step(config, objective, None, pixels, tokens, autocast, scaler, optimizer,
+                         trainable)
+
     base = _status_bytes("VmRSS")
     for _ in range(spec["warmup"]):
-        _step(config, objective, None, pixels, tokens, autocast, scaler, optimizer, trainable)
+        step()
     seconds, losses = [], []
     for _ in range(spec["steps"]):
         start = time.perf_counter()
-        loss = _step(config, objective, None, pixels, tokens, autocast, scaler, optimizer,
-                     trainable)
+        loss = step()
         seconds.append(time.perf_counter() - start)
         losses.append(float(loss))
     return {**spec, "base_bytes": base, "peak_bytes": _status_bytes("VmHWM"),
             "seconds": seconds, "median_s": statistics.median(seconds),
             "samples_per_s": n / statistics.median(seconds), "losses": losses,
             "threads": torch.get_num_threads()}
+
+
+def _transformers_model(model):
+    """transformers.CLIPModel holding ``model``'s weights (through clipforge's HF export)."""
+    import transformers
+
+    import clipforge
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        clipforge.save_model(model, Path(tmp) / "hf", format="hf")
+        return transformers.CLIPModel.from_pretrained(Path(tmp) / "hf")
 
 
 # --------------------------------------------------------------------------- parent process
@@ -120,9 +159,9 @@ def measure(spec: dict, timeout: float) -> dict:
 
 
 def spec(model: str, batch: int, precision: str = "fp32", micro_batch: int | None = None,
-         warmup: int = 1, steps: int = 3) -> dict:
+         warmup: int = 1, steps: int = 3, impl: str = "clipforge") -> dict:
     return {"model": model, "batch": batch, "precision": precision, "micro_batch": micro_batch,
-            "warmup": warmup, "steps": steps}
+            "warmup": warmup, "steps": steps, "impl": impl}
 
 
 def gib(n: float) -> str:
@@ -135,10 +174,11 @@ def fmt_others(result: dict) -> str:
 
 
 def throughput_table(results: list[dict]) -> str:
-    lines = [f"{'model':<10} {'batch':>5} {'precision':<9} {'steps':>5} {'samples/s':>9} "
-             f"{'s/step':>7} {'base GiB':>8} {'peak GiB':>8} {'others':>6}"]
+    lines = [f"{'model':<10} {'batch':>5} {'precision':<9} {'impl':<12} {'steps':>5} "
+             f"{'samples/s':>9} {'s/step':>7} {'base GiB':>8} {'peak GiB':>8} {'others':>6}"]
     for r in results:
-        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['precision']:<9} {r['steps']:>5} "
+        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['precision']:<9} "
+                     f"{r.get('impl', 'clipforge'):<12} {r['steps']:>5} "
                      f"{r['samples_per_s']:>9.1f} {r['median_s']:>7.3f} "
                      f"{gib(r['base_bytes']):>8} {gib(r['peak_bytes']):>8} {fmt_others(r):>6}")
     return "\n".join(lines)
@@ -196,16 +236,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # (a) throughput and peak memory of the training step
     models = [("tiny-vit", 128, 2, 5)] if args.quick else [
-        ("tiny-vit", 128, 2, 5), ("small-vit", 128, 2, 5), ("ViT-B-32", 16, 1, 3)]
+        ("tiny-vit", 128, 2, 5), ("small-rn", 128, 2, 5), ("small-vit", 128, 2, 5),
+        ("ViT-B-32", 16, 1, 3)]
     throughput = []
     for model, batch, warmup, steps in models:
+        impls = ["clipforge"]
+        if get_config(model).vision.is_vit:
+            impls.append("transformers")
         for precision in ("fp32", "bf16"):
-            result = measure(spec(model, batch, precision, warmup=warmup, steps=steps),
-                             args.timeout)
-            throughput.append(result)
-            print(f"  {model} {precision}: {result['samples_per_s']:.1f} samples/s",
-                  flush=True)
-    print("\n(a) training step (fp32 / bf16 autocast), random inputs\n")
+            for impl in impls:
+                result = measure(spec(model, batch, precision, warmup=warmup, steps=steps,
+                                      impl=impl), args.timeout)
+                throughput.append(result)
+                print(f"  {model} {precision} {impl}: {result['samples_per_s']:.1f} samples/s",
+                      flush=True)
+    print("\n(a) training step (fp32 / bf16 autocast), random inputs, clipforge and "
+          "transformers.CLIPModel on the same weights and inputs\n")
     print(throughput_table(throughput))
 
     # (b) GradCache (chunked CLIP loss) against the plain full-batch step, tiny-vit, fp32

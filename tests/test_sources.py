@@ -26,6 +26,7 @@ from clipforge.data.sources import (
     FolderCaptions,
     Sample,
     SkipCounter,
+    StreamShare,
     WebDatasetCaptions,
     check_readable,
     open_source,
@@ -291,6 +292,32 @@ def test_webdataset_corrupt_shard_is_counted_not_raised(shards: Path):
     assert corrupt.key == str(path) and "ReadError" in corrupt.error
     assert sorted(s.key for s in samples if s.ok) == sorted(
         set(_all_keys()) - {"000020001", "000030002"} - {f"{10000 + i:09d}" for i in (1, 2, 3)})
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_webdataset_stream_resumes_at_any_position(shards: Path, resampled: bool):
+    """``stream(share, start)`` is the same sequence from item ``start`` on, errors included
+    (a corrupt shard, an unreadable image, an empty caption), with the shuffle buffer in the
+    same state: what exact resume of a streamed training run rests on."""
+    path = shards / "00001.tar"
+    member = tarfile.open(path).getmember("000010001.jpg")
+    path.write_bytes(path.read_bytes()[: member.offset_data + member.size // 2])
+    source = WebDatasetCaptions(str(shards / "*.tar"), resampled=resampled, shuffle_buffer=6,
+                                seed=5)
+    # Resampled: one of four readers; a single pass: one reader of every shard.
+    share = StreamShare(rank=1, world_size=2, worker=0, workers=2) if resampled else StreamShare()
+    length = 40 if resampled else None
+    full = [(s.key, s.error) for s in islice(source.stream(share), length)]
+    errors = [e for _, e in full if e]
+    assert any("corrupt shard" in e for e in errors) or resampled
+    assert any("unreadable image" in e for e in errors)
+    for start in (1, 7, 13):
+        rest = [(s.key, s.error) for s in islice(source.stream(share, start),
+                                                  None if length is None else length - start)]
+        assert rest == full[start:]
+    other = [(s.key, s.error) for s in islice(source.stream(
+        StreamShare(rank=0, world_size=2, worker=1, workers=2)), length)]
+    assert other != full
 
 
 # --------------------------------------------------------------------------- dispatch and checks

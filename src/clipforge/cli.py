@@ -208,46 +208,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="with an architecture name: tag, hf-hub:org/repo or file")
     p.add_argument("--activation", choices=ACTIVATIONS)
 
+    from .training.loop import TrainConfig
+
+    def default(name: str):  # one source of truth for the training defaults
+        return TrainConfig.__dataclass_fields__[name].default
+
     p = sub.add_parser("train", help="contrastive pretraining (built-in data by default)",
-                       description="Train a CLIP model. With no --data it trains small-vit on "
+                       description="Train a CLIP model. With no --data it trains "
+                       f"{default('model')} on "
                        "the built-in procedural dataset and evaluates it zero-shot. Scale out "
                        "with `torchrun --nproc_per_node N -m clipforge train ...`.")
-    p.add_argument("--data", default="builtin", help="builtin, a CSV/TSV of image paths and "
-                   "captions, a folder of images with same-name .txt captions, or webdataset "
+    p.add_argument("--data", default=default("data"), help="builtin, a CSV/TSV of image paths "
+                   "and captions, a folder of images with same-name .txt captions, or webdataset "
                    "shards ('shards/{00000..00099}.tar')")
     p.add_argument("--output", type=Path, help="run directory (default runs/train-DATE-TIME)")
-    p.add_argument("--model", default="small-vit", help="architecture, or a model to fine-tune")
+    p.add_argument("--model", default=default("model"),
+                   help="architecture, or a model to fine-tune")
     p.add_argument("--weights", help="initial weights for an architecture name")
     p.add_argument("--activation", choices=ACTIVATIONS)
-    p.add_argument("--steps", type=int, default=450)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (all processes)")
+    p.add_argument("--steps", type=int, default=default("steps"))
+    p.add_argument("--batch-size", type=int, default=default("batch_size"),
+                   help="global batch (all processes)")
     p.add_argument("--micro-batch", type=int, help="GradCache: exact large batches, computing "
                    "at most this many examples with a graph at once")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--weight-decay", type=float, default=0.2)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--loss", choices=("clip", "siglip"), default="clip")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--lr", type=float, default=default("lr"))
+    p.add_argument("--warmup", type=int, default=default("warmup"))
+    p.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    p.add_argument("--grad-clip", type=float, default=default("grad_clip"),
+                   help="max gradient norm (0: off)")
+    p.add_argument("--loss", choices=("clip", "siglip"), default=default("loss"))
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   default=default("precision"),
                    help="bf16 autocast (CPU/GPU), fp16 with a gradient scaler (GPU); auto: "
                    "bf16 where the hardware computes it natively, else fp32")
-    p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: share of patches "
-                   "dropped while training (ViT)")
+    p.add_argument("--patch-dropout", type=float, default=default("patch_dropout"),
+                   help="FLIP: share of patches dropped while training (ViT)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
     p.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    p.add_argument("--workers", type=int, default=1, help="data loading processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--workers", type=int, default=default("workers"),
+                   help="data loading processes per rank")
+    p.add_argument("--seed", type=int, default=default("seed"))
+    p.add_argument("--checkpoint-every", type=int, default=default("checkpoint_every"))
+    p.add_argument("--keep-checkpoints", type=int, default=default("keep_checkpoints"))
     p.add_argument("--resume", help="'latest' (in --output) or a checkpoint file")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps "
-                   "(built-in data)")
+    p.add_argument("--log-every", type=int, default=default("log_every"))
+    p.add_argument("--eval-every", type=int, default=default("eval_every"),
+                   help="zero-shot eval every N steps (built-in data)")
     p.add_argument("--tensorboard", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--csv-image-key", default="filepath")
-    p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--device", default=default("device"))
+    p.add_argument("--csv-image-key", default=default("csv_image_key"))
+    p.add_argument("--csv-caption-key", default=default("csv_caption_key"))
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("samples", help="write scikit-image's sample photos as PNG files")

@@ -338,6 +338,26 @@ def _tar_samples(shards: Iterator[dict[str, str]], errors: _ErrorCollector
     return tariterators.group_by_keys(files, handler=errors)
 
 
+@dataclass(frozen=True)
+class StreamShare:
+    """Which part of a shard stream one reader takes: its rank among ``world_size`` processes
+    and its DataLoader worker among ``workers``.  Shards (or, resampled, the random draws of
+    shards) are split by it, and the stream's randomness is seeded by it."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    workers: int = 1
+
+    @classmethod
+    def current(cls) -> StreamShare:
+        """This process's share: torch.distributed's rank and the DataLoader worker (the
+        ``RANK``/``WORLD_SIZE`` environment variables win, as in webdataset)."""
+        import webdataset as wds
+
+        return cls(*wds.utils.pytorch_worker_info())
+
+
 class WebDatasetCaptions(IterableDataset):
     """img2dataset-style tar shards (``000000000.jpg`` + ``000000000.txt``) as a stream of Samples.
 
@@ -366,37 +386,55 @@ class WebDatasetCaptions(IterableDataset):
         for url in urls:
             yield {"url": url}
 
-    def _shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 0x5B0F))
-        yield from wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-
-    def pipeline(self, errors: _ErrorCollector):
+    def pipeline(self, errors: _ErrorCollector, share: StreamShare):
+        """Shards -> raw samples (undecoded dicts) for one share, shuffled with a buffer."""
         import webdataset as wds
 
         if self.resampled:
-            def worker_seed() -> int:
-                rank, _, worker, _ = wds.utils.pytorch_worker_info()
-                return _seed(rank, worker, self.epoch)
-
-            shards = [wds.ResampledShards(self.urls, seed=self.seed, worker_seed=worker_seed,
-                                          deterministic=True)]
+            shards = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
+                                          worker_seed=lambda: _seed(share.rank, share.worker,
+                                                                    self.epoch))]
         else:
-            shards = [self._shards, wds.split_by_node, wds.split_by_worker]
-        return wds.DataPipeline(*shards, functools.partial(_tar_samples, errors=errors),
-                                self._shuffle)
+            # Every rank shuffles the list alike, then takes every world_size-th shard, and each
+            # worker every workers-th of those (as wds.split_by_node / split_by_worker do).
+            def split(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+                mine = islice(shards, share.rank, None, share.world_size)
+                return islice(mine, share.worker, None, share.workers)
+
+            shards = [self._shards, split]
+        stages = [*shards, functools.partial(_tar_samples, errors=errors)]
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_seed(self.seed, self.epoch, share.rank, share.worker, 0x5B0F))
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
+        return wds.DataPipeline(*stages)
+
+    def stream(self, share: StreamShare | None = None, start: int = 0) -> Iterator[Sample]:
+        """One share's Samples (every share when ``share`` is None: this process's rank and
+        DataLoader worker), from stream position ``start`` on.
+
+        The stream is a deterministic sequence of items, samples and read errors alike; the
+        first ``start`` of them are read again but not decoded.  So a training run that
+        records how many items each share consumed resumes at exactly the same sample, with
+        the same shuffle-buffer state, at the cost of re-reading (not decoding) those bytes.
+        """
+        share = share or StreamShare.current()
+        errors = _ErrorCollector()
+        position = 0
+        for raw in self.pipeline(errors, share):
+            for error in errors.drain():
+                position += 1
+                if position > start:
+                    yield error
+            position += 1
+            if position > start:
+                yield self.decode(raw)
+        for error in errors.drain():
+            position += 1
+            if position > start:
+                yield error
 
     def __iter__(self) -> Iterator[Sample]:
-        errors = _ErrorCollector()
-        for raw in self.pipeline(errors):
-            yield from errors.drain()
-            yield self.decode(raw)
-        yield from errors.drain()
+        return self.stream()
 
     @staticmethod
     def decode(raw: dict[str, Any]) -> Sample:

@@ -1,8 +1,10 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 A checkpoint holds the objective (model and loss parameters), optimiser, schedule, gradient
-scaler, step and random state.  The data position needs no entry: every sample is a function of
-(seed, global sample index), and the index follows from the step.  Files are written beside and
+scaler, step, random state and data state.  For the built-in data, CSV and folders the data
+position follows from the step (every sample is a function of the seed and its global index);
+for streamed shards the data state holds how far each rank's streams had read, and the skip
+counts of all ranks.  Files are written beside and
 renamed, so a run killed mid-write leaves the previous checkpoint intact; the oldest are deleted
 only after a newer one is complete.  Reading uses ``torch.load(weights_only=True)``.
 """

@@ -8,8 +8,11 @@ uninterrupted run would have read.  A finite source is walked through a fresh pe
 epoch.  An unreadable item is replaced by another (chosen deterministically) and counted, so batch
 sizes stay equal across ranks, which the all-gather of features requires.
 
-Webdataset shards stream instead (no random access): they are split across ranks and workers by
-the webdataset library, resampled for multi-epoch runs; resuming them restarts the stream.
+Webdataset shards stream instead (no random access): each rank and DataLoader worker reads its own
+deterministic stream (its share of the shards, resampled for multi-epoch runs, through a seeded
+shuffle buffer).  Every batch carries how far into its stream it reached; a checkpoint records
+that position per stream, and a resumed run replays each stream to it (reading, not decoding)
+and continues with exactly the samples an uninterrupted run would have read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from ..data.sources import Sample
+from ..data.sources import Sample, StreamShare
 from ..image.augment import TrainTransform
 from ..text import get_tokenizer
 
@@ -60,7 +63,7 @@ class TrainingSamples(Dataset):
         epoch, offset = divmod(index, len(self.source))
         return int(self._permutation(epoch)[offset])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str], None]:
         skipped: list[str] = []
         for attempt in range(MAX_REPLACEMENTS):
             probe = index if attempt == 0 else index * 7919 + attempt * 104729
@@ -71,7 +74,7 @@ class TrainingSamples(Dataset):
                 pixels = self.transform(sample.image, rng)
                 tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
                                          truncate=True)[0]
-                return pixels, tokens, skipped
+                return pixels, tokens, skipped, None
             skipped.append(sample.error or f"{sample.key}: empty caption")
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable samples around index "
                            f"{index}: {skipped[:3]}")
@@ -99,44 +102,64 @@ class StepBatches(Sampler[list[int]]):
 
 
 class StreamingSamples(IterableDataset):
-    """Webdataset shards -> (pixels, tokens, skipped); randomness from (seed, rank, worker, n)."""
+    """Webdataset shards -> (pixels, tokens, skipped, (stream, position)).
+
+    Each DataLoader worker reads one stream (``StreamShare``), from the position a checkpoint
+    recorded for it; augmentation randomness comes from (seed, rank, stream, position).
+    """
 
     def __init__(self, source: IterableDataset, transform: TrainTransform, context_length: int,
-                 seed: int, rank: int):
+                 seed: int, rank: int, world_size: int, first_step: int = 0,
+                 positions: dict[int, int] | None = None):
         self.source, self.transform = source, transform
-        self.context_length, self.seed, self.rank = context_length, seed, rank
+        self.context_length, self.seed = context_length, seed
+        self.rank, self.world_size = rank, world_size
+        self.first_step, self.positions = first_step, dict(positions or {})
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str],
+                                         tuple[int, int]]]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batch k from worker k % workers.  Streams are numbered by the
+        # steps they serve, so a run resumed at step s starts with the stream of step s.
+        stream = ((info.id if info else 0) + self.first_step) % workers
+        start = self.positions.get(stream, 0)
+        share = StreamShare(self.rank, self.world_size, stream, workers)
         skipped: list[str] = []
-        for n, item in enumerate(self.source):
-            sample = as_sample(item, key=str(n))
-            if sample.error is not None or sample.image is None or not sample.caption:
+        for position, sample in enumerate(self.source.stream(share, start), start + 1):
+            if not sample.ok:
                 skipped.append(sample.error or f"{sample.key}: empty caption")
                 continue
-            rng = np.random.default_rng([self.seed, self.rank, worker, n])
+            rng = np.random.default_rng([self.seed, self.rank, stream, position])
             tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
                                      truncate=True)[0]
-            yield self.transform(sample.image, rng), tokens, skipped
+            yield self.transform(sample.image, rng), tokens, skipped, (stream, position)
             skipped = []
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor, list[str]]]
-            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels, tokens, skipped = zip(*batch)
-    return torch.stack(pixels), torch.stack(tokens), [s for group in skipped for s in group]
+Item = tuple[torch.Tensor, torch.Tensor, list[str], "tuple[int, int] | None"]
+
+
+def collate(batch: list[Item]) -> Item:
+    """Stack a batch; a streamed batch also reports the (stream, position) it reached."""
+    pixels, tokens, skipped, where = zip(*batch)
+    return (torch.stack(pixels), torch.stack(tokens), [s for group in skipped for s in group],
+            where[-1])
 
 
 def build_loader(source: Dataset, transform: TrainTransform, context_length: int, seed: int,
                  start_step: int, total_steps: int, global_batch: int, rank: int,
-                 world_size: int, workers: int) -> DataLoader:
+                 world_size: int, workers: int,
+                 stream_positions: dict[int, int] | None = None) -> DataLoader:
+    """This rank's batches from ``start_step`` on.  ``stream_positions`` (streamed sources):
+    how far each of this rank's streams had read at ``start_step``, from the checkpoint."""
     # A private generator: creating the loader must not consume the global random state, which
     # the checkpoint restores for the model (patch dropout).
     common = dict(num_workers=workers, collate_fn=collate, generator=torch.Generator(),
                   persistent_workers=False, prefetch_factor=4 if workers else None)
     if isinstance(source, IterableDataset):
-        stream = StreamingSamples(source, transform, context_length, seed, rank)
+        stream = StreamingSamples(source, transform, context_length, seed, rank, world_size,
+                                  start_step, stream_positions)
         return DataLoader(stream, batch_size=global_batch // world_size, **common)
     samples = TrainingSamples(source, transform, context_length, seed)
     sampler = StepBatches(start_step, total_steps, global_batch, rank, world_size)

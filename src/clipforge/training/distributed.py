@@ -47,7 +47,7 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce and average ``.grad`` over ranks in one flat buffer (what DDP does in buckets);
     used after a GradCache step, whose many partial backwards run under ``no_sync``."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -60,8 +60,35 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         value = value.clone()
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
+    if not _distributed():
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def sum_counts(counts: dict[str, int], keys: tuple[str, ...]) -> dict[str, int]:
+    """``counts`` summed over all ranks (every rank must call), keeping the non-zero ``keys``
+    in order.  A key outside ``keys`` is an error: ranks must agree on the vector."""
+    unknown = set(counts) - set(keys)
+    if unknown:
+        raise ValueError(f"counts for unknown keys {sorted(unknown)}")
+    vector = torch.tensor([counts.get(k, 0) for k in keys], dtype=torch.int64)
+    if _distributed():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            vector = vector.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(vector)
+    return {k: int(n) for k, n in zip(keys, vector.tolist()) if n}

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..configs import ACTIVATIONS
-from ..data.sources import check_readable, open_source, skip_reason
+from ..data.sources import REASONS, check_readable, open_source, skip_reason
 from ..data.synthetic import SyntheticCaptions
 from ..factory import create_model
 from ..fileio import atomic_file
@@ -40,7 +40,13 @@ from .checkpoint import (
     set_random_state,
 )
 from .data import build_loader
-from .distributed import all_reduce_mean, average_gradients, init_distributed
+from .distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    average_gradients,
+    init_distributed,
+    sum_counts,
+)
 from .gradcache import gradcache_backward
 from .objective import LOSSES, Objective
 from .optim import build_optimizer, cosine_schedule
@@ -65,13 +71,13 @@ BUILTIN_DATA = "builtin"
 class TrainConfig:
     output: Path
     data: str = BUILTIN_DATA
-    model: str = "small-vit"
+    model: str = "small-rn"
     weights: str | None = None
     activation: str | None = None
     steps: int = 450
-    batch_size: int = 128
+    batch_size: int = 256
     micro_batch: int | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 40
     weight_decay: float = 0.2
     grad_clip: float | None = 1.0
@@ -206,6 +212,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     start_step = 0
+    data_state: dict[str, Any] = {}
     resume_from = resolve_resume(config.resume, checkpoints) if config.resume else None
     if resume_from is not None:
         state = load_checkpoint(resume_from)
@@ -215,6 +222,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         set_random_state(state["random"])
         start_step = state["step"]
+        data_state = state.get("data", {})
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif ranks.is_main and any(checkpoints.glob("step_*.pt")):
         log.warning("%s holds an earlier run: starting a new one over it (pass --resume latest "
@@ -223,13 +231,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ddp = DistributedDataParallel(objective) if ranks.enabled else None
     source = _open_data(config, model.config.image_size)
     transform = TrainTransform.from_config(model.config)
+    positions = _stream_positions(data_state, ranks, config.workers)
     loader = build_loader(source, transform, model.context_length, config.seed, start_step,
                           config.steps, config.batch_size, ranks.rank, ranks.world_size,
-                          config.workers)
+                          config.workers, positions)
     metrics = MetricsLog(output / "metrics.jsonl", start_step, config.tensorboard) \
         if ranks.is_main else None
     autocast = _autocast(config, device)
-    skipped: dict[str, int] = {}
+    # Skips counted by this rank since the start (or the resume); the checkpoint holds the
+    # totals over all ranks before it, which rank 0 carries on from.
+    skipped: dict[str, int] = dict(data_state.get("skipped", {})) if ranks.is_main else {}
     last_good = resume_from
 
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and
@@ -237,9 +248,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                desc="train", unit="step", dynamic_ncols=True)
     tick, tick_step = time.perf_counter(), start_step
     step = start_step
-    for pixels, tokens, bad in loader:
+    for pixels, tokens, bad, reached in loader:
         if step >= config.steps:
             break
+        if reached is not None:  # a streamed batch: how far into which stream it read
+            positions[reached[0]] = reached[1]
         for reason in bad:
             kind = skip_reason(reason)
             skipped[kind] = skipped.get(kind, 0) + 1
@@ -258,6 +271,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         with torch.no_grad():
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         step += 1
+        log_now = step % config.log_every == 0 or step == config.steps
+        all_skipped = sum_counts(skipped, SKIP_KINDS) if log_now else {}
 
         if ranks.is_main:
             temperature = model.logit_scale.exp().item()
@@ -267,24 +282,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", temp=f"{temperature:.1f}",
                             samples_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
+            if log_now:
                 metrics.write({"step": step, "loss": value, "lr": lr,
                                "temperature": temperature, "samples_per_s": rate,
-                               "skipped": dict(skipped)})
+                               "skipped": all_skipped})
                 tick, tick_step = now, step
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 _periodic_eval(config, model, metrics, step)
         if step % config.checkpoint_every == 0 or step == config.steps:
+            data = {"world_size": ranks.world_size, "workers": config.workers,
+                    "positions": all_gather_objects(positions),
+                    "skipped": sum_counts(skipped, SKIP_KINDS)}
             if ranks.is_main:
                 last_good = save_checkpoint(checkpoints, step, {
                     "step": step, "objective": objective.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "random": random_state(),
-                    "config": json.dumps(config.to_json()),
+                    "data": data, "config": json.dumps(config.to_json()),
                 }, config.keep_checkpoints)
     bar.close()
     if step < config.steps:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
+    skipped = sum_counts(skipped, SKIP_KINDS)
 
     result: dict[str, Any] = {}
     if ranks.is_main:
@@ -298,6 +317,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if ranks.enabled:
         torch.distributed.barrier()
     return result
+
+
+SKIP_KINDS = (*REASONS, "other")
+
+
+def _stream_positions(data_state: dict[str, Any], ranks, workers: int) -> dict[int, int]:
+    """How far each of this rank's data streams had read at the checkpoint (streamed sources;
+    empty for a fresh run).  The streams are only the same with the same number of ranks and
+    workers: otherwise they start afresh, with a warning."""
+    saved = data_state.get("positions")
+    if not saved or not any(saved):
+        return {}
+    if (data_state.get("world_size"), data_state.get("workers")) != (ranks.world_size, workers):
+        log.warning("the checkpoint was written by %s process(es) with %s data worker(s) each, "
+                    "this run has %d with %d: the data streams start afresh rather than where "
+                    "they stopped (resume with the same torchrun --nproc_per_node and "
+                    "--workers to continue them exactly)", data_state.get("world_size"),
+                    data_state.get("workers"), ranks.world_size, workers)
+        return {}
+    positions = {int(k): int(v) for k, v in saved[ranks.rank].items()}
+    if ranks.is_main:
+        log.info("resuming the data streams at %s (re-reading, not decoding, what they had "
+                 "read)", ", ".join(f"stream {k}: item {v}" for k, v in sorted(positions.items())))
+    return positions
 
 
 def _locked_modules(model, config: TrainConfig) -> list[torch.nn.Module]:
