@@ -91,6 +91,7 @@ def test_embed_writes_unit_vectors_and_reports_skips(saved_model, photos, tmp_pa
         skipped = {r["item"]: r["reason"] for r in csv.DictReader(f)}
     assert any(item.endswith("corrupt.png") for item in skipped)
     assert "line 3" in skipped and "tokens long" in skipped["line 3"]
+    assert skipped["line 3"].startswith("text 2 ")  # its place in the list, not "text 0"
     model = clipforge.create_model(saved_model)
     with torch.no_grad():
         direct = model.encode_text(clipforge.tokenize(["a dog on a beach"]), normalize=True)
@@ -146,3 +147,69 @@ def test_embed_never_replaces_a_foreign_folder(saved_model, photos, tmp_path, ca
     assert main([*args, "--out", str(out)]) == 0
     assert main([*args, "--workers", "2", "--out", str(out)]) == 0  # re-run replaces its own
     assert np.load(out / "image_embeddings.npy").shape == (1, 64)
+
+
+DESCRIPTIONS = ["a face of an astronaut with an American flag", "a facial photo of a tabby cat",
+                "a cup of coffee on a saucer", "a black-and-white silhouette of a horse",
+                "a red motorcycle standing in a garage", "a page of text about segmentation",
+                "a rocket standing on a launchpad", "a person looking at a camera on a tripod"]
+
+
+def test_plot_similarity_and_classify_plot(saved_model, photos, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(DESCRIPTIONS) + "\n", encoding="utf-8")
+    out = tmp_path / "similarity.svg"
+    assert main(["plot-similarity", "--images", *map(str, photos), str(broken), "--texts-file",
+                 str(texts), "--out", str(out), "--model", str(saved_model)]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and f"{len(DESCRIPTIONS)} texts x {len(photos)}" \
+        in captured.out
+    svg = out.read_text()
+    assert all(d in svg for d in DESCRIPTIONS)
+    bars = tmp_path / "top.png"
+    assert main(["classify", *map(str, photos[:3]), "--labels", ",".join(LABELS), "--model",
+                 str(saved_model), "--plot", str(bars), "--top", "3"]) == 0
+    assert bars.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="latin1.txt is not UTF-8"):
+        main(["plot-similarity", "--images", str(photos[0]), "--texts-file", str(latin1),
+              "--out", str(out), "--model", str(saved_model)])
+
+
+def test_rank_and_score(saved_model, photos, tmp_path, capsys) -> None:
+    assert main(["rank", *map(str, photos), "--prompt", "a cup of coffee", "--json",
+                 "--model", str(saved_model)]) == 0
+    ranked = json.loads(capsys.readouterr().out)["results"]
+    model = clipforge.create_model(saved_model)
+    with torch.no_grad():
+        text = model.encode_text(clipforge.tokenize(["a cup of coffee"]), normalize=True)[0]
+        cosines = {str(p): float(model.encode_image(model.preprocess.load(p)[None],
+                                                    normalize=True)[0] @ text)
+                   for p in photos}
+    assert [r["image"] for r in ranked] == sorted(cosines, key=cosines.get, reverse=True)
+    for r in ranked:
+        assert r["score"] == pytest.approx(cosines[r["image"]], abs=1e-5)
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(DESCRIPTIONS[:3]) + "\n", encoding="utf-8")
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i, photo in enumerate(photos[:3]):  # folders are listed sorted: keep the caption order
+        (folder / f"{i}_{photo.name}").write_bytes(photo.read_bytes())
+    assert main(["score", "--images", str(folder), "--captions", str(captions), "--json",
+                 "--no-prefix", "--model", str(saved_model)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scored"] == 3
+    with torch.no_grad():
+        for row, photo, caption in zip(report["rows"], photos[:3], DESCRIPTIONS[:3]):
+            cos = float(model.encode_image(model.preprocess.load(photo)[None], normalize=True)[0]
+                        @ model.encode_text(clipforge.tokenize([caption]), normalize=True)[0])
+            assert row["score"] == pytest.approx(2.5 * max(cos, 0.0), abs=1e-5)
+    assert report["mean"] == pytest.approx(np.mean([r["score"] for r in report["rows"]]))
+    with pytest.raises(SystemExit, match="3 images but 2 captions"):
+        captions.write_text("\n".join(DESCRIPTIONS[:2]) + "\n", encoding="utf-8")
+        main(["score", "--images", str(folder), "--captions", str(captions),
+              "--model", str(saved_model)])

@@ -1,4 +1,5 @@
-"""The ``clipforge`` command line: models, classify, embed, convert, samples."""
+"""The ``clipforge`` command line: models, classify, embed, convert, train, eval, plots, rank,
+score, samples."""
 
 from __future__ import annotations
 
@@ -88,6 +89,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         order = row.argsort(descending=True)
         results.append({"image": path, "predictions": [
             {"label": labels[i], "probability": round(row[i].item(), 6)} for i in order]})
+    if args.plot:
+        from .evaluation.plots import plot_topk
+
+        plot_topk([Path(p) for p in images.ids], labels, probs, args.plot, k=args.top)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": args.model, "results": results,
                           "skipped": [{"image": p, "error": e} for p, e in images.failures]},
@@ -100,6 +106,92 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for _, error in images.failures:
         print(f"skipped: {error}", file=sys.stderr)
     return 1 if not results else 0
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file, or a clear error naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"error: {what} {path} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {what} {path}: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def cmd_plot_similarity(args: argparse.Namespace) -> int:
+    from .evaluation.plots import plot_similarity
+
+    texts = list(args.texts or []) + (_read_lines(args.texts_file, "--texts-file")
+                                      if args.texts_file else [])
+    paths = find_images(args.images)
+    if not paths or not texts:
+        raise SystemExit("error: give image files (--images) and texts (--texts or "
+                         "--texts-file)")
+    model = _load(args.model, args.weights, args.activation, args.device)
+    try:
+        result = plot_similarity(paths, texts, model, args.out, truncate=args.truncate,
+                                 vmin=args.vmin, vmax=args.vmax)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for item, reason in result.skipped_images + result.skipped_texts:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    print(f"wrote {args.out} ({len(result.texts)} texts x {len(result.images)} images)")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .evaluation.scoring import rank_images
+
+    model = _load(args.model, args.weights, args.activation, args.device)
+    ranked, skipped = rank_images(model, args.prompt, args.images, batch_size=args.batch_size,
+                                  truncate=args.truncate)
+    shown = ranked[: args.top] if args.top else ranked
+    if args.json:
+        print(json.dumps({"prompt": args.prompt,
+                          "results": [{"image": p, "score": s} for p, s in shown],
+                          "skipped": [{"image": p, "reason": r} for p, r in skipped]}, indent=2))
+    else:
+        for path, score in shown:
+            print(f"{score:.4f}\t{path}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0 if ranked else 1
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .evaluation.scoring import PREFIX, clip_score, pairs_from_csv
+
+    if args.pairs:
+        try:
+            paths, captions = pairs_from_csv(args.pairs, args.csv_image_key, args.csv_caption_key)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+    elif args.images and args.captions:
+        paths, captions = find_images(args.images), _read_lines(args.captions, "--captions")
+        if len(paths) != len(captions):
+            raise SystemExit(f"error: {len(paths)} images but {len(captions)} captions in "
+                             f"{args.captions}: give one caption line per image, in the order "
+                             "of the files (folders are listed sorted)")
+    else:
+        raise SystemExit("error: give --pairs FILE.csv, or --images and --captions")
+    model = _load(args.model, args.weights, args.activation, args.device)
+    result = clip_score(model, paths, captions, w=args.w, batch_size=args.batch_size,
+                        prefix="" if args.no_prefix else PREFIX, truncate=args.truncate)
+    if args.json:
+        print(json.dumps({"mean": None if result.scored == 0 else result.mean,
+                          "scored": result.scored, "w": args.w, "rows": result.rows()},
+                         indent=2))
+    else:
+        for row in result.rows():
+            score = "skipped" if row["score"] is None else f"{row['score']:.4f}"
+            print(f"{score}\t{row['image']}\t{row['caption']}")
+        if result.scored:
+            print(f"CLIPScore (w={args.w}): {result.mean:.4f} over {result.scored} pair(s)")
+    for index, reason in result.skipped:
+        print(f"skipped pair {index + 1}: {reason}", file=sys.stderr)
+    return 0 if result.scored else 1
 
 
 def _write_table(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
@@ -189,6 +281,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="labels shown per image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", type=Path, help="also draw each image's top labels as bars "
+                   "(.png or .svg)")
+    _add_model_options(p)
+
+    p = sub.add_parser("plot-similarity", help="draw the image-text cosine-similarity matrix "
+                       "with thumbnails and captions (.png or .svg)")
+    p.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    p.add_argument("--texts", nargs="+", help="texts, one per row")
+    p.add_argument("--texts-file", help="UTF-8 file, one text per line")
+    p.add_argument("--out", required=True, type=Path, help="destination .png or .svg")
+    p.add_argument("--vmin", type=float, help="colour scale minimum (default: the smallest "
+                   "value)")
+    p.add_argument("--vmax", type=float, help="colour scale maximum")
+    p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of "
+                   "skipping them")
+    _add_model_options(p)
+
+    p = sub.add_parser("rank", help="order images by similarity to a prompt")
+    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top", type=int, default=0, help="show only the best N (default all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--truncate", action="store_true", help="cut an over-long prompt")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_model_options(p)
+
+    p = sub.add_parser("score", help="CLIPScore of image-caption pairs (Hessel et al. 2021)")
+    p.add_argument("--pairs", help="CSV/TSV with an image path and a caption column")
+    p.add_argument("--csv-image-key", default="filepath")
+    p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--images", nargs="+", help="image files or directories (with --captions)")
+    p.add_argument("--captions", help="UTF-8 file, one caption per image, in file order")
+    p.add_argument("--w", type=float, default=2.5, help="CLIPScore weight (default 2.5)")
+    p.add_argument("--no-prefix", action="store_true", help="do not prefix captions with "
+                   "'A photo depicts ' (the paper's reference code does)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--truncate", action="store_true", help="cut over-long captions instead of "
+                   "skipping their pairs")
+    p.add_argument("--json", action="store_true", help="print JSON")
     _add_model_options(p)
 
     p = sub.add_parser("embed", help="write normalised image/text embeddings (.npy + .csv ids)")
@@ -267,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"models": cmd_models, "classify": cmd_classify, "embed": cmd_embed,
-            "convert": cmd_convert, "train": cmd_train, "samples": cmd_samples}
+            "convert": cmd_convert, "train": cmd_train, "samples": cmd_samples,
+            "plot-similarity": cmd_plot_similarity, "rank": cmd_rank, "score": cmd_score}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,8 +97,8 @@ def embed_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, trunca
         try:
             rows.append(tokenizer(text, context_length=context, truncate=truncate)[0])
             ids.append(i)
-        except ContextLengthError as exc:
-            failures.append((str(i), str(exc)))
+        except ContextLengthError as exc:  # tokenized alone, the text is "text 0" there
+            failures.append((str(i), str(exc).replace("text 0 ", f"text {i} ", 1)))
     if not rows:
         return Embeddings(np.zeros((0, model.config.embed_dim), np.float32), [], failures)
     tokens = torch.stack(rows)

@@ -82,6 +82,30 @@ class CLIP(nn.Module):
         features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_text_with_prefix(self, prefix: torch.Tensor, suffixes: torch.Tensor,
+                                normalize: bool = False) -> torch.Tensor:
+        """``encode_text`` of the sequences ``[prefix; suffixes[i]]`` that share the token prefix
+        ``prefix`` [P] (starting with the start token), computing the prefix once.
+
+        Zero-shot prompts built from one template share everything before the class name
+        ("<start> a photo of a"), about half their tokens; the causal mask makes sharing exact.
+        Each row of ``suffixes`` [N, S] must hold its end-of-text token (zero padded after it).
+        """
+        if prefix.ndim != 1 or suffixes.ndim != 2:
+            raise ValueError("prefix must be [P] and suffixes [N, S] token ids")
+        shared = prefix.shape[0]
+        eot = suffixes.argmax(dim=-1)
+        length = int(eot.max()) + 1 if suffixes.shape[0] else 1
+        if shared + length > self.context_length:
+            raise ValueError(f"prefix and suffix ({shared} + {length} tokens) exceed the "
+                             f"model's context {self.context_length}")
+        positions = self.positional_embedding
+        x_p = (self.token_embedding(prefix) + positions[:shared])[None].to(self.dtype)
+        x_s = self.token_embedding(suffixes[:, :length]) + positions[shared:shared + length]
+        x = self.ln_final(self.transformer.forward_with_prefix(x_p, x_s.to(self.dtype)))
+        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return F.normalize(features, dim=-1) if normalize else features
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled cosine similarities: (logits_per_image [N_img, N_txt], logits_per_text)."""

@@ -50,12 +50,36 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[3, batch, heads, tokens, head width] queries, keys and values."""
         n, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+        return qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+
+    def _out(self, heads: torch.Tensor) -> torch.Tensor:
+        n, _, length, _ = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(n, length, -1))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+    def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention over ``[prefix; suffix_i]`` for every row i of ``suffix`` [N, S, W],
+        the shared ``prefix`` [1, P, W] computed once; returns both outputs."""
+        qp, kp, vp = self._qkv(prefix)
+        qs, ks, vs = self._qkv(suffix)
+        n, length = suffix.shape[0], suffix.shape[1]
+        shared = prefix.shape[1]
+        k = torch.cat([kp.expand(n, -1, -1, -1), ks], dim=2)
+        v = torch.cat([vp.expand(n, -1, -1, -1), vs], dim=2)
+        # suffix position i sees the whole prefix and suffix positions <= i
+        mask = torch.ones(length, shared + length, dtype=torch.bool,
+                          device=suffix.device).tril(diagonal=shared)
+        out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+        return self._out(out_p), self._out(F.scaled_dot_product_attention(qs, k, v,
+                                                                          attn_mask=mask))
 
 
 class MLP(nn.Module):
@@ -81,6 +105,12 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_p, attn_s = self.attn.forward_with_prefix(self.ln_1(prefix), self.ln_1(suffix))
+        prefix, suffix = prefix + attn_p, suffix + attn_s
+        return prefix + self.mlp(self.ln_2(prefix)), suffix + self.mlp(self.ln_2(suffix))
+
 
 class Transformer(nn.Module):
     """A stack of residual attention blocks on [batch, tokens, width] tensors."""
@@ -100,6 +130,15 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal=causal)
         return x
+
+    def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        """The causal pass over ``[prefix; suffix_i]`` for many sequences that share a prefix
+        [1, P, W]: the prefix runs once, each suffix [N, S, W] attends to its keys and values.
+        Returns the suffix positions' outputs, equal (to round-off) to those of the full causal
+        pass over each whole sequence: with a causal mask the prefix never sees the suffix."""
+        for block in self.resblocks:
+            prefix, suffix = block.forward_with_prefix(prefix, suffix)
+        return suffix
 
     def init_weights(self) -> None:
         """OpenAI's initialisation (std scaled by width and depth)."""
