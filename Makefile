@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	# OpenAI's own model.py and tokenizer, the reference the tests compare against.  Installed
 	# without dependencies: its torchvision requirement would replace the CPU torch.
 	$(PY) -m pip install --quiet --no-deps clip-anytorch==2.6.0
+	# OpenCLIP's zero-shot classifier builder, the peer of benchmarks/bench_zeroshot.py (loaded by
+	# file: the package itself needs torchvision).
+	$(PY) -m pip install --quiet --no-deps open_clip_torch==3.3.0
+	# CLIP_benchmark: its prompt data and metric functions are checked against ours (its model
+	# loaders need open_clip and torchvision, which the tests never import).
+	$(PY) -m pip install --quiet --no-deps clip_benchmark==1.6.2
 	touch $@
 
 demo: setup
@@ -32,6 +38,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_zeroshot.py
 
 clean:
 	rm -rf $(VENV) runs

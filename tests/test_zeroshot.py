@@ -52,7 +52,7 @@ def test_class_embeddings_match_transformers(config, tmp_path, monkeypatch) -> N
     monkeypatch.setattr(zeroshot, "TOKENS_PER_BATCH", 24)
     classifier = ZeroShotClassifier.build(model, CLASSES, TEMPLATES)
     assert classifier.class_embeddings.shape == (len(CLASSES), model.config.embed_dim)
-    torch.testing.assert_close(classifier.class_embeddings, expected, rtol=0, atol=2e-6)
+    torch.testing.assert_close(classifier.class_embeddings, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(classifier.class_embeddings.norm(dim=-1),
                                torch.ones(len(CLASSES)))
     assert classifier.logit_scale == pytest.approx(model.logit_scale.exp().item())
@@ -66,7 +66,7 @@ def test_prefix_sharing_is_exact(tiny_vit) -> None:
         for shared in (1, 2, 5):  # the start token alone, and longer shared prefixes
             assert (tokens[:, :shared] == tokens[0, :shared]).all()
             part = tiny_vit.encode_text_with_prefix(tokens[0, :shared], tokens[:, shared:])
-            torch.testing.assert_close(part, full, rtol=0, atol=2e-6)
+            torch.testing.assert_close(part, full, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="exceed"):
         tiny_vit.encode_text_with_prefix(tokens[-1, :70], tokens[-1:, 60:])
 
@@ -97,13 +97,13 @@ def test_per_class_templates_and_errors(tiny_vit) -> None:
     torch.testing.assert_close(classifier.class_embeddings[0], cat.class_embeddings[0])
     with pytest.raises(ValueError, match="class list is empty"):
         ZeroShotClassifier.build(tiny_vit, [], ["{}"])
-    with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
+    with pytest.raises(ValueError, match=r"has no '\{\}' where the class name goes"):
         ZeroShotClassifier.build(tiny_vit, ["cat"], ["a photo of a cat"])
-    with pytest.raises(ValueError, match="template list is empty"):
+    with pytest.raises(ValueError, match="no templates"):
         ZeroShotClassifier.build(tiny_vit, ["cat"], [])
     with pytest.raises(ValueError, match="none for 1 class.*'dog'"):
         ZeroShotClassifier.build(tiny_vit, ["cat", "dog"], {"cat": ["{}"]})
-    with pytest.raises(ValueError, match="not a valid format string"):
+    with pytest.raises(ValueError, match="2 replacement fields"):
         ZeroShotClassifier.build(tiny_vit, ["cat"], ["{} {x}"])
 
 

@@ -2,13 +2,19 @@
 
 Images are decoded and preprocessed in DataLoader workers while the model runs; texts are sorted
 by token length so each batch runs only as far as its longest text, then returned in input order.
+
+:func:`embed_image_batches` is the one image loop: any dataset whose items are
+``(tag, pixels or None, reason)`` goes through it (image files here, the evaluation sets of
+:mod:`clipforge.evaluation.datasets`, folders, CSV rows and webdataset streams alike), so every
+caller skips and reports unreadable items the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +35,15 @@ class Embeddings:
     vectors: np.ndarray
     ids: list[str]
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ImageBatch(NamedTuple):
+    """One batch through the image tower: the tags of the items that worked with their unit-norm
+    float32 rows (``vectors[i]`` belongs to ``tags[i]``), and ``(tag, reason)`` for the rest."""
+
+    tags: list[Any]
+    vectors: np.ndarray
+    failures: list[tuple[Any, str]]
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -64,23 +79,48 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-@torch.inference_mode()
+def embed_image_batches(model: CLIP, dataset: Dataset, batch_size: int = 32,
+                        num_workers: int = 0, progress: bool = True,
+                        desc: str = "images") -> Iterator[ImageBatch]:
+    """Run the image tower over ``dataset``, one :class:`ImageBatch` at a time.
+
+    The dataset (map-style or iterable) yields ``(tag, pixels, reason)``: ``pixels`` a
+    preprocessed ``[3, S, S]`` tensor, or None with ``reason`` saying why the item was skipped;
+    ``tag`` is anything picklable that identifies the item (an index, a name, a label), handed
+    back with its vector or its reason.  Reading, decoding and preprocessing happen in the
+    dataset, hence in ``num_workers`` DataLoader workers, while the model runs here.  A
+    generator, so that a caller can stop at the first item it cannot accept.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    try:
+        total = len(dataset)  # type: ignore[arg-type]
+    except TypeError:  # a stream
+        total = None
+    empty = np.zeros((0, model.config.embed_dim), np.float32)
+    with tqdm(total=total, unit="img", disable=not progress, desc=desc) as bar:
+        for batch in loader:
+            good = [(tag, x) for tag, x, _ in batch if x is not None]
+            failures = [(tag, reason) for tag, x, reason in batch if x is None]
+            vectors = empty
+            if good:
+                with torch.inference_mode():
+                    pixels = torch.stack([x for _, x in good]).to(model.device)
+                    vectors = _unit(model.encode_image(pixels))
+            bar.update(len(batch))
+            yield ImageBatch([tag for tag, _ in good], vectors, failures)
+
+
 def embed_images(model: CLIP, paths: Sequence[str | Path], batch_size: int = 32,
                  num_workers: int = 0, progress: bool = True) -> Embeddings:
     """Embed image files; unreadable ones are listed in ``failures`` and the run goes on."""
     paths = [Path(p) for p in paths]
-    loader = DataLoader(_ImageFiles(paths, model.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
     vectors, ids, failures = [], [], []
-    with tqdm(total=len(paths), unit="img", disable=not progress, desc="images") as bar:
-        for batch in loader:
-            good = [(i, x) for i, x, _ in batch if x is not None]
-            failures += [(str(paths[i]), err) for i, x, err in batch if x is None]
-            if good:
-                pixels = torch.stack([x for _, x in good]).to(model.device)
-                vectors.append(_unit(model.encode_image(pixels)))
-                ids += [str(paths[i]) for i, _ in good]
-            bar.update(len(batch))
+    for batch in embed_image_batches(model, _ImageFiles(paths, model.preprocess), batch_size,
+                                     num_workers, progress):
+        vectors.append(batch.vectors)
+        ids += [str(paths[i]) for i in batch.tags]
+        failures += [(str(paths[i]), reason) for i, reason in batch.failures]
     dim = model.config.embed_dim
     return Embeddings(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
                       ids, failures)

@@ -12,10 +12,16 @@ a training loop can skip and count it (:class:`SkipCounter`) without losing its 
 :func:`open_source` picks one from a path or pattern; :func:`check_readable` stops a run at once
 when a source has nothing usable.  All randomness (shard order, shuffle buffer, resampling) is a
 function of ``seed``, the epoch, the rank and the DataLoader worker, never of global RNG state.
+
+The low-level readers (:func:`open_image_file`, :func:`open_image_bytes`, :func:`read_utf8`,
+:func:`read_table`, :func:`read_shard`) also serve the evaluation sets
+(:mod:`clipforge.evaluation.datasets`), so that training and evaluation skip the same items for
+the same reasons and report bad files the same way.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import glob
@@ -45,8 +51,9 @@ EMPTY_CAPTION = "empty caption"
 MISSING_CAPTION = "missing caption"
 UNREADABLE_CAPTION = "unreadable caption"
 CORRUPT_SHARD = "corrupt shard"
+MISSING_LABEL = "missing label"  # evaluation sets: a sample with no class label
 REASONS = (UNREADABLE_IMAGE, MISSING_IMAGE, EMPTY_CAPTION, MISSING_CAPTION, UNREADABLE_CAPTION,
-           CORRUPT_SHARD)
+           CORRUPT_SHARD, MISSING_LABEL)
 
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 WDS_CAPTION_KEY = "txt"
@@ -56,6 +63,11 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 class DataError(ValueError):
     """A data source has nothing usable (or cannot be opened at all)."""
+
+
+class BadItem(Exception):
+    """One item cannot be used; ``str()`` is the reason (one of :data:`REASONS`, with detail),
+    without the item's name, so that each reader can name the item its own way."""
 
 
 @dataclass
@@ -83,18 +95,105 @@ def _caption_or_error(key: str, caption: str | None, image: Image.Image) -> Samp
     return Sample(image, caption, key)
 
 
-def _load_file(path: Path) -> Image.Image | Sample:
-    """The decoded image, or the error Sample naming the file.  (Like ``load_image``, but the
-    file is closed when decoding fails, not left to the garbage collector.)"""
+def open_image_file(path: str | Path) -> Image.Image:
+    """The fully decoded image, or :class:`BadItem` (``missing image`` / ``unreadable image``).
+    (Like ``load_image``, but any decoding failure is the item's, never the run's, and the file
+    is closed when decoding fails, not left to the garbage collector.)  Training and evaluation
+    sets read files through this one function, so they skip the same files for the same
+    reasons."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
             image.load()
         return image
     except FileNotFoundError:
-        return _bad(str(path), MISSING_IMAGE, "no such file")
+        raise BadItem(f"{MISSING_IMAGE} (no such file)") from None
     except Exception as exc:  # PIL raises many kinds for malformed files; none may escape
-        return _bad(str(path), UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}")
+        raise BadItem(f"{UNREADABLE_IMAGE} ({type(exc).__name__}: {exc})") from None
+
+
+def open_image_bytes(data: bytes, extension: str) -> Image.Image:
+    """A fully decoded image from a shard member's bytes, or :class:`BadItem` naming the member
+    (``unreadable image (.jpg: ...)``)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as exc:  # any decoding failure is this sample's, not the stream's
+        detail = re.sub(r" ?<_io\.BytesIO object at \w+>", "", str(exc))
+        raise BadItem(f"{UNREADABLE_IMAGE} (.{extension}: {type(exc).__name__}: {detail})"
+                      ) from None
+
+
+def _load_file(path: Path) -> Image.Image | Sample:
+    """The decoded image, or the error Sample naming the file."""
+    try:
+        return open_image_file(path)
+    except BadItem as exc:
+        return Sample(None, None, str(path), f"{path}: {exc}")
+
+
+def read_utf8(path: str | Path, what: str = "file") -> str:
+    """A whole file as text, strictly UTF-8 (a leading byte-order mark is dropped).
+
+    A file in another encoding raises :class:`DataError` naming the file, the byte offset and
+    line of the first undecodable byte: decoded leniently, a Latin-1 'café' would become another
+    class name or caption without a word.  (Text-mode reading reports a position within its
+    read buffer, not the file, which is why the bytes are decoded at once here.)
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from exc
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(f"{what} {path} is not UTF-8 text: byte 0x{data[offset]:02x} at byte "
+                        f"offset {offset} (line {line}) cannot be decoded ({exc.reason}); save "
+                        f"it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_table(path: str | Path, columns: Iterable[str], separator: str | None = None,
+               hint: str = "") -> tuple[list[list[str]], list[int]]:
+    """The named columns of a CSV/TSV with a header row, and the file line where each row starts.
+
+    The separator is a tab for ``.tsv`` files and a comma otherwise, unless given.  A missing
+    column raises :class:`ValueError` listing the columns there are (``hint`` says how to name
+    them); an empty or unreadable file raises :class:`DataError`.  Blank rows are left out.
+    """
+    path = Path(path)
+    columns = list(columns)
+    if separator is None:
+        separator = "\t" if path.suffix.lower() == ".tsv" else ","
+    text = read_utf8(path, "table")
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty: expected a header row naming the columns "
+                            f"{', '.join(map(repr, columns))}")
+        missing = [k for k in columns if k not in header]
+        if missing:
+            raise ValueError(f"{path} has no column {' or '.join(map(repr, missing))}; its "
+                             f"columns are: {', '.join(map(repr, header))} (separator "
+                             f"{separator!r})" + (f". {hint}" if hint else ""))
+        where = [header.index(k) for k in columns]
+        values: list[list[str]] = [[] for _ in columns]
+        lines: list[int] = []
+        start = reader.line_num + 1
+        for row in reader:
+            if row:
+                for column, i in zip(values, where):
+                    column.append(row[i] if i < len(row) else "")
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    return values, lines
 
 
 def skip_reason(error: str) -> str:
@@ -154,35 +253,12 @@ class CsvCaptions(Dataset):
                  separator: str | None = None, root: str | Path | None = None):
         self.path = Path(path)
         self.spec = str(path)
-        if separator is None:
-            separator = "\t" if self.path.suffix.lower() == ".tsv" else ","
         self.root = Path(root) if root is not None else self.path.parent
         self.image_key, self.caption_key = image_key, caption_key
-        try:
-            with open(self.path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f, delimiter=separator)
-                header = next(reader, None)
-                if header is None:
-                    raise DataError(f"{self.path} is empty: expected a header row naming an "
-                                    f"image column ({image_key!r}) and a caption column "
-                                    f"({caption_key!r})")
-                missing = [k for k in (image_key, caption_key) if k not in header]
-                if missing:
-                    raise ValueError(
-                        f"{self.path} has no column {' or '.join(map(repr, missing))}; its "
-                        f"columns are: {', '.join(map(repr, header))} (separator "
-                        f"{separator!r}). Name the columns with --csv-image-key and "
-                        "--csv-caption-key (image_key=/caption_key=)")
-                i, c = header.index(image_key), header.index(caption_key)
-                self.images: list[str] = []
-                self.captions: list[str] = []
-                for row in reader:
-                    if not row:
-                        continue
-                    self.images.append(row[i] if i < len(row) else "")
-                    self.captions.append(row[c] if c < len(row) else "")
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"cannot read {self.path}: {exc}") from exc
+        (self.images, self.captions), self.lines = read_table(
+            self.path, (image_key, caption_key), separator,
+            hint="Name the columns with --csv-image-key and --csv-caption-key "
+                 "(image_key=/caption_key=)")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -319,6 +395,15 @@ class _ErrorCollector:
             yield _bad(url, reason)
 
 
+def _with_errors(raws: Iterable[dict[str, Any]], errors: _ErrorCollector
+                 ) -> Iterator[dict[str, Any] | Sample]:
+    """Raw samples with the read errors met on the way, as error Samples, in stream order."""
+    for raw in raws:
+        yield from errors.drain()
+        yield raw
+    yield from errors.drain()
+
+
 def _closing(opened: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for source in opened:
         try:
@@ -336,6 +421,15 @@ def _tar_samples(shards: Iterator[dict[str, str]], errors: _ErrorCollector
     opened = tariterators.url_opener(errors.track(shards), handler=errors)
     files = tariterators.tar_file_expander(_closing(opened), handler=errors)
     return tariterators.group_by_keys(files, handler=errors)
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any] | Sample]:
+    """One shard's raw samples (undecoded dicts with ``__key__`` and ``__url__``) in file order,
+    with read errors (a corrupt or truncated tar) as error Samples where they happen.  The same
+    bytes always give the same sequence, so readers that split one shard between processes by
+    position agree on who reads what."""
+    errors = _ErrorCollector()
+    return _with_errors(_tar_samples(iter([{"url": url}]), errors), errors)
 
 
 @dataclass(frozen=True)
@@ -420,18 +514,10 @@ class WebDatasetCaptions(IterableDataset):
         share = share or StreamShare.current()
         errors = _ErrorCollector()
         position = 0
-        for raw in self.pipeline(errors, share):
-            for error in errors.drain():
-                position += 1
-                if position > start:
-                    yield error
+        for item in _with_errors(self.pipeline(errors, share), errors):
             position += 1
             if position > start:
-                yield self.decode(raw)
-        for error in errors.drain():
-            position += 1
-            if position > start:
-                yield error
+                yield item if isinstance(item, Sample) else self.decode(item)
 
     def __iter__(self) -> Iterator[Sample]:
         return self.stream()
@@ -451,12 +537,9 @@ class WebDatasetCaptions(IterableDataset):
         except UnicodeDecodeError as exc:
             return Sample(None, None, key, f"{where}: {UNREADABLE_CAPTION} ({exc})")
         try:
-            image = Image.open(io.BytesIO(raw[image_key]))
-            image.load()
-        except Exception as exc:  # any decoding failure is this sample's, not the stream's
-            detail = re.sub(r" ?<_io\.BytesIO object at \w+>", "", str(exc))
-            return Sample(None, None, key, f"{where}: {UNREADABLE_IMAGE} "
-                                           f"(.{image_key}: {type(exc).__name__}: {detail})")
+            image = open_image_bytes(raw[image_key], image_key)
+        except BadItem as exc:
+            return Sample(None, None, key, f"{where}: {exc}")
         sample = _caption_or_error(key, caption, image)
         if sample.error:
             sample.error = f"{where}: {EMPTY_CAPTION}"
@@ -491,6 +574,13 @@ def _is_tar(spec: str) -> bool:
     return spec.lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
+def is_shard_spec(spec: str | Path) -> bool:
+    """Whether ``spec`` names webdataset shards: a URL, a ``.tar`` file, a brace pattern, a glob
+    that matches no file by its own name, or several specs joined with ``::``."""
+    text = str(spec)
+    return _is_remote(text) or _is_tar(text) or _is_shard_pattern(text)
+
+
 def _construct(cls: type, spec: Any, options: dict[str, Any]) -> Dataset:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return cls(spec, **{k: v for k, v in options.items() if k in accepted})
@@ -522,7 +612,7 @@ def open_source(spec: str | Path, **options: Any) -> Dataset:
         if not path.is_file():
             raise ValueError(f"data source {text!r}: no such file")
         return _construct(CsvCaptions, path, options)
-    if _is_remote(text) or _is_tar(text) or _is_shard_pattern(text):
+    if is_shard_spec(text):
         return _construct(WebDatasetCaptions, text, options)
     if not path.exists():
         raise ValueError(f"data source {text!r} does not exist; expected {accepted}")

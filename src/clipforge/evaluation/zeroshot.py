@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..fileio import atomic_file
 from ..model import CLIP
+from ..prompts import validate_templates
 from ..text import get_tokenizer
 
 Templates = Sequence[str] | Mapping[str, Sequence[str]]
@@ -33,39 +34,22 @@ Templates = Sequence[str] | Mapping[str, Sequence[str]]
 TOKENS_PER_BATCH = 4096
 
 
-def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
-    """Templates as a list; each must take exactly one class name through ``{}``."""
-    templates = [templates] if isinstance(templates, str) else list(templates)
-    if not templates:
-        raise ValueError(f"{where}: the template list is empty; give at least one, e.g. "
-                         "'a photo of a {}.'")
-    for template in templates:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"{where}: template {template!r} must contain exactly one '{{}}' "
-                             "where the class name goes")
-        try:
-            template.format("x")
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ValueError(f"{where}: template {template!r} is not a valid format string "
-                             f"({exc}); write literal braces as '{{{{' and '}}}}'") from exc
-    return templates
-
-
 def class_prompts(classnames: Sequence[str], templates: Templates) -> list[list[tuple[str, str]]]:
     """For each class, its (template, prompt) pairs.  ``templates`` is one list for every class
-    or a mapping from class name to that class's own list."""
+    or a mapping from class name to that class's own list (checked by
+    :func:`clipforge.prompts.validate_templates`)."""
     classnames = list(classnames)
     if not classnames:
-        raise ValueError("the class list is empty")
-    if isinstance(templates, Mapping):
+        raise ValueError("the class list is empty; give at least one class name")
+    templates = validate_templates(templates)
+    if isinstance(templates, dict):
         missing = [c for c in classnames if c not in templates]
         if missing:
             raise ValueError(f"per-class templates give none for {len(missing)} class(es), "
                              f"e.g. {missing[0]!r}")
-        per_class = [check_templates(templates[c], f"templates of {c!r}") for c in classnames]
+        per_class = [templates[c] for c in classnames]
     else:
-        shared = check_templates(templates)
-        per_class = [shared] * len(classnames)
+        per_class = [templates] * len(classnames)
     return [[(t, t.format(name)) for t in ts] for name, ts in zip(classnames, per_class)]
 
 
