@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.inference_mode():
         ours, ours_s, ours_others = timed(
-            lambda: ZeroShotClassifier.build(model, classnames, templates, progress=True))
+            lambda: ZeroShotClassifier.build(model, classnames, templates))
         peer_names = classnames[: args.peer_classes]
         peer, peer_s, peer_others = timed(lambda: build_openclip(
             tower, clipforge.tokenize, peer_names, templates, num_classes_per_batch=10,
-            use_tqdm=True).T)
+            use_tqdm=False).T)
     diff = (ours.class_embeddings[: len(peer_names)] - peer).abs().max().item()
     peer_rate = len(peer_names) * len(templates) / peer_s
     peer_full = prompts / peer_rate

@@ -87,15 +87,17 @@ def embed_prompts(model: CLIP, prompts_by_template: Mapping[str, Sequence[str]],
 
 
 def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices sorted by length, cut into batches of at most ``budget`` padded tokens (a batch
-    runs as long as its longest row; a row longer than the budget is a batch of its own)."""
+    """Indices sorted by length (so each batch's attention pads little), cut into batches of
+    about ``budget`` tokens: the projections and MLPs run on exactly those tokens."""
     batches: list[list[int]] = []
     batch: list[int] = []
+    tokens = 0
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         if batch and (len(batch) + 1) * lengths[i] > budget:
             batches.append(batch)
-            batch = []
+            batch, tokens = [], 0
         batch.append(i)
+        tokens += lengths[i]
     return [*batches, batch] if batch else batches
 
 

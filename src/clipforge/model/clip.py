@@ -100,10 +100,14 @@ class CLIP(nn.Module):
             raise ValueError(f"prefix and suffix ({shared} + {length} tokens) exceed the "
                              f"model's context {self.context_length}")
         positions = self.positional_embedding
+        suffixes = suffixes[:, :length]
+        # Only the tokens up to each row's end token run (packed): padding costs nothing.
+        valid = torch.arange(length, device=suffixes.device)[None, :] <= eot[:, None]
         x_p = (self.token_embedding(prefix) + positions[:shared])[None].to(self.dtype)
-        x_s = self.token_embedding(suffixes[:, :length]) + positions[shared:shared + length]
-        x = self.ln_final(self.transformer.forward_with_prefix(x_p, x_s.to(self.dtype)))
-        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        x_s = (self.token_embedding(suffixes) + positions[shared:shared + length])[valid]
+        last = (eot + 1).cumsum(dim=0) - 1  # each row's end token in the packed order
+        x = self.transformer.forward_with_prefix(x_p, x_s.to(self.dtype), valid, keep=last)
+        features = self.ln_final(x) @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor
