@@ -227,3 +227,34 @@ def test_adapter_contract(saved_model, photos) -> None:
     assert Registry.MODEL_TYPES == ["open_clip", "clipforge"]
     assert Registry.TYPE2FUNC["clipforge"] is adapter.load_clipforge
     np.testing.assert_array_equal(ids[0].numpy(), clipforge.tokenize(["a cat"])[0].numpy())
+
+
+def test_clip_benchmark_export_through_the_cli(saved_model, photos, tmp_path) -> None:
+    """A CLIP_benchmark webdataset export (as its convert_dataset writes it): the task, class
+    names and {c} templates come from the export; the retrieval type is detected."""
+    from test_eval_datasets import _webp, _write_cb
+
+    images = [Image.open(p).convert("RGB").resize((64, 48)) for p in photos]
+    classification = _write_cb(tmp_path / "wds_photos", [(_webp(im), i % 3)
+                                                         for i, im in enumerate(images)],
+                               classes=["animal", "object", "vehicle"],
+                               templates=["a photo of a {c}.", "a drawing of the {c}."],
+                               max_count=3)
+    out = tmp_path / "cls.json"
+    assert main(["eval", str(classification), "--model", str(saved_model), "--output",
+                 str(out), "--no-progress", "--workers", "2"]) == 0
+    record = json.loads(out.read_text())
+    assert record["task"] == "zeroshot_classification" and record["dataset"] == "wds_photos"
+    assert record["n_images"] == len(photos) and record["n_classes"] == 3
+    assert record["templates"] == {"source": "shipped with the dataset", "count": 2}
+
+    retrieval = _write_cb(tmp_path / "wds_captions", [(_webp(im), [f"photo {i}", "a thing"])
+                                                      for i, im in enumerate(images)],
+                          retrieval=True)
+    out = tmp_path / "ret.json"
+    assert main(["eval", str(retrieval), "--model", str(saved_model), "--output", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert record["task"] == "zeroshot_retrieval" and record["n_captions"] == 2 * len(photos)
+    assert set(record["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text")
+                                      for k in (1, 5, 10)}
