@@ -1,7 +1,9 @@
-"""Writing files so that a crash never leaves half a result: write beside, then rename."""
+"""Writing files so that a crash never leaves half a result (write beside, then rename), and
+reading users' text files strictly as UTF-8."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import shutil
@@ -55,3 +57,21 @@ def atomic_directory(path: str | Path, marker: str) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NotUTF8Error(ValueError):
+    """Bytes that are not UTF-8; the message says where: the byte, its offset and line."""
+
+
+def decode_utf8(data: bytes) -> str:
+    """``data`` as text, strictly UTF-8, a leading byte-order mark dropped.  Decoded leniently,
+    a Latin-1 'café' would silently become another class name or caption, so any other
+    encoding raises :class:`NotUTF8Error` naming the first undecodable byte."""
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise NotUTF8Error(f"byte 0x{data[offset]:02x} at byte offset {offset} (line {line}) "
+                           f"cannot be decoded ({exc.reason})") from None

@@ -21,7 +21,6 @@ the same reasons and report bad files the same way.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import glob
@@ -40,6 +39,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from ..fileio import NotUTF8Error, decode_utf8
 from ..inference import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -143,18 +143,12 @@ def read_utf8(path: str | Path, what: str = "file") -> str:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return decode_utf8(path.read_bytes())
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from exc
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise DataError(f"{what} {path} is not UTF-8 text: byte 0x{data[offset]:02x} at byte "
-                        f"offset {offset} (line {line}) cannot be decoded ({exc.reason}); save "
-                        f"it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except NotUTF8Error as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text: {exc}; save it as UTF-8 (e.g. "
+                        "iconv -f latin1 -t utf-8)") from None
 
 
 def read_table(path: str | Path, columns: Iterable[str], separator: str | None = None,

@@ -27,7 +27,6 @@ fail early, naming the file and the line, rather than after an expensive embeddi
 
 from __future__ import annotations
 
-import codecs
 import difflib
 import json
 import os
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..fileio import NotUTF8Error, decode_utf8
 
 DATA_FILE = "openai_prompts.json"
 VARIANTS = ("clip_benchmark", "openai")
@@ -199,17 +200,12 @@ def validate_classnames(classnames: Sequence[str], *, path: str | os.PathLike[st
 def _read_text(path: Path) -> str:
     """The file as text, strictly UTF-8 (a leading byte-order mark is dropped): a Latin-1 file
     decoded leniently would turn 'café' into a different class name without a word."""
-    data = path.read_bytes()
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise PromptDataError(
-            f"not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}) "
-            f"cannot be decoded ({exc.reason}); save the file as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name}` if it is Latin-1", path) from None
+        return decode_utf8(path.read_bytes())
+    except NotUTF8Error as exc:
+        raise PromptDataError(f"not UTF-8 text: {exc}; save the file as UTF-8, e.g. "
+                              f"`iconv -f latin1 -t utf-8 {path.name}` if it is Latin-1",
+                              path) from None
 
 
 def _parse(path: Path) -> tuple[Any, list[int] | None]:
