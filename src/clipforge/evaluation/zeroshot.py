@@ -187,9 +187,3 @@ class ZeroShotClassifier:
         return [[(self.classnames[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
                 for vs, ix in zip(values, indices)]
 
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    hits = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1)
-    return hits.float().mean().item()

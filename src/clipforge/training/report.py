@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..data import synthetic
-from ..evaluation import ZeroShotClassifier, retrieval_recall, topk_accuracy
+from ..evaluation import ZeroShotClassifier, accuracy_at_k, retrieval_recall
 from ..fileio import atomic_file
 from ..inference import embed_texts
 from ..model import CLIP
@@ -39,8 +39,8 @@ def evaluate_builtin(model: CLIP, seed: int, n: int = 960) -> dict[str, float]:
     for split, name in (("seen_eval", "seen"), ("heldout", "heldout")):
         images, labels = synthetic.zero_shot_set(split, n, seed=seed, image_size=size)
         logits = classifier.logits(_embed_pil(model, images))
-        result[f"{name}_top1"] = topk_accuracy(logits, torch.tensor(labels), 1)
-        result[f"{name}_top5"] = topk_accuracy(logits, torch.tensor(labels), 5)
+        accuracy = accuracy_at_k(logits, torch.tensor(labels), ks=(1, 5))
+        result[f"{name}_top1"], result[f"{name}_top5"] = accuracy["acc1"], accuracy["acc5"]
     predicted = logits.argmax(dim=-1)  # held-out compositions
     shapes = len(synthetic.SHAPES)  # CLASSNAMES is colour-major
     truth = torch.tensor(labels)
