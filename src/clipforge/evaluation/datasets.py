@@ -298,8 +298,28 @@ def _examples(images: Images) -> Iterator[Example]:
 # --------------------------------------------------------------------------- data sets
 
 
+class _ImageSet:
+    """What labelled and captioned sets share: ``images`` whose payloads (targets or caption
+    lists) are known up front for files and only once read for shards."""
+
+    name: str
+    images: Images
+
+    def _payloads(self) -> list | None:
+        return list(self.images.payloads) if isinstance(self.images, ImageFiles) else None
+
+    @property
+    def size(self) -> int | None:
+        """The number of images, or None for shards (known once read)."""
+        return len(self.images) if isinstance(self.images, ImageFiles) else None
+
+    def __iter__(self) -> Iterator[Example]:
+        """The items decoded in this process, in order; ``label`` is the payload."""
+        return _examples(self.images)
+
+
 @dataclass
-class ClassificationData:
+class ClassificationData(_ImageSet):
     """Labelled images: ``classnames[i]`` names target ``i``; ``templates`` (with ``{}`` where
     the class name goes) when the data ships its own; ``skipped`` lists ``(item, reason)`` for
     what was left out when the set was read (rows without an image path, ...)."""
@@ -314,20 +334,11 @@ class ClassificationData:
     @property
     def targets(self) -> list[int] | None:
         """Every image's target, or None for shards (known once read)."""
-        return list(self.images.payloads) if isinstance(self.images, ImageFiles) else None
-
-    @property
-    def size(self) -> int | None:
-        """The number of images, or None for shards (known once read)."""
-        return len(self.images) if isinstance(self.images, ImageFiles) else None
-
-    def __iter__(self) -> Iterator[Example]:
-        """The items decoded in this process, in order: ``label`` is the target."""
-        return _examples(self.images)
+        return self._payloads()
 
 
 @dataclass
-class RetrievalData:
+class RetrievalData(_ImageSet):
     """Captioned images: each image's payload is its list of captions.  ``skipped`` lists
     ``(item, reason)`` for what was left out when the set was read (an image without captions,
     a caption file that is not UTF-8, ...)."""
@@ -340,15 +351,7 @@ class RetrievalData:
     @property
     def captions(self) -> list[list[str]] | None:
         """Every image's captions, or None for shards (known once read)."""
-        return list(self.images.payloads) if isinstance(self.images, ImageFiles) else None
-
-    @property
-    def size(self) -> int | None:
-        return len(self.images) if isinstance(self.images, ImageFiles) else None
-
-    def __iter__(self) -> Iterator[Example]:
-        """The items decoded in this process, in order: ``label`` is the caption list."""
-        return _examples(self.images)
+        return self._payloads()
 
 
 # --------------------------------------------------------------------------- small readers
