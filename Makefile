@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO := runs/first-run
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,7 +29,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/clipforge train --output $(DEMO)
 
-test: setup
+# Debian's headless Chromium drives the search page's browser test (Playwright uses it as is:
+# nothing is downloaded).  Installed when missing and apt-get can run; else that test skips.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q chromium >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }; }; } \
+	  || echo "note: chromium is not installed: the browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

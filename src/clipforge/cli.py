@@ -1,5 +1,5 @@
 """The ``clipforge`` command line: models, classify, embed, convert, train, eval, plots, rank,
-score, samples."""
+score, samples; index, search and serve (in :mod:`clipforge.search.commands`)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ log = logging.getLogger("clipforge")
 DEFAULT_MODEL = "ViT-B-32"
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
+                       default_help: str = DEFAULT_MODEL) -> None:
+    parser.add_argument("--model", default=default,
                         help="architecture name, checkpoint file, model directory or "
-                             f"hf-hub:org/repo (default {DEFAULT_MODEL})")
+                             f"hf-hub:org/repo (default {default_help})")
     parser.add_argument("--weights", help="with an architecture name: pretrained tag, "
                         "hf-hub:org/repo or a checkpoint file (default: the first published "
                         "tag listed by `clipforge models`, e.g. openai)")
@@ -486,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("samples", help="write scikit-image's sample photos as PNG files")
     p.add_argument("directory", type=Path)
+    _search_commands(sub)
     return parser
+
+
+def _search_commands(sub: argparse._SubParsersAction) -> None:
+    from .search.commands import add_search_commands
+
+    COMMANDS.update(add_search_commands(sub))
 
 
 COMMANDS = {"models": cmd_models, "classify": cmd_classify, "embed": cmd_embed,

@@ -98,7 +98,18 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
         load_checked(model, sd, source)
     model = model.to(device=device, dtype=dtype or torch.float32)
     model.preprocess = Preprocess.from_config(config)
+    model.origin = _origin(name_or_path, weights)
     return model.eval()
+
+
+def _origin(name_or_path: str | Path, weights: str | Path | None) -> dict[str, str | None]:
+    """How to load this model again (files as absolute paths): what a search index records so
+    that queries can load the model that made it."""
+    def spelled(value: str | Path | None) -> str | None:
+        if value is None:
+            return None
+        return str(Path(value).resolve()) if Path(value).exists() else str(value)
+    return {"model": spelled(name_or_path), "weights": spelled(weights)}
 
 
 def load(name_or_path: str | Path, *, weights: str | Path | None = None,

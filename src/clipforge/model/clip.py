@@ -35,6 +35,8 @@ class CLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.preprocess: Callable | None = None  # set by clipforge.create_model
+        # How to load these weights again ({"model": ..., "weights": ...}), set by create_model.
+        self.origin: dict[str, str | None] | None = None
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -1,0 +1,258 @@
+"""Building and updating an index: scan, embed what is new or changed, commit in one step.
+
+A build is incremental and crash-safe.  The scan (no decoding) says which items are new or
+changed by size and modification time; only those are embedded, batch by batch, each batch
+durable in the rank's staging file once written.  A build that is killed leaves the committed
+index untouched (searches go on seeing the old state) and its finished batches staged, so
+running it again embeds only the rest.  The last step merges the staged embeddings, drops items
+whose files are gone, and bumps the generation, in one SQLite transaction.
+
+Under ``torchrun`` every rank scans the same source, embeds every world-size-th pending item
+into its own staging file, and rank 0 merges them all after a barrier; a resumed build may use
+another number of ranks, since the merge reads whatever is staged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from ..data.sources import BadItem
+from ..fileio import atomic_file
+from ..inference import ImageBatch, embed_image_batches
+from ..model import CLIP
+from ..weights.fingerprint import weights_fingerprint
+from .sources import Entry, read_entry_image, scan_source
+from .store import (
+    FORMAT_VERSION,
+    STAGING_DIR,
+    Staging,
+    Store,
+    clear_staging,
+    staged_stamps,
+    staging_files,
+)
+from .vectors import ANN_KINDS, VectorIndex
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+
+
+class IndexMismatchError(ValueError):
+    """Embeddings from one model were about to meet embeddings from another."""
+
+
+def mismatch_message(directory: Path, info: dict[str, str], fingerprint: str,
+                     action: str) -> str:
+    made_with = info.get("model") or "an unrecorded model"
+    weights = f" with weights {info['weights']}" if info.get("weights") not in (None, "None") \
+        else ""
+    return (f"the index {directory} was built with {made_with}{weights} (weights fingerprint "
+            f"{info.get('fingerprint')}); the model given has fingerprint {fingerprint}, so its "
+            f"embeddings are not comparable. To {action}, use the index's own model (leave out "
+            "--model), or build a new index with --out elsewhere")
+
+
+@dataclass
+class BuildReport:
+    """What one build did; also written as ``report.json`` in the index directory."""
+
+    index: str
+    source: str
+    model: str | None
+    fingerprint: str
+    scanned: int = 0
+    unchanged: int = 0
+    resumed: int = 0  # staged by an earlier, interrupted build and not embedded again
+    embedded: int = 0  # read and embedded by this run (this rank, under torchrun)
+    added: int = 0
+    removed: int = 0
+    total: int = 0
+    generation: int = 0
+    ann: str = "flat"
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # all current failures
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["images_per_second"] = round(self.images_per_second, 2)
+        data["failures"] = [{"item": k, "reason": r} for k, r in self.failures]
+        return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+class _EntryImages(Dataset):
+    """Decoded, preprocessed images of entries, for DataLoader workers; the tag carries the
+    entry's position and its original size, or the reason it could not be read."""
+
+    def __init__(self, entries: Sequence[Entry], preprocess: Callable):
+        self.entries, self.preprocess = list(entries), preprocess
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[tuple[int, int, int], Any, str]:
+        entry = self.entries[index]
+        try:
+            image = read_entry_image(entry.path, entry.member, entry.offset, entry.length)
+        except BadItem as exc:
+            return (index, 0, 0), None, f"{entry.key}: {exc}"
+        try:
+            return (index, *image.size), self.preprocess(image), ""
+        except Exception as exc:  # a mode or size the transform cannot take
+            return (index, 0, 0), None, f"{entry.key}: unreadable image ({exc})"
+
+
+def _rows(entries: Sequence[Entry], batch: ImageBatch) -> tuple[list[tuple], list[tuple]]:
+    done = []
+    for (i, width, height), vector in zip(batch.tags, batch.vectors):
+        e = entries[i]
+        done.append((e.key, e.path, e.member, e.offset, e.length, e.size, e.mtime_ns, e.caption,
+                     e.extra, width, height, vector.astype(np.float16).tobytes()))
+    failed = [(entries[i].key, entries[i].size, entries[i].mtime_ns, reason)
+              for (i, _, _), reason in batch.failures]
+    return done, failed
+
+
+def _ranks() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def build_index(source: str | Path, out: str | Path, model: CLIP, *, batch_size: int = 32,
+                num_workers: int = 0, ann: str | None = None,
+                ann_params: dict[str, Any] | None = None, progress: bool = True,
+                image_key: str = "filepath", caption_key: str = "title",
+                separator: str | None = None,
+                on_batch: Callable[[int], None] | None = None) -> BuildReport:
+    """Create or update the index ``out`` from ``source`` with ``model``.
+
+    ``source``: a folder tree of images (a same-name ``.txt`` is the caption), a CSV/TSV with
+    an image-path column (``image_key``), an optional caption column (``caption_key``) and any
+    other columns as metadata, or local webdataset ``.tar`` shards.  The index comes to hold
+    exactly the source's readable images; unreadable ones are listed in the report.
+
+    ``ann``: "flat" (exact), "ivfpq" or "hnsw" for large collections (searched approximately,
+    then re-ranked exactly); None keeps the index's current choice (flat for a new one).
+    ``on_batch(n)`` is called after each durable batch (tests use it to interrupt a build).
+    Raises :class:`IndexMismatchError` if the index was made with other weights.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    rank, world = _ranks()
+    fingerprint = weights_fingerprint(model)
+    origin = model.origin or {}
+    entries = scan_source(source, image_key=image_key, caption_key=caption_key,
+                          separator=separator)
+    if rank == 0:
+        store = Store(out, create=True)
+        info = store.info()
+        if info.get("fingerprint") not in (None, fingerprint):
+            store.close()
+            raise IndexMismatchError(mismatch_message(out, info, fingerprint, "update it"))
+        if not info:
+            store.set_info({"format_version": FORMAT_VERSION, "created": time.time(),
+                            "generation": 0})
+    _barrier()
+    if rank != 0:
+        store = Store(out)
+        info = store.info()
+    kind = ann or info.get("ann") or "flat"
+    if kind not in ANN_KINDS:
+        raise ValueError(f"unknown ann kind {kind!r}; choose one of {', '.join(ANN_KINDS)}")
+    indexed, failed = store.stamps()
+    staged = staged_stamps(out, fingerprint)
+    unchanged = [e for e in entries if indexed.get(e.key) == e.stamp
+                 or failed.get(e.key) == e.stamp]
+    resumed = [e for e in entries if staged.get(e.key) == e.stamp]
+    known = {e.key for e in unchanged} | {e.key for e in resumed}
+    everything_pending = [e for e in entries if e.key not in known]
+    pending = everything_pending[rank::world]
+    current = {e.key: e.stamp for e in entries}
+    stale = [k for k, stamp in (indexed | failed).items() if current.get(k) != stamp]
+    changed = bool(everything_pending or resumed or stale) or kind != info.get("ann")
+    report = BuildReport(str(out), str(source), origin.get("model"), fingerprint,
+                         scanned=len(entries), unchanged=len(unchanged), resumed=len(resumed),
+                         ann=kind)
+    if pending:
+        log.info("%s: %d item(s) to embed (%d unchanged, %d staged by an earlier run)",
+                 out, len(pending), len(unchanged), len(resumed))
+        staging = Staging(out / STAGING_DIR / f"rank-{rank}.sqlite", fingerprint)
+        try:
+            for n, batch in enumerate(embed_image_batches(
+                    model, _EntryImages(pending, model.preprocess), batch_size, num_workers,
+                    progress, desc="indexing"), start=1):
+                staging.add(*_rows(pending, batch))
+                report.embedded += len(batch.tags) + len(batch.failures)
+                if on_batch is not None:
+                    on_batch(n)
+        finally:
+            staging.close()
+    _barrier()
+    if rank == 0 and not changed:  # nothing to do: readers keep their generation
+        report.total, report.generation = store.count(), store.generation()
+        report.failures = store.failures()
+    elif rank == 0:
+        counts = store.commit(entries, staging_files(out), {
+            "format_version": FORMAT_VERSION, "model": origin.get("model"),
+            "weights": origin.get("weights"), "fingerprint": fingerprint,
+            "embed_dim": model.config.embed_dim, "ann": kind,
+            "ann_params": json.dumps(ann_params or {}), "source": str(source)})
+        clear_staging(out)
+        report.added, report.removed = counts["added"], counts["removed"]
+        report.total, report.generation = counts["total"], counts["generation"]
+        report.failures = store.failures()
+        write_ann(out, store, kind, ann_params or {}, counts["generation"])
+    store.close()
+    report.seconds = time.perf_counter() - started
+    if rank == 0:
+        with atomic_file(out / REPORT_NAME) as tmp:
+            tmp.write_text(report.to_json(), encoding="utf-8")
+    _barrier()
+    return report
+
+
+def ann_path(directory: Path, generation: int) -> Path:
+    return directory / f"ann-{generation}.faiss"
+
+
+def write_ann(directory: Path, store: Store, kind: str, params: dict[str, Any],
+              generation: int) -> None:
+    """Train and save the approximate structure of ``generation`` (nothing for flat), then
+    remove older ones.  Until it exists, searches of that generation are exact."""
+    if kind != "flat":
+        snapshot = store.snapshot()
+        if snapshot.generation == generation and len(snapshot.ids):
+            VectorIndex.build(snapshot.vectors, snapshot.ids, kind, params=params
+                              ).save_ann(ann_path(directory, generation))
+    for old in directory.glob("ann-*.faiss"):
+        if old != ann_path(directory, generation):
+            try:
+                os.unlink(old)
+            except FileNotFoundError:
+                pass
+
+
+def read_report(directory: str | Path) -> dict[str, Any]:
+    """The last build's report (``report.json``)."""
+    return json.loads((Path(directory) / REPORT_NAME).read_text(encoding="utf-8"))

@@ -1,0 +1,325 @@
+"""Querying an index: by text, by image, or both mixed, for the command line and the server.
+
+A :class:`SearchIndex` holds the model that built the index (checked by weights fingerprint)
+and an in-memory snapshot of one committed generation: ids, float16 vectors and the faiss
+structure.  :meth:`SearchIndex.refresh` swaps in a newer generation whole, so a server answering
+while ``clipforge index build`` runs beside it serves the old state or the new one, never a mix.
+It is safe to share between threads: model calls are serialised by a lock, and each thread gets
+its own database connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..configs import ARCHITECTURES
+from ..data.sources import BadItem
+from ..model import CLIP
+from ..text import get_tokenizer
+from ..weights.fingerprint import weights_fingerprint
+from .build import IndexMismatchError, ann_path, mismatch_message
+from .sources import read_entry_image
+from .store import IndexFormatError, Store
+from .vectors import VectorIndex
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result (``score`` is the cosine similarity; nan for a plain lookup)."""
+
+    id: int
+    path: str
+    score: float
+    caption: str | None = None
+    width: int | None = None
+    height: int | None = None
+    extra: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["score"] = None if math.isnan(self.score) else round(self.score, 6)
+        return data
+
+
+@dataclass(frozen=True)
+class _State:
+    generation: int
+    ann_file: Path | None
+    vectors: VectorIndex
+
+
+class SearchIndex:
+    """An index opened for search; build one with :func:`clipforge.search.build_index`."""
+
+    def __init__(self, path: str | Path, model: CLIP, info: dict[str, str]):
+        self.path = Path(path)
+        self.model = model
+        self._info = info
+        self._tokenizer = get_tokenizer()
+        self._model_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._local = threading.local()
+        self._state = self._load()
+
+    @classmethod
+    def open(cls, path: str | Path, model: CLIP | None = None, *,
+             device: str | torch.device = "cpu") -> SearchIndex:
+        """Open the index at ``path`` with ``model``, or the model the index records.
+
+        Raises :class:`IndexMismatchError` when ``model`` has other weights than the index's.
+        """
+        from ..factory import create_model
+
+        store = Store(path)
+        try:
+            info = store.info()
+        finally:
+            store.close()
+        if not info.get("fingerprint"):
+            raise IndexFormatError(f"{path} has no finished build yet; run `clipforge index "
+                                   f"build SOURCE --out {path}` to completion")
+        if model is None:
+            name, weights = info.get("model"), info.get("weights")
+            weights = None if weights in (None, "None") else weights
+            if not name or name == "None":
+                raise IndexMismatchError(f"{path} does not record how to load its model; "
+                                         "pass the model that built it")
+            if weights is None and name in ARCHITECTURES:
+                raise IndexMismatchError(
+                    f"{path} was built with a randomly initialised {name}, which cannot be "
+                    "loaded again; save the model to a file and build the index from that file")
+            model = create_model(name, weights=weights, device=device)
+        fingerprint = weights_fingerprint(model)
+        if fingerprint != info["fingerprint"]:
+            raise IndexMismatchError(mismatch_message(Path(path), info, fingerprint,
+                                                      "search it"))
+        return cls(path, model, info)
+
+    # ----------------------------------------------------------------- state
+
+    def _store(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store(self.path)
+        return store
+
+    def _ann_file(self, info: dict[str, str], generation: int) -> Path | None:
+        if info.get("ann", "flat") == "flat":
+            return None
+        path = ann_path(self.path, generation)
+        return path if path.is_file() else None
+
+    def _load(self) -> _State:
+        snapshot = self._store().snapshot()
+        info = snapshot.info
+        if info.get("fingerprint") != self._info.get("fingerprint"):
+            raise IndexMismatchError(f"{self.path} was rebuilt with another model while open; "
+                                     "open it again")
+        kind = info.get("ann", "flat")
+        ann_file = self._ann_file(info, snapshot.generation)
+        if kind != "flat" and ann_file is None:
+            log.info("%s: no %s structure for generation %d (too few items, or not written "
+                     "yet): searching exactly", self.path, kind, snapshot.generation)
+            kind = "flat"
+        params = json.loads(info.get("ann_params") or "{}")
+        vectors = VectorIndex.load(snapshot.vectors, snapshot.ids, kind, ann_file, params=params)
+        self._info = info
+        return _State(snapshot.generation, ann_file, vectors)
+
+    def refresh(self) -> bool:
+        """Load a newer committed generation, if there is one; True if it did."""
+        store = self._store()
+        generation = store.generation()
+        ann_file = self._ann_file(store.info(), generation)
+        if (generation, ann_file) == (self._state.generation, self._state.ann_file):
+            return False
+        with self._reload_lock:
+            if (generation, ann_file) != (self._state.generation, self._state.ann_file):
+                self._state = self._load()  # one assignment: readers see old or new whole
+        return True
+
+    def __len__(self) -> int:
+        return len(self._state.vectors)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model, weights, fingerprint, item count, generation and search structure."""
+        state = self._state
+        return {"path": str(self.path), "model": self._info.get("model"),
+                "weights": self._info.get("weights"), "fingerprint": self._info["fingerprint"],
+                "embed_dim": self.model.config.embed_dim, "count": len(state.vectors),
+                "generation": state.generation, "ann": self._info.get("ann", "flat"),
+                "searching": state.vectors.kind}
+
+    # ----------------------------------------------------------------- embedding
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm float32 embeddings; an over-long text raises ContextLengthError."""
+        tokens = self._tokenizer(list(texts), context_length=self.model.context_length)
+        with self._model_lock, torch.inference_mode():
+            out = self.model.encode_text(tokens.to(self.model.device))
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
+
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """The unit-norm float32 embedding of one image."""
+        pixels = self.model.preprocess(image)[None].to(self.model.device)
+        with self._model_lock, torch.inference_mode():
+            out = self.model.encode_image(pixels)
+        return torch.nn.functional.normalize(out.float(), dim=-1)[0].cpu().numpy()
+
+    def query_vector(self, text: str | None = None, image: Image.Image | None = None,
+                     text_weight: float = 1.0, image_weight: float = 1.0) -> np.ndarray:
+        """The unit query vector: a text's, an image's, or their weighted sum, renormalised."""
+        if text is not None and not text.strip():
+            raise ValueError("the text query is empty")
+        if text is None and image is None:
+            raise ValueError("give a text query, an image query, or both")
+        if min(text_weight, image_weight) < 0 or not math.isfinite(text_weight + image_weight):
+            raise ValueError("query weights must be finite and non-negative")
+        query = np.zeros(self.model.config.embed_dim, np.float32)
+        if text is not None:
+            query += text_weight * self.embed_texts([text])[0]
+        if image is not None:
+            query += image_weight * self.embed_image(image)
+        norm = float(np.linalg.norm(query))
+        if norm == 0:
+            raise ValueError("the query weights are all zero")
+        return query / norm
+
+    def classify(self, image: Image.Image, labels: Sequence[str],
+                 template: str = "a photo of a {}.") -> list[tuple[str, float]]:
+        """Zero-shot probabilities of ``labels`` for ``image``, most likely first."""
+        if len(labels) < 2:
+            raise ValueError("give at least two labels")
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' for the label")
+        texts = self.embed_texts([template.format(label) for label in labels])
+        scale = float(self.model.logit_scale.exp())
+        probs = torch.from_numpy(scale * texts @ self.embed_image(image)).softmax(0).numpy()
+        order = np.argsort(-probs, kind="stable")
+        return [(labels[i], float(probs[i])) for i in order]
+
+    # ----------------------------------------------------------------- search
+
+    def search(self, *, text: str | None = None, image: Image.Image | None = None,
+               text_weight: float = 1.0, image_weight: float = 1.0, k: int = 20,
+               threshold: float | None = None, collapse: float | None = None) -> list[Hit]:
+        """Top ``k`` items for a text, an image, or both (weighted); see :meth:`search_vector`."""
+        _check_options(k, threshold, collapse)
+        query = self.query_vector(text, image, text_weight, image_weight)
+        return self.search_vector(query, k, threshold=threshold, collapse=collapse)
+
+    def similar(self, item_id: int, k: int = 20, *, threshold: float | None = None,
+                collapse: float | None = None) -> list[Hit]:
+        """Items most like an indexed item ("more like this"), the item itself left out."""
+        _check_options(k, threshold, collapse)
+        state = self._state
+        try:
+            query = state.vectors.rows(np.array([item_id], np.int64))[0]
+        except KeyError:
+            raise KeyError(f"no item {item_id} in {self.path}") from None
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
+        return self.search_vector(query, k, threshold=threshold, collapse=collapse,
+                                  exclude=[item_id], state=state)
+
+    def search_vector(self, query: np.ndarray, k: int = 20, *, threshold: float | None = None,
+                      collapse: float | None = None, exclude: Sequence[int] = (),
+                      state: _State | None = None) -> list[Hit]:
+        """Top ``k`` by cosine similarity to the unit vector ``query``.
+
+        ``threshold`` drops results scoring below it.  ``collapse`` (e.g. 0.95) keeps only the
+        best of near-duplicates: a result is left out when its cosine similarity to a better
+        one is at least ``collapse``.
+        """
+        _check_options(k, threshold, collapse)
+        state = state or self._state
+        size = len(state.vectors)
+        query = np.asarray(query, np.float32).reshape(1, -1)
+        excluded = np.asarray(list(exclude), np.int64) if len(exclude) else None
+        fetch = min(k if collapse is None else 4 * k, max(size, 1))
+        while True:
+            scores, ids = state.vectors.search(query, fetch, exclude=excluded)
+            keep = ids[0] >= 0
+            if threshold is not None:
+                keep &= scores[0] >= threshold
+            chosen_ids, chosen_scores = ids[0][keep], scores[0][keep]
+            if collapse is not None:
+                chosen_ids, chosen_scores = _collapse(state.vectors, chosen_ids, chosen_scores,
+                                                      collapse)
+            exhausted = fetch >= size or keep.sum() < fetch
+            if len(chosen_ids) >= k or exhausted:
+                break
+            fetch = min(fetch * 4, size)
+        return self._hits(chosen_ids[:k], chosen_scores[:k])
+
+    def item(self, item_id: int) -> Hit | None:
+        """The metadata of one item (score nan), or None if there is no such item."""
+        hits = self._hits(np.array([item_id]), np.array([np.nan]))
+        return hits[0] if hits else None
+
+    def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        rows = self._store().items([int(i) for i in ids])
+        hits = []
+        for item_id, score in zip(ids, scores):
+            row = rows.get(int(item_id))
+            if row is None:  # removed by a newer generation since this search's snapshot
+                continue
+            hits.append(Hit(int(item_id), row["key"], float(score), row["caption"],
+                            row["width"], row["height"],
+                            json.loads(row["extra"]) if row["extra"] else None))
+        return hits
+
+    def open_image(self, item_id: int) -> Image.Image:
+        """The image of an indexed item (read by id: no caller-given path reaches the disk).
+
+        KeyError if there is no such item; OSError if its file is gone or unreadable."""
+        row = self._store().items([int(item_id)]).get(int(item_id))
+        if row is None:
+            raise KeyError(f"no item {item_id} in {self.path}")
+        if row["member"] is not None:
+            st = Path(row["path"]).stat()
+            if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+                raise OSError(f"{row['path']} changed since it was indexed; run the index "
+                              "build again")
+        try:
+            return read_entry_image(row["path"], row["member"], row["offset"], row["length"])
+        except BadItem as exc:
+            raise OSError(f"{row['key']}: {exc}") from None
+
+
+def _collapse(vectors: VectorIndex, ids: np.ndarray, scores: np.ndarray, limit: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy near-duplicate removal in score order."""
+    if len(ids) == 0:
+        return ids, scores
+    rows = vectors.rows(ids)
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    kept: list[int] = []
+    for i in range(len(ids)):
+        if not kept or float(np.max(rows[kept] @ rows[i])) < limit:
+            kept.append(i)
+    return ids[kept], scores[kept]
+
+
+def _check_options(k: int, threshold: float | None, collapse: float | None) -> None:
+    if not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an integer from 1 to {MAX_K}, not {k!r}")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a cosine similarity from -1 to 1, not {threshold!r}")
+    if collapse is not None and not 0.0 < collapse <= 1.0:
+        raise ValueError(f"collapse is a cosine similarity in (0, 1], not {collapse!r}")

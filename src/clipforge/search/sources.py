@@ -1,0 +1,180 @@
+"""What an index holds: the items of a folder tree, a CSV/TSV of paths, or webdataset shards.
+
+Scanning lists items without decoding any image: each :class:`Entry` carries the file's size and
+modification time, so that a re-run embeds only new or changed items and drops deleted ones.  A
+webdataset member is addressed as ``shard.tar#member``; its size and time are the shard's, so a
+rewritten shard is re-embedded as a whole.
+
+:func:`read_entry_image` is the one way to get an item's pixels, used by the build (in DataLoader
+workers) and by the search side (thumbnails), so both read the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..data.sources import (
+    BadItem,
+    DataError,
+    expand_shards,
+    is_shard_spec,
+    open_image_bytes,
+    open_image_file,
+    read_utf8,
+)
+from ..inference import IMAGE_SUFFIXES
+
+_SHARD_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item to index.  ``key`` is unique in an index: the absolute path of a file, or
+    ``shard#member`` for an image inside a tar shard."""
+
+    key: str
+    path: str
+    member: str | None  # tar member name, with its data's byte span in the shard
+    size: int
+    mtime_ns: int
+    caption: str | None = None
+    extra: str | None = None  # JSON of a CSV row's other columns
+    offset: int | None = None
+    length: int | None = None
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return self.size, self.mtime_ns
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _caption_beside(path: Path) -> str | None:
+    text = path.with_suffix(".txt")
+    if not text.is_file():
+        return None
+    try:
+        return read_utf8(text, "caption file").strip() or None
+    except (DataError, OSError):
+        return None
+
+
+def scan_folder(root: Path) -> Iterator[Entry]:
+    """Image files (by suffix) anywhere under ``root``, in sorted order, with a same-name .txt
+    caption where there is one."""
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.is_file():
+            path = path.resolve()
+            yield Entry(str(path), str(path), None, *_stat(path), caption=_caption_beside(path))
+
+
+def scan_table(table: Path, image_key: str = "filepath", caption_key: str = "title",
+               separator: str | None = None) -> Iterator[Entry]:
+    """Rows of a CSV/TSV with a header: an image path column, an optional caption column, and
+    any other columns kept as metadata.  Relative paths resolve against the table's folder.
+    Rows whose file is missing are skipped here and reported by the build as missing."""
+    text = read_utf8(table, "table")
+    delimiter = separator or ("\t" if table.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    if image_key not in columns:
+        raise DataError(f"{table} has no column {image_key!r} (columns: {', '.join(columns)}); "
+                        "name the image column with --csv-image-key")
+    for row in reader:
+        name = (row.get(image_key) or "").strip()
+        if not name:
+            continue
+        path = (table.parent / name).resolve()
+        try:
+            stamp = _stat(path)
+        except OSError:
+            stamp = (-1, -1)  # listed but missing: the build reports it
+        extra = {k: v for k, v in row.items() if k not in (image_key, caption_key) and k}
+        caption = (row.get(caption_key) or "").strip() or None
+        yield Entry(str(path), str(path), None, *stamp, caption=caption,
+                    extra=json.dumps(extra, ensure_ascii=False) if extra else None)
+
+
+def scan_shards(spec: str) -> Iterator[Entry]:
+    """Image members of local webdataset shards (headers only; nothing is decoded), each with
+    the same-key ``.txt`` member's text as caption."""
+    for url in expand_shards(spec):
+        shard = Path(url).resolve()
+        if not shard.is_file():
+            raise DataError(f"{url}: only local shards can be indexed (thumbnails and "
+                            "incremental updates read the files again)")
+        if shard.suffix.lower() in (".gz", ".tgz"):
+            raise DataError(f"{shard}: compressed shards cannot be read in place; "
+                            "decompress them (gunzip) and index the .tar files")
+        stamp = _stat(shard)
+        images: dict[str, tarfile.TarInfo] = {}
+        captions: dict[str, str] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    base, _, ext = info.name.partition(".")
+                    if "." + ext.lower() in _SHARD_IMAGE_SUFFIXES:
+                        images.setdefault(base, info)
+                    elif ext.lower() == "txt":
+                        data = tar.extractfile(info)
+                        captions[base] = data.read().decode("utf-8", "replace").strip() if data \
+                            else ""
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{shard}: corrupt shard ({exc}); repair or remove it") from None
+        for base, info in images.items():
+            yield Entry(f"{shard}#{info.name}", str(shard), info.name, *stamp,
+                        caption=captions.get(base) or None, offset=info.offset_data,
+                        length=info.size)
+
+
+def scan_source(source: str | Path, *, image_key: str = "filepath", caption_key: str = "title",
+                separator: str | None = None) -> list[Entry]:
+    """Every item of ``source`` (a folder, a .csv/.tsv, or shards), keys unique, sorted."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        entries = list(scan_folder(path))
+    elif path.suffix.lower() in (".csv", ".tsv") and path.is_file():
+        entries = list(scan_table(path, image_key, caption_key, separator))
+    elif is_shard_spec(text):
+        entries = list(scan_shards(text))
+    elif not path.exists():
+        raise DataError(f"{text} does not exist; index a folder of images, a .csv/.tsv of "
+                        "image paths or webdataset .tar shards")
+    else:
+        raise DataError(f"{text} is not a folder, a .csv/.tsv table or .tar shards")
+    unique = {entry.key: entry for entry in entries}  # a table may list a file twice
+    return [unique[key] for key in sorted(unique)]
+
+
+def read_entry_image(path: str, member: str | None = None, offset: int | None = None,
+                     length: int | None = None) -> Image.Image:
+    """The fully decoded image of an item; :class:`BadItem` with the reason if it cannot be.
+
+    A shard member is read by the byte span the scan recorded (one seek, not a walk through
+    the tar's headers), which is why a rewritten shard is always re-scanned."""
+    if member is None:
+        return open_image_file(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset or 0)
+            payload = f.read(length or 0)
+    except OSError as exc:
+        raise BadItem(f"missing image (cannot read {member} from the shard: {exc})") from None
+    if len(payload) != length:
+        raise BadItem(f"missing image ({member}: the shard is shorter than when it was "
+                      "scanned; run the index build again)")
+    return open_image_bytes(payload, member.rsplit(".", 1)[-1])

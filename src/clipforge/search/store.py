@@ -1,0 +1,284 @@
+"""The on-disk index: one SQLite database of items and their float16 embeddings.
+
+Layout of an index directory::
+
+    index.sqlite          info (model, weights fingerprint, generation...), items, failures
+    staging/rank-N.sqlite embeddings a build has finished but not yet committed (one per rank)
+    ann-G.faiss           the approximate-search structure of generation G (IVF-PQ or HNSW)
+
+Why SQLite: a commit is one transaction, so a reader sees the old state or the new one, never
+half of it, even while a build runs beside a server (write-ahead logging lets readers go on
+during the write).  A build stages each finished batch in its own rank's staging file, committed
+batch by batch, so a killed build resumes without redoing them; only the final merge into
+``items`` changes what searches see, and it bumps ``generation`` so readers know to reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .sources import Entry
+
+FORMAT_VERSION = "1"
+DB_NAME = "index.sqlite"
+STAGING_DIR = "staging"
+
+_ITEM_COLUMNS = ("key", "path", "member", "offset", "length", "size", "mtime_ns", "caption",
+                 "extra", "width", "height", "embedding")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE, path TEXT NOT NULL, member TEXT, offset INTEGER, length INTEGER,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, caption TEXT, extra TEXT,
+    width INTEGER, height INTEGER, embedding BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, reason TEXT NOT NULL);
+"""
+_STAGING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS done (
+    key TEXT PRIMARY KEY, path TEXT NOT NULL, member TEXT, offset INTEGER, length INTEGER,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, caption TEXT, extra TEXT,
+    width INTEGER, height INTEGER, embedding BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS failed (
+    key TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, reason TEXT NOT NULL);
+"""
+
+
+class IndexFormatError(ValueError):
+    """A directory is not a clipforge index, or one this version cannot read."""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with write-ahead logging."""
+    con = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    return con
+
+
+@contextlib.contextmanager
+def transaction(con: sqlite3.Connection, mode: str = "") -> Iterator[sqlite3.Connection]:
+    """BEGIN [IMMEDIATE] ... COMMIT, rolled back on any error."""
+    con.execute(f"BEGIN {mode}")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a search needs from one committed generation, read in one transaction."""
+
+    generation: int
+    ids: np.ndarray  # (N,) int64, ascending
+    vectors: np.ndarray  # (N, d) float16, unit norm
+    info: dict[str, str]
+
+
+class Store:
+    """The items database of one index directory."""
+
+    def __init__(self, directory: str | Path, *, create: bool = False):
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        if not self.path.is_file():
+            if not create:
+                raise FileNotFoundError(
+                    f"no clipforge index at {self.directory} (no {DB_NAME}); build one with "
+                    f"`clipforge index build SOURCE --out {self.directory}`")
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.con = connect(self.path)
+        if create:
+            self.con.executescript(_SCHEMA)
+        try:
+            version = self.info().get("format_version")
+        except sqlite3.DatabaseError as exc:
+            raise IndexFormatError(f"{self.path} is not a clipforge index database: {exc}"
+                                   ) from None
+        if version not in (None, FORMAT_VERSION):
+            raise IndexFormatError(f"{self.path} has index format {version}; this clipforge "
+                                   f"reads format {FORMAT_VERSION}: rebuild the index")
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ----------------------------------------------------------------- info
+
+    def info(self) -> dict[str, str]:
+        return dict(self.con.execute("SELECT key, value FROM info"))
+
+    def set_info(self, values: dict[str, object]) -> None:
+        with transaction(self.con, "IMMEDIATE"):
+            self.con.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
+                                 [(k, str(v)) for k, v in values.items()])
+
+    def generation(self) -> int:
+        row = self.con.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    # ----------------------------------------------------------------- reading
+
+    def stamps(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        """(key -> (size, mtime) of indexed items, the same for items that failed)."""
+        items = {k: (s, m) for k, s, m in self.con.execute("SELECT key, size, mtime_ns FROM items")}
+        failed = {k: (s, m) for k, s, m in
+                  self.con.execute("SELECT key, size, mtime_ns FROM failures")}
+        return items, failed
+
+    def snapshot(self) -> Snapshot:
+        """The ids and vectors of the committed state, consistent with its generation."""
+        with transaction(self.con):
+            info = self.info()
+            rows = self.con.execute("SELECT id, embedding FROM items ORDER BY id").fetchall()
+        dim = int(info.get("embed_dim", 0))
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        vectors = (np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(-1, dim)
+                   if rows else np.zeros((0, dim), np.float16))
+        return Snapshot(int(info.get("generation", 0)), ids, vectors, info)
+
+    def items(self, ids: Sequence[int]) -> dict[int, sqlite3.Row]:
+        """Metadata rows (no embedding) by id; ids that no longer exist are absent."""
+        if not ids:
+            return {}
+        cursor = self.con.cursor()
+        cursor.row_factory = sqlite3.Row
+        marks = ",".join("?" * len(ids))
+        rows = cursor.execute(
+            "SELECT id, key, path, member, offset, length, size, mtime_ns, caption, extra, "
+            f"width, height FROM items WHERE id IN ({marks})", [int(i) for i in ids])
+        return {row["id"]: row for row in rows}
+
+    def failures(self) -> list[tuple[str, str]]:
+        return list(self.con.execute("SELECT key, reason FROM failures ORDER BY key"))
+
+    def count(self) -> int:
+        return self.con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    # ----------------------------------------------------------------- the commit
+
+    def commit(self, scan: Sequence[Entry], staging: Iterable[Path], info: dict[str, object]
+               ) -> dict[str, int]:
+        """Make the scanned set the index's state, in one transaction.
+
+        Items whose file is gone or changed are dropped; staged embeddings of scanned items
+        (with the scanned size and time) are added; failures are those of the current files.
+        Returns counts: added, removed, failed, total, generation.
+        """
+        stamps = {e.key: e.stamp for e in scan}
+        con = self.con
+        with transaction(con, "IMMEDIATE"):
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS scan "
+                        "(key TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER)")
+            con.execute("DELETE FROM temp.scan")
+            con.executemany("INSERT INTO temp.scan VALUES (?, ?, ?)",
+                            [(k, s, m) for k, (s, m) in stamps.items()])
+            current = ("EXISTS (SELECT 1 FROM temp.scan s WHERE s.key = {t}.key "
+                       "AND s.size = {t}.size AND s.mtime_ns = {t}.mtime_ns)")
+            removed = con.execute(f"DELETE FROM items WHERE NOT {current.format(t='items')}"
+                                  ).rowcount
+            con.execute(f"DELETE FROM failures WHERE NOT {current.format(t='failures')}")
+            before = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            columns = ", ".join(_ITEM_COLUMNS)
+            marks = ", ".join("?" * len(_ITEM_COLUMNS))
+            for path in staging:
+                stage = sqlite3.connect(path)
+                try:
+                    for row in stage.execute(f"SELECT {columns} FROM done"):
+                        if stamps.get(row[0]) == (row[5], row[6]):
+                            con.execute(f"INSERT OR IGNORE INTO items ({columns}) VALUES "
+                                        f"({marks})", row)
+                    for key, size, mtime, reason in stage.execute("SELECT * FROM failed"):
+                        if stamps.get(key) == (size, mtime):
+                            con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
+                                        (key, size, mtime, reason))
+                finally:
+                    stage.close()
+            con.execute("DELETE FROM failures WHERE key IN (SELECT key FROM items)")
+            total = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            generation = self.generation() + 1
+            values = {**info, "generation": generation, "updated": time.time()}
+            con.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
+                            [(k, str(v)) for k, v in values.items()])
+            failed = con.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
+            con.execute("DROP TABLE temp.scan")
+        return {"added": total - before, "removed": removed, "failed": failed, "total": total,
+                "generation": generation}
+
+
+class Staging:
+    """One rank's finished-but-uncommitted embeddings: a batch is durable once :meth:`add`
+    returns, so a killed build loses at most the batch in flight."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.con = connect(path)
+        self.con.executescript(_STAGING_SCHEMA)
+        row = self.con.execute("SELECT value FROM info WHERE key = 'fingerprint'").fetchone()
+        if row and row[0] != fingerprint:  # left by a build with another model: useless here
+            with transaction(self.con, "IMMEDIATE"):
+                self.con.execute("DELETE FROM done")
+                self.con.execute("DELETE FROM failed")
+        self.con.execute("INSERT OR REPLACE INTO info VALUES ('fingerprint', ?)", (fingerprint,))
+
+    def add(self, done: Sequence[tuple], failed: Sequence[tuple[str, int, int, str]]) -> None:
+        """``done`` rows in :data:`_ITEM_COLUMNS` order; ``failed`` as (key, size, mtime, why)."""
+        marks = ", ".join("?" * len(_ITEM_COLUMNS))
+        with transaction(self.con, "IMMEDIATE"):
+            self.con.executemany(f"INSERT OR REPLACE INTO done ({', '.join(_ITEM_COLUMNS)}) "
+                                 f"VALUES ({marks})", done)
+            self.con.executemany("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)", failed)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def staging_files(directory: Path) -> list[Path]:
+    return sorted((directory / STAGING_DIR).glob("rank-*.sqlite"))
+
+
+def staged_stamps(directory: Path, fingerprint: str) -> dict[str, tuple[int, int]]:
+    """key -> (size, mtime) of everything staged (done or failed) by any rank of an earlier,
+    unfinished build with the same model, so a resumed build skips it."""
+    stamps: dict[str, tuple[int, int]] = {}
+    for path in staging_files(directory):
+        con = sqlite3.connect(path)
+        try:
+            row = con.execute("SELECT value FROM info WHERE key = 'fingerprint'").fetchone()
+            if not row or row[0] != fingerprint:
+                continue
+            for table in ("done", "failed"):
+                stamps.update({k: (s, m) for k, s, m in
+                               con.execute(f"SELECT key, size, mtime_ns FROM {table}")})
+        except sqlite3.DatabaseError:  # a staging file cut short: its batches are redone
+            continue
+        finally:
+            con.close()
+    return stamps
+
+
+def clear_staging(directory: Path) -> None:
+    for path in staging_files(directory):
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(path) + suffix).unlink()
+
+
+def item_json(row: sqlite3.Row) -> dict[str, object]:
+    """The metadata of one item as plain values (CSV columns decoded)."""
+    out = {k: row[k] for k in row.keys() if k not in ("extra", "offset", "length")}
+    out["extra"] = json.loads(row["extra"]) if row["extra"] else None
+    return out
