@@ -132,9 +132,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     index = SearchIndex.open(args.index, _index_model(args), device=args.device)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: anyone who can reach this address can query "
-              "the index and see its images", file=sys.stderr)
     serve(index, host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 2**20)
     return 0
 

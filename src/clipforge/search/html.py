@@ -9,7 +9,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..fileio import atomic_file
 from .index import Hit, SearchIndex
@@ -38,19 +38,21 @@ figcaption {{ font-size: .8rem; overflow-wrap: anywhere; }}
 """
 
 
-def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL) -> bytes:
-    """A JPEG of ``image`` fitted into ``size`` x ``size`` (aspect kept)."""
-    image = image.convert("RGB")
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+def render_thumbnail(image: Image.Image, size: int = THUMBNAIL) -> bytes:
+    """JPEG bytes at most ``size`` pixels on the long side, upright (EXIF orientation).  The
+    contact sheet and the server's ``/thumbnails/{id}`` both use it."""
+    image.draft("RGB", (size, size))  # JPEG not yet decoded: decode at a reduced scale
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=85)
+    image.save(out, "JPEG", quality=85, optimize=True)
     return out.getvalue()
 
 
 def _figure(index: SearchIndex, rank: int, hit: Hit) -> str:
     name = html.escape(hit.path)
     try:
-        data = base64.b64encode(thumbnail_jpeg(index.open_image(hit.id))).decode()
+        data = base64.b64encode(render_thumbnail(index.open_image(hit.id))).decode()
         picture = f'<img src="data:image/jpeg;base64,{data}" alt="{name}">'
     except (KeyError, OSError) as exc:
         picture = f'<div class="missing">{html.escape(str(exc))}</div>'

@@ -209,7 +209,7 @@ class SearchIndex:
         if "{}" not in template:
             raise ValueError(f"template {template!r} has no '{{}}' for the label")
         texts = self.embed_texts([template.format(label) for label in labels])
-        scale = float(self.model.logit_scale.exp())
+        scale = float(self.model.logit_scale.detach().exp())
         probs = torch.from_numpy(scale * texts @ self.embed_image(image)).softmax(0).numpy()
         order = np.argsort(-probs, kind="stable")
         return [(labels[i], float(probs[i])) for i in order]

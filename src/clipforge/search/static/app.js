@@ -1,0 +1,173 @@
+// The search page: text, image and "more like this" queries against the JSON API.
+// Plain DOM code, no build step and nothing loaded from elsewhere.
+"use strict";
+
+const K = 24;  // results per query
+
+const $ = (id) => document.getElementById(id);
+const form = $("search-form");
+const input = $("search-input");
+const fileInput = $("file-input");
+const dropZone = $("drop-zone");
+const mixText = $("mix-text");
+const preview = $("query-preview");
+const errorBox = $("error");
+const statusLine = $("status");
+const grid = $("results");
+const cardTemplate = $("card-template");
+
+let latest = 0;  // number of the newest request: answers to older ones are dropped
+
+// The API's reason for a failure: FastAPI sends {"detail": "..."} or, for invalid
+// parameters, {"detail": [{"loc": [...], "msg": "..."}]}.
+async function errorMessage(response) {
+  let detail = null;
+  try {
+    detail = (await response.json()).detail;
+  } catch (_) {
+    // not JSON (a proxy's page, a plain-text 413): the status line says enough
+  }
+  if (Array.isArray(detail)) {
+    detail = detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return `${response.status} ${response.statusText}${detail ? ": " + detail : ""}`;
+}
+
+async function request(url, options) {
+  const number = ++latest;
+  errorBox.hidden = true;
+  grid.setAttribute("aria-busy", "true");
+  statusLine.textContent = "Searching…";
+  try {
+    const response = await fetch(url, options);
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const data = await response.json();
+    if (number === latest) render(data);
+  } catch (err) {
+    if (number === latest) showError(err.message);
+  } finally {
+    if (number === latest) grid.removeAttribute("aria-busy");
+  }
+}
+
+// The old results go too: left on screen, they would pass for the failed query's answer.
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.hidden = false;
+  statusLine.textContent = "";
+  grid.replaceChildren();
+}
+
+function baseName(path) {
+  return path.split(/[\\/]/).pop();
+}
+
+function describe(query) {
+  if (query.similar_to !== null && query.similar_to !== undefined) {
+    return `like item ${query.similar_to}`;
+  }
+  const parts = [];
+  if (query.image) parts.push(`image “${query.image}”`);
+  if (query.text) parts.push(`“${query.text}”`);
+  return parts.length ? "for " + parts.join(" + ") : "";
+}
+
+function render(data) {
+  grid.replaceChildren(...data.results.map(card));
+  const n = data.results.length;
+  statusLine.textContent =
+    `${n} result${n === 1 ? "" : "s"} ${describe(data.query)} in ${data.took_ms.toFixed(0)} ms`;
+}
+
+function card(hit) {
+  const node = cardTemplate.content.firstElementChild.cloneNode(true);
+  const name = baseName(hit.path);
+  node.dataset.id = hit.id;
+  const img = node.querySelector("img");
+  img.src = hit.thumbnail;
+  img.alt = hit.caption || name;
+  if (hit.width && hit.height) {
+    img.width = hit.width;
+    img.height = hit.height;
+  }
+  const label = node.querySelector(".name");
+  label.textContent = name;
+  label.title = hit.path;
+  node.querySelector(".score").textContent = hit.score === null ? "" : hit.score.toFixed(3);
+  const caption = node.querySelector(".caption");
+  if (hit.caption) caption.textContent = hit.caption;
+  else caption.remove();
+  const more = node.querySelector("button.more");
+  more.setAttribute("aria-label", `More like ${name}`);
+  more.addEventListener("click", () => similar(hit.id));
+  return node;
+}
+
+function searchText(q) {
+  const url = new URL(location.href);
+  url.search = new URLSearchParams({ q }).toString();
+  history.replaceState(null, "", url);
+  return request(`/api/search?${new URLSearchParams({ q, k: K })}`);
+}
+
+preview.addEventListener("error", () => { preview.hidden = true; });
+
+function searchImage(file) {
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.alt = `Query image ${file.name}`;
+  preview.hidden = false;
+  const body = new FormData();
+  body.append("file", file);
+  body.append("k", K);
+  if (mixText.checked && input.value.trim()) body.append("q", input.value.trim());
+  return request("/api/search/image", { method: "POST", body });
+}
+
+function similar(id) {
+  return request(`/api/items/${encodeURIComponent(id)}/similar?k=${K}`);
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const q = input.value.trim();
+  if (q) searchText(q);
+});
+
+fileInput.addEventListener("change", () => {
+  if (fileInput.files.length) searchImage(fileInput.files[0]);
+});
+
+for (const type of ["dragenter", "dragover"]) {
+  dropZone.addEventListener(type, (event) => {
+    event.preventDefault();
+    dropZone.classList.add("dragging");
+  });
+}
+for (const type of ["dragleave", "drop"]) {
+  dropZone.addEventListener(type, () => dropZone.classList.remove("dragging"));
+}
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  const file = event.dataTransfer.files[0];
+  if (file) searchImage(file);
+});
+
+async function showIndexInfo() {
+  try {
+    const response = await fetch("/healthz");
+    if (!response.ok) return;
+    const info = await response.json();
+    const model = info.model ? ` · model ${info.model}` : "";
+    $("index-info").textContent = `${info.items} items${model}`;
+  } catch (_) {
+    // informational only
+  }
+}
+
+showIndexInfo();
+const initial = new URLSearchParams(location.search).get("q");
+if (initial) {
+  input.value = initial;
+  searchText(initial);
+}

@@ -1,0 +1,148 @@
+"""The search web page in a real browser: headless Chromium driven by Playwright against a live
+uvicorn on loopback, serving an index of the sample photos built with a tiny model.
+
+Skipped only when Playwright or Chromium is missing (CI installs both).  Set CLIPFORGE_CHROMIUM
+to use another Chromium binary than /usr/bin/chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.samples import write_sample_photos
+from clipforge.search import SearchIndex, build_index
+from clipforge.search.server import create_app, running_server
+
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed (pip install playwright)")
+expect = sync_api.expect
+
+CHROMIUM = os.environ.get("CLIPFORGE_CHROMIUM", "/usr/bin/chromium")
+if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (set CLIPFORGE_CHROMIUM)", allow_module_level=True)
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 10_000
+MAX_UPLOAD = 1_500_000  # above every sample photo, so that a 2 MB file gets a 413
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("browser") / "photos"
+    write_sample_photos(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server_url(photo_dir: Path) -> Iterator[str]:
+    torch.manual_seed(0)
+    model = clipforge.create_model("tiny-vit")
+    build_index(photo_dir, photo_dir.parent / "index", model)
+    index = SearchIndex.open(photo_dir.parent / "index", model)
+    with running_server(create_app(index, max_upload_bytes=MAX_UPLOAD)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server_url: str) -> Iterator[object]:
+    """A fresh page on the search page; fails the test if it requests anything off the server
+    or runs into a script error."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    elsewhere, script_errors = [], []
+    page.on("request", lambda r: None if r.url.startswith(server_url)
+            or r.url.startswith(("blob:", "data:")) else elsewhere.append(r.url))
+    page.on("pageerror", lambda exc: script_errors.append(str(exc)))
+    page.goto(server_url + "/")
+    expect(page.get_by_test_id("index-info")).to_contain_text("8 items")
+    yield page
+    context.close()
+    assert elsewhere == [] and script_errors == []
+
+
+def cards(page):
+    return page.get_by_test_id("result-card")
+
+
+def search(page, text: str) -> None:
+    page.get_by_label("Search by text").fill(text)
+    page.get_by_test_id("search-submit").click()
+
+
+def test_text_search_shows_cards_with_scores(page) -> None:
+    search(page, "a cat on a sofa")
+    expect(page.get_by_test_id("status")).to_have_text(re.compile(r"^8 results .* in \d+ ms$"))
+    expect(cards(page)).to_have_count(8)
+    scores = [float(s) for s in page.get_by_test_id("result-score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    first = cards(page).first
+    expect(first.get_by_role("img")).to_have_attribute("src", re.compile(r"^/thumbnails/\d+$"))
+    expect(first.get_by_role("img")).to_have_attribute("alt", re.compile(r"\w"))
+    # The thumbnail really loaded (a broken image has no natural width).
+    first.get_by_role("img").evaluate("img => img.decode()")
+    assert first.get_by_role("img").evaluate("img => img.naturalWidth") > 0
+    assert "q=a+cat+on+a+sofa" in page.url
+
+
+def test_image_upload_finds_the_same_photo(page, photo_dir: Path) -> None:
+    page.get_by_test_id("file-input").set_input_files(photo_dir / "rocket.jpg")
+    expect(page.get_by_test_id("status")).to_contain_text("rocket.jpg")
+    expect(cards(page)).to_have_count(8)
+    first = cards(page).first
+    expect(first.get_by_test_id("result-name")).to_have_text("rocket.jpg")
+    assert float(first.get_by_test_id("result-score").inner_text()) == pytest.approx(1, abs=3e-3)
+    expect(page.get_by_test_id("query-preview")).to_be_visible()
+
+
+def test_more_like_this_replaces_the_grid_without_the_item(page) -> None:
+    search(page, "a photo")
+    expect(cards(page)).to_have_count(8)
+    second = cards(page).nth(1)
+    item_id = second.get_attribute("data-id")
+    name = second.get_by_test_id("result-name").inner_text()
+    second.get_by_role("button", name=f"More like {name}").click()
+    expect(page.get_by_test_id("status")).to_contain_text(f"like item {item_id}")
+    expect(cards(page)).to_have_count(7)
+    expect(page.locator(f'[data-testid="result-card"][data-id="{item_id}"]')).to_have_count(0)
+    expect(page.get_by_test_id("error")).to_be_hidden()
+
+
+def test_errors_from_the_api_are_shown(page, photo_dir: Path) -> None:
+    search(page, "a cat")
+    expect(cards(page)).to_have_count(8)
+    error = page.get_by_test_id("error")
+    page.get_by_test_id("file-input").set_input_files(
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"})
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("400")
+    expect(error).to_contain_text("not an image")
+    expect(cards(page)).to_have_count(0)  # no stale answer under the error
+    expect(page.get_by_test_id("query-preview")).to_be_hidden()
+    page.get_by_test_id("file-input").set_input_files(
+        {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * 2_000_000})
+    expect(error).to_contain_text("413")
+    expect(error).to_contain_text(str(MAX_UPLOAD))
+    # An over-long text: the tokenizer's reason reaches the page; a good query clears it.
+    search(page, "a very long query " * 30)
+    expect(error).to_contain_text("context length")
+    search(page, "a cat")
+    expect(error).to_be_hidden()
+    expect(cards(page)).to_have_count(8)
