@@ -146,3 +146,9 @@ def test_errors_from_the_api_are_shown(page, photo_dir: Path) -> None:
     search(page, "a cat")
     expect(error).to_be_hidden()
     expect(cards(page)).to_have_count(8)
+
+
+def test_api_docs_render_offline(page, server_url: str) -> None:
+    """/docs draws the OpenAPI page from scripts the server itself serves (none off-site)."""
+    page.goto(server_url + "/docs")
+    expect(page.get_by_text("/api/search/image").first).to_be_visible()

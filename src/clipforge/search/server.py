@@ -37,6 +37,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -333,8 +334,10 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
     thumbnails kept in memory; ``batch_texts`` embeds concurrent text queries together
     (:class:`TextBatcher`).
     """
-    app = FastAPI(title="clipforge search", version=__version__,
-                  description="Text, image and mixed search over a clipforge index.")
+    # FastAPIOffline serves the /docs and /redoc pages' scripts itself (FastAPI's own pages load
+    # them from a CDN, which leaves /docs blank on a machine without internet access).
+    app = FastAPIOffline(title="clipforge search", version=__version__,
+                         description="Text, image and mixed search over a clipforge index.")
     thumbnails = ThumbnailCache(thumbnail_cache)
     embed_text = TextBatcher(index.embed_texts) if batch_texts else None
     too_large = f"request body too large: the limit is {max_upload_bytes} bytes"
