@@ -1,44 +1,46 @@
 """Vector part of the semantic image search index: top-k inner product over unit-norm CLIP rows.
 
 Why it looks the way it does (figures: 1M x 512 rows stored as float16, 2 Zen 4 cores, from
-``benchmarks/bench_ann.py``):
+``benchmarks/bench_ann.py``; this shared VM's timings drift by 20-30% from run to run):
 
 * **Exact ("flat") search** is a memory-bound scan, so the fastest exact search is the one that
-  reads the fewest bytes with the most cores.  Rows stored as float16 are scanned by faiss
-  ``IndexScalarQuantizer(QT_fp16)``: it reads the float16 rows directly (half the bytes of a
-  float32 copy) and is still exact, because float16 -> float32 conversion is exact and it
-  accumulates in float32 (only the summation order differs from numpy).  The rows are split
-  into blocks of about 8 MiB searched by one thread per core (faiss's own OpenMP loop only
-  parallelises over queries, so a single query would use one core and half the bandwidth), and
-  a block stays in cache while a query batch scans it.  Measured: 1 query ~22 ms (the float16
-  scan at the machine's ~49 GB/s two-core bandwidth takes ~21 ms) and 32 queries ~0.41 s,
-  against ~40 ms / ~0.7 s for one unsplit scalar-quantizer index, 70-140 ms / ~1.2 s for
-  ``IndexFlatIP`` over a float32 copy, ~90 ms / ~1.1 s for numpy ``float32 @ q`` and ~190 ms /
-  ~0.5 s for torch.  numpy has no vectorised float16 arithmetic (a float16 -> float32
-  conversion of the matrix alone takes ~0.9 s) and torch's float16 matmul needs a float16
-  query, which is not exact.  Cost: faiss keeps its own copy of the rows (N*d*2 bytes, 1 GB
-  here).  float32 rows use ``IndexFlatIP`` blocks the same way (faiss has no lossless
-  half-size code for them).
-* **Approximate kinds** ("ivfpq", "hnsw") only produce a shortlist, which is then re-ranked
-  exactly with the stored rows, so returned scores are always exact inner products and recall
-  is limited only by whether the true neighbours reach the shortlist.  They index with the L2
-  metric: for unit vectors ``|q - x|^2 = 2 - 2 q.x`` ranks like the inner product, and k-means
-  and PQ are built for L2 (an inner-product coarse quantiser favours long centroids).
-* **IVF-PQ defaults**: ``nlist ~ 4 sqrt(N)`` (faiss's guideline; about as many lists as rows
-  per list, so the coarse search and the list scans stay small), never more than ``N / 39``
-  (k-means wants >= 39 training points per centroid); trained on ``50 * nlist`` sampled rows
-  (k-means cost grows with the sample; 50 per list trains 1M x 512 in about a minute on 2
-  cores); PQ with ``m = d / 8`` sub-quantisers of 8 bits (8 dimensions per byte, 64 B per
-  512-d row); ``nprobe = 32``.  The precomputed residual table is disabled: it would cost
-  ``nlist * m * 256 * 4`` bytes (260 MB at 1M rows, four times the codes) to save well under a
-  millisecond per query.  Fewer than ``39 * 2**nbits`` rows cannot train the PQ codebooks:
-  such an index falls back to flat (logged); a too-large ``nlist`` is reduced (logged).
+  reads the fewest bytes with all cores.  float16 rows are scanned by faiss
+  ``IndexScalarQuantizer(QT_fp16)``, which reads the float16 codes directly (half the bytes of
+  a float32 copy) and is still exact: float16 -> float32 conversion is exact and it accumulates
+  in float32 (only the summation order differs from numpy).  The rows are split into blocks of
+  about 8 MiB scanned by one thread per core: faiss's OpenMP loop only parallelises over
+  queries, so one query would use one core and get less bandwidth, and a block stays in cache
+  while a query batch scans it.  Measured, 1 query / 32 queries: this 24-32 ms / 0.42 s (one
+  pass over the 1 GB of rows with both cores takes ~30 ms: it is at the memory limit); one
+  unsplit scalar-quantizer index 44 ms / 0.90 s; ``IndexFlatIP`` over a float32 copy 148 ms /
+  1.65 s; numpy float32 ``q @ X.T`` + argpartition 92 ms / 0.76 s; torch float32 184 ms / 0.49
+  s.  numpy has no vectorised float16 arithmetic (converting the matrix to float32 alone takes
+  ~0.9 s) and torch's float16 matmul needs a float16 query, which is not exact.  Cost: faiss
+  keeps its own copy of the rows (N*d*2 bytes, 1 GB here, against 2 GB for a float32 copy).
+  float32 rows are scanned the same way with ``IndexFlatIP`` blocks.
+* **Approximate kinds** ("ivfpq", "hnsw") only produce a shortlist, which is re-ranked exactly
+  with the stored rows, so returned scores are always exact inner products and recall depends
+  only on whether the true neighbours reach the shortlist.  They index with the L2 metric: for
+  unit vectors ``|q - x|^2 = 2 - 2 q.x`` ranks like the inner product, and k-means and PQ are
+  made for L2 (an inner-product coarse quantiser favours long centroids).
+* **IVF-PQ defaults**: ``nlist ~ 4 sqrt(N)`` (faiss's guideline: lists of ~sqrt(N)/4 rows keep
+  both the coarse search and the list scans small), never more than ``N / 39`` (faiss k-means
+  wants >= 39 training points per centroid); trained on ``50 * nlist`` sampled rows (k-means
+  cost grows with the sample; with 200k rows 1M x 512 builds in ~85 s); PQ with ``m = d / 8``
+  sub-quantisers of 8 bits (8 dimensions per byte, 64 B per 512-d row); ``nprobe = 32`` and a
+  shortlist of ``max(4 k, 100)``: recall@10 0.998 at ~1 ms per query, +111 MiB.  The
+  precomputed residual table is off: it costs ``nlist * m * 256 * 4`` bytes (260 MB at 1M
+  rows, four times the codes) to save ~0.16 ms per query.  Fewer than ``39 * 2**nbits`` rows
+  cannot train the PQ codebooks: such an index falls back to flat (logged, ``kind`` says
+  "flat"); a too-large ``nlist`` is reduced (logged).
 * **HNSW**: ``IndexHNSWSQ`` with 8-bit scalar-quantised storage (d bytes per row instead of
-  4d: the shortlist is re-ranked anyway), ``M = 32``, ``efConstruction = 40``, ``efSearch =
-  max(128, shortlist)``.
-* **Threads**: faiss's global OpenMP setting is left alone (it is shared with everything else
-  in the process); the flat scan's worker threads set their own (thread-local) OpenMP count to
-  1 so that they do not oversubscribe the cores.
+  4 d: the shortlist is re-ranked anyway), ``M = 32``, ``efConstruction = 40``, ``efSearch =
+  max(128, shortlist)``: builds 1M x 512 in ~2 min, recall@10 0.985 at ~0.7 ms, +762 MiB.
+* **Threads**: faiss's process-wide OpenMP setting is left alone.  The flat scan runs on its
+  own threads, and single queries to the approximate kinds run on the calling thread, all with
+  faiss's (thread-local) OpenMP count set to 1: an OpenMP team waits for every core, and on 2
+  cores a core is often busy (numpy's OpenBLAS threads spin ~0.1 s after each call, torch has
+  its own pool), which turned a 0.5 ms scan into 19 ms.
 * **Ties** are broken by row order (ascending id when ids are given ascending), so results
   are deterministic.
 """
@@ -122,8 +124,10 @@ class VectorIndex:
              params: dict | None = None) -> VectorIndex:
         """Rebuild an index from its stored rows and the file written by :meth:`save_ann`.
 
-        For "flat" (or an approximate kind that falls back to flat for this N), ``ann_path`` is
-        ignored.  ValueError naming the file if it does not match the rows."""
+        Pass the ``params`` given to :meth:`build` (search-time ones such as ``nprobe`` may
+        change).  For "flat", or an approximate kind that falls back to flat for this N (as
+        :meth:`build` did), ``ann_path`` is ignored.  ValueError naming the file if it does not
+        match the rows; FileNotFoundError if it is missing."""
         vectors, ids = _check_rows(vectors, ids)
         n, d = vectors.shape
         kind, params = _resolve(kind, params, n, d)
@@ -363,9 +367,10 @@ def _resolve(kind: str, params: dict | None, n: int, d: int) -> tuple[str, dict]
     return kind, p
 
 
-def _float32_chunks(vectors: np.ndarray, rows: np.ndarray | None = None):
-    """Yield (start, float32 chunk) over ``vectors`` (or its ``rows``), warning once if rows
-    are not unit norm (the L2 shortlist of the approximate kinds assumes they are)."""
+def _float32_chunks(vectors: np.ndarray, rows: np.ndarray | None = None
+                    ) -> Iterator[np.ndarray]:
+    """``vectors`` (or its ``rows``) as float32, a chunk at a time, warning once if rows are
+    not unit norm (the L2 shortlist of the approximate kinds assumes they are)."""
     n = len(vectors) if rows is None else len(rows)
     warned = False
     for start in range(0, n, _CHUNK_ROWS):
@@ -376,7 +381,7 @@ def _float32_chunks(vectors: np.ndarray, rows: np.ndarray | None = None):
             logger.warning("rows are not unit norm (norms %.3g..%.3g): inner-product ranking "
                            "of approximate kinds may lose recall", norms.min(), norms.max())
             warned = True
-        yield start, chunk
+        yield chunk
 
 
 def _flat_blocks(vectors: np.ndarray) -> list[tuple[int, faiss.Index]]:
@@ -400,8 +405,8 @@ def _build_ivfpq(vectors: np.ndarray, p: dict, seed: int) -> faiss.Index:
     index.use_precomputed_table = -1  # see the module docstring
     index.cp.seed = index.pq.cp.seed = seed
     sample = np.sort(np.random.default_rng(seed).choice(n, p["train_size"], replace=False))
-    index.train(np.concatenate([c for _, c in _float32_chunks(vectors, sample)]))
-    for _, chunk in _float32_chunks(vectors):
+    index.train(np.concatenate(list(_float32_chunks(vectors, sample))))
+    for chunk in _float32_chunks(vectors):
         index.add(chunk)
     return index
 
@@ -412,6 +417,6 @@ def _build_hnsw(vectors: np.ndarray, p: dict, seed: int) -> faiss.Index:
     index.hnsw.efConstruction = p["ef_construction"]
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, 100_000), replace=False))
     index.train(vectors[sample].astype(np.float32))  # per-dimension min/max of the 8-bit codes
-    for _, chunk in _float32_chunks(vectors):
+    for chunk in _float32_chunks(vectors):
         index.add(chunk)
     return index
