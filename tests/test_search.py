@@ -340,3 +340,25 @@ def test_two_processes_build_the_same_index(folder, tmp_path, model_file) -> Non
         q = a.query_vector(text=text)
         assert [(h.path, round(h.score, 4)) for h in a.search_vector(q, 8)] == \
             [(h.path, round(h.score, 4)) for h in b.search_vector(q, 8)]
+
+
+def test_fast_decode_keeps_sizes_and_embeddings(tmp_path, photos, model) -> None:
+    from clipforge.data.sources import open_image_file
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for path in photos[:3]:
+        image = Image.open(path).convert("RGB")
+        image.resize((image.width * 6, image.height * 6), Image.Resampling.BICUBIC).save(
+            folder / f"{path.stem}.jpg", quality=90)
+    big = sorted(folder.iterdir())
+    assert open_image_file(big[0], draft=model.config.image_size).size[0] < \
+        Image.open(big[0]).size[0] // 4  # really decoded at a reduced scale
+    exact = embed_images(model, big, progress=False)
+    fast = embed_images(model, big, progress=False, fast_decode=True)
+    cosine = (exact.vectors * fast.vectors).sum(axis=1)
+    assert cosine.min() > 0.9999 and not np.array_equal(exact.vectors, fast.vectors)
+    _build(folder, tmp_path / "index", model, fast_decode=True)
+    hits = SearchIndex.open(tmp_path / "index", model).search(text="x", k=3)
+    assert {(Path(h.path).name, h.width, h.height) for h in hits} == \
+        {(p.name, *Image.open(p).size) for p in big}  # the stored size, not the draft's

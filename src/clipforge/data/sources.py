@@ -95,34 +95,49 @@ def _caption_or_error(key: str, caption: str | None, image: Image.Image) -> Samp
     return Sample(image, caption, key)
 
 
-def open_image_file(path: str | Path) -> Image.Image:
+def _without_file_repr(exc: Exception) -> str:
+    """PIL's message without the file object's repr (the caller names the file itself)."""
+    return re.sub(r" ?<_io\.(BytesIO object at \w+|BufferedReader name=[^>]*)>", "", str(exc))
+
+
+def _decode(image: Image.Image, draft: int | None) -> Image.Image:
+    """Decode fully; with ``draft``, let the JPEG decoder scale down by 1/2, 1/4 or 1/8 in the
+    DCT domain while both sides stay at least ``draft`` pixels (PIL's draft mode).  A 12 MP
+    photo then decodes several times faster; the pixels differ slightly from the exact path
+    (measured in docs/benchmarks.md).  Other formats ignore it.  The stored size is kept in
+    ``image.info["original_size"]``."""
+    image.info["original_size"] = image.size
+    if draft:
+        image.draft(image.mode, (draft, draft))
+    image.load()
+    return image
+
+
+def open_image_file(path: str | Path, draft: int | None = None) -> Image.Image:
     """The fully decoded image, or :class:`BadItem` (``missing image`` / ``unreadable image``).
     (Like ``load_image``, but any decoding failure is the item's, never the run's, and the file
     is closed when decoding fails, not left to the garbage collector.)  Training and evaluation
     sets read files through this one function, so they skip the same files for the same
-    reasons."""
+    reasons.  ``draft``: see :func:`_decode`."""
     try:
         with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
+            image = _decode(Image.open(f), draft)
         return image
     except FileNotFoundError:
         raise BadItem(f"{MISSING_IMAGE} (no such file)") from None
     except Exception as exc:  # PIL raises many kinds for malformed files; none may escape
-        raise BadItem(f"{UNREADABLE_IMAGE} ({type(exc).__name__}: {exc})") from None
-
-
-def open_image_bytes(data: bytes, extension: str) -> Image.Image:
-    """A fully decoded image from a shard member's bytes, or :class:`BadItem` naming the member
-    (``unreadable image (.jpg: ...)``)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except Exception as exc:  # any decoding failure is this sample's, not the stream's
-        detail = re.sub(r" ?<_io\.BytesIO object at \w+>", "", str(exc))
-        raise BadItem(f"{UNREADABLE_IMAGE} (.{extension}: {type(exc).__name__}: {detail})"
+        raise BadItem(f"{UNREADABLE_IMAGE} ({type(exc).__name__}: {_without_file_repr(exc)})"
                       ) from None
+
+
+def open_image_bytes(data: bytes, extension: str, draft: int | None = None) -> Image.Image:
+    """A fully decoded image from a shard member's bytes, or :class:`BadItem` naming the member
+    (``unreadable image (.jpg: ...)``).  ``draft``: see :func:`_decode`."""
+    try:
+        return _decode(Image.open(io.BytesIO(data)), draft)
+    except Exception as exc:  # any decoding failure is this sample's, not the stream's
+        raise BadItem(f"{UNREADABLE_IMAGE} (.{extension}: {type(exc).__name__}: "
+                      f"{_without_file_repr(exc)})") from None
 
 
 def _load_file(path: Path) -> Image.Image | Sample:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..cli import _add_model_options, _load
+from ..cli import FAST_DECODE_HELP, _add_model_options, _load
 from ..image import ImageLoadError, load_image
 from .build import build_index
 from .store import Store
@@ -63,7 +63,7 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
     report = build_index(args.source, args.out, model, batch_size=args.batch_size,
                          num_workers=args.workers, ann=args.ann, ann_params=params or None,
                          progress=not args.no_progress, image_key=args.csv_image_key,
-                         caption_key=args.csv_caption_key)
+                         caption_key=args.csv_caption_key, fast_decode=args.fast_decode)
     if not is_main:
         return 0
     if args.json:
@@ -161,6 +161,7 @@ def add_search_commands(sub: argparse._SubParsersAction) -> dict:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")
+    b.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     b.add_argument("--csv-image-key", default="filepath")
     b.add_argument("--csv-caption-key", default="title")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")

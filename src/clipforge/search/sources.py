@@ -161,13 +161,15 @@ def scan_source(source: str | Path, *, image_key: str = "filepath", caption_key:
 
 
 def read_entry_image(path: str, member: str | None = None, offset: int | None = None,
-                     length: int | None = None) -> Image.Image:
+                     length: int | None = None, draft: int | None = None) -> Image.Image:
     """The fully decoded image of an item; :class:`BadItem` with the reason if it cannot be.
 
     A shard member is read by the byte span the scan recorded (one seek, not a walk through
-    the tar's headers), which is why a rewritten shard is always re-scanned."""
+    the tar's headers), which is why a rewritten shard is always re-scanned.  ``draft``: decode
+    JPEGs at a reduced scale, no smaller than this (see :func:`clipforge.data.sources._decode`).
+    """
     if member is None:
-        return open_image_file(path)
+        return open_image_file(path, draft)
     try:
         with open(path, "rb") as f:
             f.seek(offset or 0)
@@ -177,4 +179,4 @@ def read_entry_image(path: str, member: str | None = None, offset: int | None = 
     if len(payload) != length:
         raise BadItem(f"missing image ({member}: the shard is shorter than when it was "
                       "scanned; run the index build again)")
-    return open_image_bytes(payload, member.rsplit(".", 1)[-1])
+    return open_image_bytes(payload, member.rsplit(".", 1)[-1], draft)
