@@ -6,7 +6,8 @@ content at quality 90, about the size of a phone photo).  Each is indexed with V
 (random weights: the cost does not depend on the values) by:
 
 * ``clipforge index build`` (``build_index``): decode + resize + encode + SQLite commit, with
-  ``--workers`` decoding processes (0 = decode in the main process);
+  ``--workers`` decoding processes (0 = decode in the main process), and with ``--fast-decode``
+  (JPEG draft mode) at the largest worker count;
 * the peer, the loop people write with Hugging Face ``transformers``: PIL ``Image.open``,
   ``CLIPImageProcessor`` and ``CLIPModel.get_image_features`` in batches of 32, keeping the
   vectors in memory (no storage at all), on the same weights.
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 import clipforge
+from clipforge.data.sources import open_image_file
 from clipforge.samples import write_sample_photos
 from clipforge.search import build_index
 from machine import cpu_name
@@ -65,11 +67,11 @@ def camera_jpegs(directory: Path, count: int, size: tuple[int, int] = (4032, 302
     return paths
 
 
-def run_clipforge(model: clipforge.CLIP, folder: Path, workers: int) -> float:
+def run_clipforge(model: clipforge.CLIP, folder: Path, workers: int, fast: bool = False) -> float:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         report = build_index(folder, Path(out) / "index", model, batch_size=32,
-                             num_workers=workers, progress=False)
+                             num_workers=workers, progress=False, fast_decode=fast)
         seconds = time.perf_counter() - start
     assert report.total == len(list(folder.iterdir())), report.failures
     return report.total / seconds
@@ -86,6 +88,24 @@ def run_transformers(hf_model, processor, paths: list[Path]) -> float:
             out = out if torch.is_tensor(out) else out.pooler_output
             vectors.append(torch.nn.functional.normalize(out, dim=-1))
     return len(paths) / (time.perf_counter() - start)
+
+
+def decode_cost(model: clipforge.CLIP, paths: list[Path]) -> dict[str, float]:
+    """Decode + preprocess time per image (one process), exact and with draft-mode decoding,
+    and how far the fast path's pixels and embeddings are from the exact ones."""
+    out: dict[str, float] = {}
+    pixels = {}
+    for name, draft in (("exact", None), ("fast", model.preprocess.image_size)):
+        start = time.perf_counter()
+        pixels[name] = torch.stack([model.preprocess(open_image_file(p, draft)) for p in paths])
+        out[f"{name}_ms"] = 1000 * (time.perf_counter() - start) / len(paths)
+    with torch.inference_mode():
+        a, b = (torch.nn.functional.normalize(model.encode_image(pixels[n]), dim=-1)
+                for n in ("exact", "fast"))
+    cosine = (a * b).sum(-1)
+    out["cos_mean"], out["cos_min"] = cosine.mean().item(), cosine.min().item()
+    out["pixel_mean_abs"] = (pixels["exact"] - pixels["fast"]).abs().mean().item()
+    return out
 
 
 def main() -> None:
@@ -109,6 +129,7 @@ def main() -> None:
         processor = CLIPImageProcessor(size={"shortest_edge": size},
                                        crop_size={"height": size, "width": size})
         sets = {}
+        costs: dict[str, dict[str, float]] = {}
         (tmp / "photos").mkdir()
         sets["scikit-image photos"] = sample_photos(tmp / "photos", args.photos)
         (tmp / "camera").mkdir()
@@ -124,6 +145,11 @@ def main() -> None:
                 ours = run_clipforge(model, folder, workers)
                 rows.append((name, f"{megabytes:.2f}", f"clipforge, {workers} workers",
                              f"{ours:.1f}"))
+            fast_workers = max(map(int, args.workers.split(",")))
+            ours = run_clipforge(model, folder, fast_workers, fast=True)
+            rows.append((name, f"{megabytes:.2f}",
+                         f"clipforge, {fast_workers} workers, --fast-decode", f"{ours:.1f}"))
+            costs[name] = decode_cost(model, paths[:16])
             rows.append((name, f"{megabytes:.2f}", "transformers loop (no storage)",
                          f"{peer:.1f}"))
             print(f"{name}: done", flush=True)
@@ -134,6 +160,11 @@ def main() -> None:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print("\ndecode + preprocess per image (one process), exact vs --fast-decode (draft mode):")
+    for name, c in costs.items():
+        print(f"  {name}: {c['exact_ms']:.1f} ms vs {c['fast_ms']:.1f} ms; pixels mean |diff| "
+              f"{c['pixel_mean_abs']:.4f} (normalised units); embedding cosine to exact: mean "
+              f"{c['cos_mean']:.6f}, min {c['cos_min']:.6f}")
     print("\ncommand: python benchmarks/bench_index.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items()))
 

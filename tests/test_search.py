@@ -362,3 +362,15 @@ def test_fast_decode_keeps_sizes_and_embeddings(tmp_path, photos, model) -> None
     hits = SearchIndex.open(tmp_path / "index", model).search(text="x", k=3)
     assert {(Path(h.path).name, h.width, h.height) for h in hits} == \
         {(p.name, *Image.open(p).size) for p in big}  # the stored size, not the draft's
+
+
+def test_fast_decode_leaves_small_images_exact(tmp_path, photos, model) -> None:
+    """Draft mode only where the decoder really scales down: a JPEG under twice the model's
+    input size, and any other format, decode exactly as without it."""
+    size = model.config.image_size
+    small = tmp_path / "small.jpg"
+    Image.open(photos[0]).convert("RGB").resize((3 * size, 2 * size - 1)).save(small)
+    files = [small, *(p for p in photos if p.suffix == ".png")]
+    exact = embed_images(model, files, progress=False)
+    fast = embed_images(model, files, progress=False, fast_decode=True)
+    np.testing.assert_array_equal(fast.vectors, exact.vectors)

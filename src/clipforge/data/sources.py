@@ -107,7 +107,10 @@ def _decode(image: Image.Image, draft: int | None) -> Image.Image:
     (measured in docs/benchmarks.md).  Other formats ignore it.  The stored size is kept in
     ``image.info["original_size"]``."""
     image.info["original_size"] = image.size
-    if draft:
+    width, height = image.size
+    # Only where the decoder will really scale down: draft mode also switches libjpeg to its
+    # faster, less exact IDCT, which would change small JPEGs' pixels for no gain.
+    if draft and image.format == "JPEG" and min(width // draft, height // draft) >= 2:
         image.draft(image.mode, (draft, draft))
     image.load()
     return image
