@@ -17,7 +17,14 @@ from ..model import CLIP
 
 
 def weights_fingerprint(model: CLIP) -> str:
-    """sha256 (first 16 hex digits) of the config and the float32 weights of ``model``."""
+    """sha256 (first 16 hex digits) of the config and the float32 weights of ``model``.
+
+    A model converted for inference (bf16, int8, an ONNX export) carries the digest of the
+    float32 weights it came from as ``model.fingerprint``, so that it can query an index those
+    weights built."""
+    recorded = getattr(model, "fingerprint", None)
+    if recorded:
+        return recorded
     digest = hashlib.sha256(model.config.to_json().encode())
     for name, tensor in sorted(model.state_dict().items()):
         values = tensor.detach().to("cpu", torch.float32).contiguous()
