@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..configs import CLIPConfig, PreprocessConfig
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: to_numpy does not need it
+    import torch
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -77,8 +80,22 @@ class Preprocess:
         img = center_crop(img, self.image_size)
         return self.to_tensor(img.convert("RGB"))
 
+    def to_numpy(self, img: Image.Image) -> np.ndarray:
+        """The pixels of :meth:`__call__` as a numpy float32 array, without torch (for
+        deployments that run the ONNX encoders, see :mod:`clipforge.onnx.runtime`): the same
+        float32 operations in the same order, so the values are identical."""
+        img = resize_short_side(img, self.image_size, _RESAMPLE[self.interpolation])
+        img = center_crop(img, self.image_size)
+        pixels = np.array(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        pixels = pixels.astype(np.float32, order="C") / np.float32(255)
+        pixels -= np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        pixels /= np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return pixels
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """An RGB image already at the model size -> normalised [3, S, S] float32."""
+        import torch
+
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
         pixels = pixels.permute(2, 0, 1).float().div(255)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)

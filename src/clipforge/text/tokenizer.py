@@ -19,10 +19,14 @@ import json
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
+import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the ids alone do not need it
+    import torch
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # lines 1..48894 of the vocabulary file
@@ -132,10 +136,19 @@ class Tokenizer:
         Over-long text raises :class:`ContextLengthError` unless ``truncate`` is set, in which case
         the text is cut and the end-of-text token kept as the last id.
         """
+        import torch
+
+        # a copy: a tensor of its own (resizable, shareable), as before this went through numpy
+        return torch.tensor(self.encode_batch(texts, context_length, truncate))
+
+    def encode_batch(self, texts: str | Iterable[str], context_length: int = 77,
+                     truncate: bool = False) -> np.ndarray:
+        """The ids of :meth:`__call__` as a numpy int64 array, without torch (for deployments
+        that run the ONNX encoders, see :mod:`clipforge.onnx.runtime`)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        result = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
             if len(ids) > context_length:
@@ -148,7 +161,7 @@ class Tokenizer:
                     )
                 ids = ids[:context_length]
                 ids[-1] = self.eot_token_id
-            result[row, : len(ids)] = torch.tensor(ids)
+            result[row, : len(ids)] = ids
         return result
 
     def save_hf_vocabulary(self, directory: str | Path) -> list[Path]:

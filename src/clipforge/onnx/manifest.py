@@ -1,0 +1,105 @@
+"""The export directory's layout and its manifest, ``clipforge_onnx.json``.
+
+Export (which needs torch) and runtime (which must not) both depend on this module, so it
+holds the file names, the format version and the checks a loader runs before it trusts a file.
+A deployment gets its model from a copied directory. Truncated copies and half-synced volumes
+happen, so each graph's size and sha256 are recorded at export and checked at load. The error
+then names the file; onnxruntime's protobuf message would not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_file
+
+MANIFEST = "clipforge_onnx.json"
+FORMAT = "clipforge-onnx"
+FORMAT_VERSION = 1
+IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
+VOCAB_LICENSE = "LICENSE-bpe_simple_vocab.txt"
+VARIANTS = ("fp32", "int8")
+
+
+class OnnxLoadError(ValueError):
+    """An export directory, its manifest or one of its graphs cannot be used."""
+
+
+def variant_file(name: str, variant: str) -> str:
+    """``image_encoder.onnx`` -> ``image_encoder_int8.onnx`` for the int8 variant."""
+    return name if variant == "fp32" else name.replace(".onnx", f"_{variant}.onnx")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest records of a written file: its name, size and sha256."""
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def export_directory(path: str | Path) -> Path:
+    """The export directory for ``path``: the directory itself, or the one holding ``path``
+    when it names the manifest or a graph inside it."""
+    path = Path(path)
+    if path.is_file() and (path.name == MANIFEST or path.suffix in (".onnx", ".data")):
+        return path.parent
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the export at ``path``, after checking that it is one clipforge can read."""
+    directory = export_directory(path)
+    if not directory.exists():
+        raise OnnxLoadError(f"{directory} does not exist")
+    if not directory.is_dir():
+        raise OnnxLoadError(f"{directory} is not an ONNX export directory")
+    file = directory / MANIFEST
+    if not file.is_file():
+        raise OnnxLoadError(
+            f"{directory} has no {MANIFEST}: not a clipforge ONNX export (write one with "
+            "clipforge.onnx.export_onnx or `clipforge export onnx MODEL --out DIR`)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OnnxLoadError(f"cannot read {file}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise OnnxLoadError(f"{file} is not a clipforge ONNX manifest (no \"format\": "
+                            f"\"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise OnnxLoadError(f"{file} has format version {version!r}; this clipforge reads "
+                            f"versions up to {FORMAT_VERSION}: upgrade clipforge")
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest (atomically: readers see the old one or the new one)."""
+    path = directory / MANIFEST
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def check_file(directory: Path, record: dict[str, Any], verify: bool) -> Path:
+    """The path of a recorded file after checking that it is there, whole and (with
+    ``verify``) the same bytes as exported; the errors name the file."""
+    path = directory / record["file"]
+    if not path.is_file():
+        raise OnnxLoadError(f"{path} is missing from the export; export the model again")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise OnnxLoadError(f"{path} is {size} bytes but was exported with {record['bytes']}: "
+                            "truncated or replaced; copy or export it again")
+    if verify and sha256_file(path) != record["sha256"]:
+        raise OnnxLoadError(f"{path} does not match the sha256 recorded at export: corrupted or "
+                            "replaced; copy or export it again")
+    return path
