@@ -425,3 +425,42 @@ def test_vit_b_32_parity(tmp_path: Path) -> None:
     assert _max_diff(runtime.encode_image(pixels), image) <= TOL * max(1.0, scale)
     assert _max_diff(runtime.encode_text(ids), text) <= TOL * max(1.0, float(text.abs().max()))
     assert _max_diff(runtime.encode_text(ids[:2, :10]), model.encode_text(ids[:2, :10])) <= TOL
+
+
+def test_command_line_export_and_onnx_backend(tmp_path, photos, capsys) -> None:
+    """`clipforge export onnx`, then the same commands with the export: classify and embed
+    auto-detect it, an index built from it reopens with it, and wrong options are refused."""
+    from clipforge.cli import main
+
+    torch.manual_seed(0)
+    source = tmp_path / "tiny.safetensors"
+    clipforge.save_model(perturb(clipforge.create_model("tiny-vit"), seed=7), source)
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", str(source), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["classify", str(photos[0]), "--labels", "cat,dog", "--model", str(out),
+                 "--json"]) == 0
+    onnx_result = json.loads(capsys.readouterr().out)["results"][0]["predictions"]
+    assert main(["classify", str(photos[0]), "--labels", "cat,dog", "--model", str(source),
+                 "--json"]) == 0
+    torch_result = json.loads(capsys.readouterr().out)["results"][0]["predictions"]
+    assert [p["label"] for p in onnx_result] == [p["label"] for p in torch_result]
+    assert [p["probability"] for p in onnx_result] == pytest.approx(
+        [p["probability"] for p in torch_result], abs=1e-4)
+
+    index = tmp_path / "index"
+    assert main(["index", "build", str(photos[0].parent), "--out", str(index), "--model",
+                 str(out), "--workers", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "--image", str(photos[0]), "-k", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith(photos[0].name)
+    # The torch model with the same weights may query the index the export built.
+    assert main(["search", str(index), "a cat", "--model", str(source), "-k", "1"]) == 0
+    capsys.readouterr()
+
+    assert main(["classify", str(photos[0]), "--labels", "a,b", "--model", str(source),
+                 "--backend", "onnx"]) == 2
+    assert "needs an export directory" in capsys.readouterr().err
+    assert main(["classify", str(photos[0]), "--labels", "a,b", "--model", str(out),
+                 "--precision", "bf16"]) == 2
+    assert "runs as exported" in capsys.readouterr().err

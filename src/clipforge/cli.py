@@ -41,6 +41,12 @@ def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DE
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="override the activation (bare state dicts default to quick_gelu)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="fp32 (exact), bf16 or int8 (faster on CPUs with AVX-512 bf16 / "
+                        "VNNI; accuracy in docs/benchmarks.md)")
+    parser.add_argument("--backend", choices=("torch", "onnx"),
+                        help="onnx: run an export directory (`clipforge export onnx`) with "
+                        "onnxruntime (default: onnx for an export directory, else torch)")
 
 
 def _weights_for(name: str, weights: str | None) -> str | None:
@@ -56,9 +62,29 @@ def _weights_for(name: str, weights: str | None) -> str | None:
     return weights
 
 
-def _load(name: str, weights: str | None, activation: str | None, device: str = "cpu") -> CLIP:
+def _load(name: str, weights: str | None, activation: str | None, device: str = "cpu",
+          precision: str = "fp32", backend: str | None = None) -> CLIP:
+    """The model a command runs: PyTorch, or onnxruntime for an ONNX export directory."""
+    from .onnx.manifest import MANIFEST
+
+    if backend == "onnx" or (backend is None and (Path(name) / MANIFEST).is_file()):
+        if not (Path(name) / MANIFEST).is_file():
+            raise ValueError(f"--backend onnx needs an export directory, and {name} is not "
+                             "one; write one with `clipforge export onnx MODEL --out DIR`")
+        if weights or activation or device != "cpu" or precision == "bf16":
+            raise ValueError("an ONNX export runs as exported on the CPU: leave out --weights, "
+                             "--activation and --device, and use --precision fp32 or int8")
+        from .onnx import load_onnx
+
+        return load_onnx(name, variant=precision)  # type: ignore[return-value]
     return create_model(name, weights=_weights_for(name, weights), device=device,
-                        activation=activation)
+                        activation=activation, precision=precision)
+
+
+def _model(args: argparse.Namespace) -> CLIP:
+    """:func:`_load` with a command's model options."""
+    return _load(args.model, args.weights, args.activation, args.device, args.precision,
+                 args.backend)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -85,7 +111,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if not paths:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
-    model = _load(args.model, args.weights, args.activation, args.device)
+    model = _model(args)
     prompts = [args.template.format(label) for label in labels]
     text = torch.from_numpy(embed_texts(model, prompts, progress=False, truncate=True).vectors)
     images = embed_images(model, paths, batch_size=args.batch_size, progress=False)
@@ -136,7 +162,7 @@ def cmd_plot_similarity(args: argparse.Namespace) -> int:
     if not paths or not texts:
         raise SystemExit("error: give image files (--images) and texts (--texts or "
                          "--texts-file)")
-    model = _load(args.model, args.weights, args.activation, args.device)
+    model = _model(args)
     try:
         result = plot_similarity(paths, texts, model, args.out, truncate=args.truncate,
                                  vmin=args.vmin, vmax=args.vmax)
@@ -151,7 +177,7 @@ def cmd_plot_similarity(args: argparse.Namespace) -> int:
 def cmd_rank(args: argparse.Namespace) -> int:
     from .evaluation.scoring import rank_images
 
-    model = _load(args.model, args.weights, args.activation, args.device)
+    model = _model(args)
     ranked, skipped = rank_images(model, args.prompt, args.images, batch_size=args.batch_size,
                                   truncate=args.truncate)
     shown = ranked[: args.top] if args.top else ranked
@@ -183,7 +209,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                              "of the files (folders are listed sorted)")
     else:
         raise SystemExit("error: give --pairs FILE.csv, or --images and --captions")
-    model = _load(args.model, args.weights, args.activation, args.device)
+    model = _model(args)
     result = clip_score(model, paths, captions, w=args.w, batch_size=args.batch_size,
                         prefix="" if args.no_prefix else PREFIX, truncate=args.truncate)
     if args.json:
@@ -221,8 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label_key=args.csv_label_key, caption_key=args.csv_caption_key,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
     weights = _weights_for(args.model, args.weights)
-    model = create_model(args.model, weights=weights, device=args.device,
-                         activation=args.activation)
+    model = _load(args.model, weights, args.activation, args.device, args.precision, args.backend)
     record = evaluate(model, args.dataset, options, model_name=str(args.model),
                       pretrained=weights or "")
     for item in record.get("skipped", []):
@@ -273,7 +298,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     paths = find_images(args.images or [])
     if args.images and not paths:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
-    model = _load(args.model, args.weights, args.activation, args.device)
+    model = _model(args)
     failures = []
     with atomic_directory(args.out, marker="model.json") as out:
         if paths:
@@ -305,6 +330,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = _load(args.src, args.weights, args.activation)
     save_model(model, args.dst, format=args.to)
     print(f"wrote {args.dst} ({args.to} format, activation {model.config.activation})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx import export_onnx
+    from .onnx.manifest import MANIFEST
+
+    model = _load(args.model, args.weights, args.activation)
+    out = export_onnx(model, args.out, opset=args.opset, quantize="int8" if args.int8 else None,
+                      verify=not args.no_verify)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    print(f"wrote {out} (opset {manifest.get('opset')}; checked against PyTorch: "
+          f"{json.dumps(manifest.get('verification'))})")
     return 0
 
 
@@ -398,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=FORMATS, default="clipforge")
     p.add_argument("--weights", help="with an architecture name: tag, hf-hub:org/repo or file")
     p.add_argument("--activation", choices=ACTIVATIONS)
+
+    p = sub.add_parser("export", help="export the image and text encoders for deployment",
+                       description="Write the two encoders as ONNX graphs (dynamic batch and "
+                       "text length) with the tokenizer vocabulary and a manifest describing "
+                       "preprocessing; run them with `--backend onnx` or clipforge.onnx.OnnxCLIP, "
+                       "without PyTorch.")
+    p.add_argument("format", choices=("onnx",))
+    p.add_argument("model", help="architecture name, checkpoint file, model directory or "
+                   "hf-hub:org/repo")
+    p.add_argument("--out", required=True, type=Path, help="export directory")
+    p.add_argument("--weights", help="with an architecture name: tag, hf-hub:org/repo or file")
+    p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--int8", action="store_true", help="also write int8 graphs (dynamic "
+                   "quantisation of the matrix products; `--precision int8` runs them)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the graphs against "
+                   "PyTorch after export")
 
     from .training.loop import TrainConfig
 
@@ -501,7 +556,8 @@ def _search_commands(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = {"models": cmd_models, "classify": cmd_classify, "embed": cmd_embed,
-            "convert": cmd_convert, "train": cmd_train, "samples": cmd_samples,
+            "convert": cmd_convert, "export": cmd_export, "train": cmd_train,
+            "samples": cmd_samples,
             "plot-similarity": cmd_plot_similarity, "rank": cmd_rank, "score": cmd_score,
             "eval": cmd_eval, "eval-table": cmd_eval_table}
 

@@ -15,6 +15,7 @@ import torch
 from .configs import ARCHITECTURES, CLIPConfig, get_config
 from .image import Preprocess
 from .model import CLIP
+from .precision import apply_precision, check_precision
 from .weights.checkpoint import ARCHIVE_ATTRIBUTES, CheckpointError, StateDict
 from .weights.formats import read_weights
 from .weights.pretrained import HUB_PREFIX, download, resolve
@@ -78,7 +79,7 @@ def load_checked(model: CLIP, sd: StateDict, source: str) -> None:
 
 def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 activation: str | None = None) -> CLIP:
+                 activation: str | None = None, precision: str = "fp32") -> CLIP:
     """Build a :class:`CLIP` in eval mode with ``model.preprocess`` set.
 
     ``name_or_path``: a built-in architecture (see :func:`available_models`), a checkpoint file
@@ -88,7 +89,14 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     file; None gives random initialisation.  ``activation`` ("quick_gelu" | "gelu") overrides
     what the weights record; bare state dicts record nothing and are read as QuickGELU.
     ``dtype`` defaults to float32 whatever the file stores.
+    ``precision``: ``"fp32"`` (the exact path), or ``"bf16"`` / ``"int8"`` for a faster
+    inference-only model with float32 outputs (see :mod:`clipforge.precision`); the weights are
+    read as float32 and converted, so ``dtype`` must then be left unset (or float32).
     """
+    check_precision(precision)
+    if precision != "fp32" and dtype not in (None, torch.float32):
+        raise ValueError(f"precision={precision!r} converts float32 weights; leave dtype unset "
+                         f"(got {dtype})")
     config, sd, source = _resolve(name_or_path, weights, activation)
     if sd is None:
         model = CLIP(config)
@@ -99,7 +107,7 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     model = model.to(device=device, dtype=dtype or torch.float32)
     model.preprocess = Preprocess.from_config(config)
     model.origin = _origin(name_or_path, weights)
-    return model.eval()
+    return apply_precision(model.eval(), precision)
 
 
 def _origin(name_or_path: str | Path, weights: str | Path | None) -> dict[str, str | None]:
@@ -114,10 +122,11 @@ def _origin(name_or_path: str | Path, weights: str | Path | None) -> dict[str, s
 
 def load(name_or_path: str | Path, *, weights: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         activation: str | None = None) -> tuple[CLIP, Callable]:
+         activation: str | None = None, precision: str = "fp32"
+         ) -> tuple[CLIP, Callable]:
     """openai/CLIP's ``clip.load``: ``(model, preprocess)``; arguments as :func:`create_model`."""
     model = create_model(name_or_path, weights=weights, device=device, dtype=dtype,
-                         activation=activation)
+                         activation=activation, precision=precision)
     return model, model.preprocess
 
 

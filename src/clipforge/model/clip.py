@@ -37,6 +37,11 @@ class CLIP(nn.Module):
         self.preprocess: Callable | None = None  # set by clipforge.create_model
         # How to load these weights again ({"model": ..., "weights": ...}), set by create_model.
         self.origin: dict[str, str | None] | None = None
+        # "fp32", or "bf16" / "int8" for an inference model made by clipforge.precision, which
+        # then also records the digest of the float32 weights it came from (weights_fingerprint
+        # returns it; None: computed from the weights themselves)
+        self.precision = "fp32"
+        self.fingerprint: str | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -51,7 +56,21 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_projection.dtype
+        """The dtype the transformers compute in (bfloat16 for a bf16 or int8 model, whose
+        layer norms and output projections stay float32)."""
+        return self.token_embedding.weight.dtype
+
+    def train(self, mode: bool = True) -> CLIP:
+        """As ``nn.Module.train``, but a bf16 or int8 model refuses training mode: its weights
+        are rounded or quantised copies, frozen, and training them would silently drift from
+        the float32 checkpoint it names (training uses float32 weights with bf16 autocast)."""
+        precision = getattr(self, "precision", "fp32")
+        if mode and precision != "fp32":
+            raise RuntimeError(
+                f"this model was converted to {precision} for inference and cannot be trained; "
+                "create it with precision='fp32' (training runs bf16 autocast on float32 weights)"
+            )
+        return super().train(mode)
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +99,7 @@ class CLIP(nn.Module):
         length = int(eot.max()) + 1 if tokens.shape[0] else 1
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
         x = self.transformer(x.to(self.dtype), causal=True)
-        x = self.ln_final(x)
+        x = self.ln_final(x.to(self.text_projection.dtype))  # float32 in a bf16 model too
         features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -109,7 +128,7 @@ class CLIP(nn.Module):
         x_s = (self.token_embedding(suffixes) + positions[shared:shared + length])[valid]
         last = (eot + 1).cumsum(dim=0) - 1  # each row's end token in the packed order
         x = self.transformer.forward_with_prefix(x_p, x_s.to(self.dtype), valid, keep=last)
-        features = self.ln_final(x) @ self.text_projection
+        features = self.ln_final(x.to(self.text_projection.dtype)) @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor

@@ -54,10 +54,15 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    def _in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v projection, [..., width] -> [..., 3 width].  One method, so that
+        :mod:`clipforge.precision` can put a quantised matrix product in its place."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[3, batch, heads, tokens, head width] queries, keys and values."""
         n, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self._in_proj(x)
         return qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
 
     def _out(self, heads: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,7 @@ class Attention(nn.Module):
         packed again (only its ``keep`` tokens, when given)."""
         qp, kp, vp = self._qkv(prefix)
         n, length = valid.shape
-        packed = F.linear(suffix, self.in_proj_weight, self.in_proj_bias)
+        packed = self._in_proj(suffix)
         padded = packed.new_zeros(n, length, packed.shape[-1])
         padded[valid] = packed
         qs, ks, vs = padded.view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)

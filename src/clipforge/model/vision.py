@@ -60,7 +60,9 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        # ln_post and the projection run in the projection's dtype: float32 also in a bf16
+        # model (clipforge.precision), so the embedding is not rounded to bf16 at the end
+        return self.ln_post(x[:, 0].to(self.proj.dtype)) @ self.proj
 
     def init_weights(self) -> None:
         self.transformer.init_weights()
@@ -123,7 +125,9 @@ class AttentionPool2d(nn.Module):
         k = self.k_proj(x).view(n, length, self.heads, head_dim).transpose(1, 2)
         v = self.v_proj(x).view(n, length, self.heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.c_proj(out.transpose(1, 2).reshape(n, width))
+        # the output projection's dtype: float32 also in a bf16 model (clipforge.precision)
+        out = out.transpose(1, 2).reshape(n, width).to(self.c_proj.weight.dtype)
+        return self.c_proj(out)
 
 
 class ModifiedResNet(nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..cli import FAST_DECODE_HELP, _add_model_options, _load
+from ..cli import FAST_DECODE_HELP, _add_model_options, _load, _model
 from ..image import ImageLoadError, load_image
 from .build import build_index
 from .store import Store
@@ -21,7 +21,7 @@ def _index_model(args: argparse.Namespace):
     """The model the user named, else None: the index's own (or the default for a new one)."""
     if args.model is None:
         return None
-    return _load(args.model, args.weights, args.activation, args.device)
+    return _model(args)
 
 
 def _recorded(index: Path) -> dict[str, str]:
@@ -52,12 +52,13 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
 
     info = _recorded(args.out)
     if args.model is not None:
-        model = _load(args.model, args.weights, args.activation, device)
+        model = _load(args.model, args.weights, args.activation, device, args.precision,
+                      args.backend)
     elif info.get("model") not in (None, "None"):
         weights = None if info.get("weights") in (None, "None") else info["weights"]
-        model = _load(info["model"], weights, args.activation, device)
+        model = _load(info["model"], weights, args.activation, device, args.precision)
     else:
-        model = _load(DEFAULT_MODEL, args.weights, args.activation, device)
+        model = _load(DEFAULT_MODEL, args.weights, args.activation, device, args.precision)
     params = {k: v for k, v in (("nlist", args.nlist), ("m", args.pq_m),
                                 ("nprobe", args.nprobe)) if v is not None}
     report = build_index(args.source, args.out, model, batch_size=args.batch_size,

@@ -26,6 +26,7 @@ from PIL import Image
 from ..configs import ARCHITECTURES
 from ..data.sources import BadItem
 from ..model import CLIP
+from ..onnx.manifest import MANIFEST
 from ..text import get_tokenizer
 from ..weights.fingerprint import weights_fingerprint
 from .build import IndexMismatchError, ann_path, mismatch_message
@@ -103,7 +104,12 @@ class SearchIndex:
                 raise IndexMismatchError(
                     f"{path} was built with a randomly initialised {name}, which cannot be "
                     "loaded again; save the model to a file and build the index from that file")
-            model = create_model(name, weights=weights, device=device)
+            if (Path(name) / MANIFEST).is_file():  # built by an ONNX export
+                from ..onnx import load_onnx
+
+                model = load_onnx(name)
+            else:
+                model = create_model(name, weights=weights, device=device)
         fingerprint = weights_fingerprint(model)
         if fingerprint != info["fingerprint"]:
             raise IndexMismatchError(mismatch_message(Path(path), info, fingerprint,

@@ -1,0 +1,276 @@
+"""Inference precisions (``clipforge.precision``): bf16 and int8 encoders next to float32.
+
+Tiny perturbed models only: each mode must run for both towers, give float32 embeddings close
+to the float32 model's, keep what must stay float32 in float32, really quantise what int8
+claims to, keep the float32 weights' fingerprint, and refuse to be trained.  Accuracy and speed
+on real architectures are measured by ``benchmarks/bench_precision.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clipforge
+from clipforge.evaluation import ZeroShotClassifier
+from clipforge.model.transformer import Attention, LayerNorm
+from clipforge.precision import (
+    PRECISIONS,
+    Int8Attention,
+    Int8Linear,
+    apply_precision,
+    check_precision,
+)
+from clipforge.weights.fingerprint import weights_fingerprint
+from conftest import perturb
+
+# Minimum cosine to the float32 embeddings, per row.  Measured minima on these tiny perturbed
+# models are about 0.99995 (bf16) and 0.9994 (int8, text); the bounds leave room for other
+# inputs and kernels.  The benchmark's targets on real architectures are on the mean (bf16 >=
+# 0.999, int8 >= 0.995).
+MIN_COSINE = {"bf16": 0.9995, "int8": 0.998}
+TEXTS = ["a photo of a cat", "two blue stars on a striped background", "a red circle", "x"]
+
+
+def _inputs(model: clipforge.CLIP) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    size = model.config.image_size
+    return torch.randn(6, 3, size, size, generator=gen), clipforge.tokenize(TEXTS)
+
+
+def _embed(model: clipforge.CLIP, pixels: torch.Tensor, tokens: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return model.encode_image(pixels), model.encode_text(tokens)
+
+
+@pytest.fixture(params=["tiny_vit", "tiny_rn"])
+def tiny(request: pytest.FixtureRequest) -> clipforge.CLIP:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_close_to_float32(tiny: clipforge.CLIP, precision: str) -> None:
+    pixels, tokens = _inputs(tiny)
+    image32, text32 = _embed(tiny, pixels, tokens)
+    model = apply_precision(copy.deepcopy(tiny), precision)
+    image, text = _embed(model, pixels, tokens)
+    for got, want in ((image, image32), (text, text32)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        cosine = F.cosine_similarity(got, want, dim=-1)
+        assert cosine.min() > MIN_COSINE[precision], cosine
+        # not the float32 path in disguise
+        assert not torch.equal(got, want)
+    logits_per_image, logits_per_text = model(pixels, tokens)
+    assert logits_per_image.dtype == torch.float32
+    assert logits_per_image.shape == (len(pixels), len(TEXTS))
+    assert torch.equal(logits_per_text, logits_per_image.t())
+
+
+def test_fp32_is_unchanged(tiny: clipforge.CLIP) -> None:
+    pixels, tokens = _inputs(tiny)
+    image32, text32 = _embed(tiny, pixels, tokens)
+    params = {name: p for name, p in tiny.named_parameters()}
+    model = apply_precision(tiny, "fp32")
+    assert model is tiny and model.precision == "fp32"
+    assert model.origin["precision"] == "fp32"
+    assert all(p is params[name] for name, p in model.named_parameters())
+    image, text = _embed(model, pixels, tokens)
+    assert torch.equal(image, image32) and torch.equal(text, text32)
+    assert model.fingerprint is None  # an fp32 model may be trained: its digest stays live
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_prefix_encoding_matches_full_encoding(tiny_vit: clipforge.CLIP, precision: str) -> None:
+    """Zero-shot prompts go through encode_text_with_prefix: it must agree with encode_text in
+    a converted model as it does in float32 (same dtypes, same rounding, up to batching)."""
+    model = apply_precision(tiny_vit, precision)
+    tokens = clipforge.tokenize(["a photo of a cat.", "a photo of a small dog."])
+    shared = 5  # <start> a photo of a
+    assert torch.equal(tokens[0, :shared], tokens[1, :shared])
+    with torch.inference_mode():
+        full = model.encode_text(tokens)
+        prefixed = model.encode_text_with_prefix(tokens[0, :shared], tokens[:, shared:])
+    assert prefixed.dtype == torch.float32
+    assert F.cosine_similarity(full, prefixed, dim=-1).min() > 0.999
+
+
+def test_bf16_keeps_norms_and_projections_float32(tiny: clipforge.CLIP) -> None:
+    model = apply_precision(tiny, "bf16")
+    assert model.precision == "bf16" and model.dtype == torch.bfloat16
+    float32 = {id(model.text_projection), id(model.logit_scale)}
+    assert model.text_projection.dtype == torch.float32
+    assert model.logit_scale.dtype == torch.float32
+    if hasattr(model.visual, "proj"):
+        assert model.visual.proj.dtype == torch.float32
+        float32.add(id(model.visual.proj))
+    else:
+        c_proj = model.visual.attnpool.c_proj
+        assert c_proj.weight.dtype == c_proj.bias.dtype == torch.float32
+        float32 |= {id(c_proj.weight), id(c_proj.bias)}
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+    assert norms
+    for norm in norms:
+        assert norm.weight.dtype == norm.bias.dtype == torch.float32
+        float32 |= {id(norm.weight), id(norm.bias)}
+    # everything else is bf16
+    others = [name for name, p in model.named_parameters() if id(p) not in float32]
+    assert others
+    for name, p in model.named_parameters():
+        if id(p) not in float32:
+            assert p.dtype == torch.bfloat16, name
+    block = model.transformer.resblocks[0]
+    assert block.mlp.c_fc.weight.dtype == torch.bfloat16
+    assert block.attn.in_proj_weight.dtype == torch.bfloat16
+
+
+def test_bf16_resnet_folds_batch_norms_channels_last(tiny_rn: clipforge.CLIP) -> None:
+    model = apply_precision(tiny_rn, "bf16")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.visual.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is not None and c.weight.dtype == torch.bfloat16 for c in convs)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_int8_layers_are_quantised(tiny: clipforge.CLIP) -> None:
+    linears = {name for name, m in tiny.named_modules() if isinstance(m, nn.Linear)}
+    attentions = {name for name, m in tiny.named_modules() if isinstance(m, Attention)}
+    model = apply_precision(tiny, "int8")
+    modules = dict(model.named_modules())
+    for name in attentions:
+        attn = modules[name]
+        assert isinstance(attn, Int8Attention)
+        assert isinstance(attn.in_proj, Int8Linear) and isinstance(attn.out_proj, Int8Linear)
+        assert not any(True for _ in attn.parameters())  # no float q/k/v weights left behind
+    kept = {name for name in linears if name.endswith("attnpool.c_proj")}  # final projection
+    assert len(kept) == (0 if hasattr(model.visual, "proj") else 1)
+    for name in linears - kept:
+        layer = modules[name]
+        assert isinstance(layer, Int8Linear), name
+        assert layer.weight_int8.dtype == torch.int8
+        assert layer.weight_int8.abs().max() == 127  # full range used per channel
+    for name in kept:
+        assert type(modules[name]) is nn.Linear
+        assert modules[name].weight.dtype == torch.float32
+    # the rest of the model is the bf16 model
+    assert model.dtype == torch.bfloat16 and model.precision == "int8"
+
+
+def test_int8_linear_matches_float_product() -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=gen) * 0.1)
+    layer = Int8Linear.from_linear(linear)
+    # the weight error is at most half a quantisation step per channel
+    step = layer.weight_scale[:, None]
+    assert ((layer.dequantised_weight() - linear.weight).abs() <= step / 2 + 1e-7).all()
+    x = torch.randn(3, 5, 64, generator=gen)
+    with torch.inference_mode():
+        want = linear(x)
+        got = layer(x)
+        got_bf16 = layer(x.bfloat16())
+        empty = layer(torch.zeros(0, 64))
+    assert got.shape == want.shape == (3, 5, 48) and got.dtype == torch.float32
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9999
+    assert got_bf16.dtype == torch.bfloat16
+    assert F.cosine_similarity(got_bf16.float().flatten(), want.flatten(), dim=0) > 0.999
+    assert empty.shape == (0, 48)
+    # per-token scales: a row's result does not depend on the other rows of the batch
+    with torch.inference_mode():
+        alone = layer(x[1:2] * 1)
+        loud = layer(torch.cat([x[:1] * 1000, x[1:2]]))
+    assert torch.equal(alone[0], loud[1])
+
+
+def test_unknown_precision_is_a_clear_error(tiny_vit: clipforge.CLIP) -> None:
+    for call in (lambda: check_precision("fp16"),
+                 lambda: apply_precision(tiny_vit, "int4"),
+                 lambda: clipforge.create_model("tiny-vit", precision="float32")):
+        with pytest.raises(ValueError, match="unknown precision .*fp32, bf16, int8"):
+            call()
+    assert PRECISIONS == ("fp32", "bf16", "int8")
+    with pytest.raises(ValueError, match="leave dtype unset"):
+        clipforge.create_model("tiny-vit", precision="bf16", dtype=torch.float16)
+
+
+def test_conversion_needs_float32_weights(tiny_vit: clipforge.CLIP) -> None:
+    model = apply_precision(tiny_vit, "bf16")
+    assert apply_precision(model, "bf16") is model  # already there: nothing to do
+    for other in ("int8", "fp32"):
+        with pytest.raises(ValueError, match="already bf16"):
+            apply_precision(model, other)
+    half = clipforge.create_model("tiny-vit", dtype=torch.float16)
+    with pytest.raises(ValueError, match="converts a float32 model"):
+        apply_precision(half, "bf16")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_fingerprint_is_the_float32_weights(tiny: clipforge.CLIP, precision: str) -> None:
+    expected = weights_fingerprint(tiny)
+    model = apply_precision(copy.deepcopy(tiny), precision)
+    assert model.fingerprint == expected
+    assert weights_fingerprint(model) == expected
+    # other weights, other digest
+    other = apply_precision(perturb(copy.deepcopy(tiny), seed=9), precision)
+    assert weights_fingerprint(other) != expected
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_load_with_precision(tmp_path, name: str) -> None:
+    source = perturb(clipforge.create_model(name), seed=3)
+    path = clipforge.save_model(source, tmp_path / name)
+    fp32, _ = clipforge.load(path)
+    pixels, tokens = _inputs(fp32)
+    image32, text32 = _embed(fp32, pixels, tokens)
+    for precision in ("bf16", "int8"):
+        model, preprocess = clipforge.load(path, precision=precision)
+        assert preprocess is model.preprocess
+        assert model.origin["precision"] == precision
+        assert model.origin["model"] == fp32.origin["model"]
+        assert weights_fingerprint(model) == weights_fingerprint(fp32)
+        image, text = _embed(model, pixels, tokens)
+        assert F.cosine_similarity(image, image32, dim=-1).min() > MIN_COSINE[precision]
+        assert F.cosine_similarity(text, text32, dim=-1).min() > MIN_COSINE[precision]
+        assert not model.training
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_converted_model_refuses_training(tiny_rn: clipforge.CLIP, precision: str) -> None:
+    model = apply_precision(tiny_rn, precision)
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match=f"converted to {precision} for inference"):
+        model.train()
+    assert model.eval() is model  # eval stays allowed
+    assert model.train(False) is model
+    # float32 models train as before
+    fresh = clipforge.create_model("tiny-rn")
+    assert fresh.train().training
+
+
+def test_zero_shot_with_int8() -> None:
+    """The zero-shot path (prefix-shared prompt batches, logit scale) works on a converted
+    model and stays close to float32: class embeddings within 0.998 cosine, logits within
+    0.25 (about 0.02 in cosine at this model's logit scale; random tiny towers give small,
+    nearly tied similarities, so decisions themselves are compared in the benchmark, on a
+    trained model)."""
+    torch.manual_seed(0)  # the weights must not depend on which tests ran before
+    model32 = perturb(clipforge.create_model("tiny-vit"), seed=1)
+    classnames = ["cat", "dog", "red circle", "blue star"]
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    pixels, _ = _inputs(model32)
+    with torch.inference_mode():
+        ref = ZeroShotClassifier.build(model32, classnames, templates)
+        ref_logits = ref.logits(model32.encode_image(pixels))
+        model = apply_precision(copy.deepcopy(model32), "int8")
+        clf = ZeroShotClassifier.build(model, classnames, templates)
+        logits = clf.logits(model.encode_image(pixels))
+    assert clf.logit_scale == ref.logit_scale
+    assert F.cosine_similarity(clf.class_embeddings, ref.class_embeddings).min() > 0.998
+    assert logits.shape == ref_logits.shape
+    assert (logits - ref_logits).abs().max() < 0.25
