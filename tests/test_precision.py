@@ -20,8 +20,9 @@ from clipforge.evaluation import ZeroShotClassifier
 from clipforge.model.transformer import Attention, LayerNorm
 from clipforge.precision import (
     PRECISIONS,
-    Int8Attention,
     Int8Linear,
+    PackedLinear,
+    ProjectedAttention,
     apply_precision,
     check_precision,
 )
@@ -110,6 +111,7 @@ def test_bf16_keeps_norms_and_projections_float32(tiny: clipforge.CLIP) -> None:
         float32.add(id(model.visual.proj))
     else:
         c_proj = model.visual.attnpool.c_proj
+        assert type(c_proj) is nn.Linear
         assert c_proj.weight.dtype == c_proj.bias.dtype == torch.float32
         float32 |= {id(c_proj.weight), id(c_proj.bias)}
     norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
@@ -117,15 +119,33 @@ def test_bf16_keeps_norms_and_projections_float32(tiny: clipforge.CLIP) -> None:
     for norm in norms:
         assert norm.weight.dtype == norm.bias.dtype == torch.float32
         float32 |= {id(norm.weight), id(norm.bias)}
-    # everything else is bf16
-    others = [name for name, p in model.named_parameters() if id(p) not in float32]
-    assert others
-    for name, p in model.named_parameters():
-        if id(p) not in float32:
-            assert p.dtype == torch.bfloat16, name
+    # everything else is bf16: parameters (embeddings, convolutions) and the packed linear
+    # layers' weights (buffers)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    assert sum(id(t) not in float32 for _, t in tensors) > 10
+    for name, tensor in tensors:
+        if id(tensor) not in float32:
+            assert tensor.dtype == torch.bfloat16, name
     block = model.transformer.resblocks[0]
-    assert block.mlp.c_fc.weight.dtype == torch.bfloat16
-    assert block.attn.in_proj_weight.dtype == torch.bfloat16
+    assert isinstance(block.attn, ProjectedAttention)
+    for layer in (block.attn.in_proj, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert isinstance(layer, PackedLinear) and layer.weight.dtype == torch.bfloat16
+
+
+def test_packed_linear_is_linear_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48).bfloat16()
+    layer = PackedLinear.from_linear(linear)
+    x = torch.randn(2, 50, 64, generator=gen).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(layer(x), linear(x))
+        assert torch.equal(layer(x[:, :1]), linear(x[:, :1].contiguous()))  # strided views too
+    # the packed (opaque) weight is made at first use and left out of copies and pickles
+    assert layer._packed is not None
+    clone = copy.deepcopy(layer)
+    assert clone._packed is None
+    with torch.inference_mode():
+        assert torch.equal(clone(x), linear(x))
 
 
 def test_bf16_resnet_folds_batch_norms_channels_last(tiny_rn: clipforge.CLIP) -> None:
@@ -143,7 +163,7 @@ def test_int8_layers_are_quantised(tiny: clipforge.CLIP) -> None:
     modules = dict(model.named_modules())
     for name in attentions:
         attn = modules[name]
-        assert isinstance(attn, Int8Attention)
+        assert isinstance(attn, ProjectedAttention)
         assert isinstance(attn.in_proj, Int8Linear) and isinstance(attn.out_proj, Int8Linear)
         assert not any(True for _ in attn.parameters())  # no float q/k/v weights left behind
     kept = {name for name in linears if name.endswith("attnpool.c_proj")}  # final projection
