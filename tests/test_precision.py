@@ -294,3 +294,14 @@ def test_zero_shot_with_int8() -> None:
     assert F.cosine_similarity(clf.class_embeddings, ref.class_embeddings).min() > 0.998
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max() < 0.25
+
+
+def test_converted_models_are_not_saved(tmp_path) -> None:
+    import clipforge
+
+    for precision in ("bf16", "int8"):
+        model = clipforge.create_model("tiny-vit", precision=precision)
+        with pytest.raises(ValueError, match="save the float32 model"):
+            clipforge.save_model(model, tmp_path / f"{precision}.safetensors")
+        assert not (tmp_path / f"{precision}.safetensors").exists()
+    clipforge.save_model(clipforge.create_model("tiny-vit"), tmp_path / "fp32.safetensors")

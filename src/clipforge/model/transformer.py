@@ -56,7 +56,7 @@ class Attention(nn.Module):
 
     def _in_proj(self, x: torch.Tensor) -> torch.Tensor:
         """The fused q/k/v projection, [..., width] -> [..., 3 width].  One method, so that
-        :mod:`clipforge.precision` can put a quantised matrix product in its place."""
+        :mod:`clipforge.precision` can put a packed (bf16) or int8 layer in its place."""
         return F.linear(x, self.in_proj_weight, self.in_proj_bias)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
