@@ -74,3 +74,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from clipforge.samples import write_sample_photos
 
     return write_sample_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def photo_dir(photos: list[Path]) -> Path:
+    """The folder holding exactly the sample photos (read only: copy before changing it)."""
+    return photos[0].parent

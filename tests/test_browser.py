@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.samples import write_sample_photos
 from clipforge.search import SearchIndex, build_index
 from clipforge.search.server import create_app, running_server
 
@@ -36,18 +35,12 @@ MAX_UPLOAD = 1_500_000  # above every sample photo, so that a 2 MB file gets a 4
 
 
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("browser") / "photos"
-    write_sample_photos(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def server_url(photo_dir: Path) -> Iterator[str]:
+def server_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     torch.manual_seed(0)
     model = clipforge.create_model("tiny-vit")
-    build_index(photo_dir, photo_dir.parent / "index", model)
-    index = SearchIndex.open(photo_dir.parent / "index", model)
+    out = tmp_path_factory.mktemp("browser") / "index"
+    build_index(photo_dir, out, model)
+    index = SearchIndex.open(out, model)
     with running_server(create_app(index, max_upload_bytes=MAX_UPLOAD)) as url:
         yield url
 

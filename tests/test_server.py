@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
 import clipforge
-from clipforge.samples import write_sample_photos
 from clipforge.search import SearchIndex, build_index
 from clipforge.search.server import (
     TextBatcher,
@@ -40,15 +39,9 @@ def model() -> clipforge.CLIP:
 
 
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("server") / "photos"
-    write_sample_photos(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def index(photo_dir: Path, model: clipforge.CLIP) -> SearchIndex:
-    out = photo_dir.parent / "index"
+def index(photo_dir: Path, model: clipforge.CLIP,
+          tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
+    out = tmp_path_factory.mktemp("server") / "index"
     build_index(photo_dir, out, model)
     return SearchIndex.open(out, model)
 
