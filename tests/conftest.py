@@ -41,14 +41,22 @@ def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
     return model
 
 
+def seeded_model(name: str, seed: int) -> clipforge.CLIP:
+    """A perturbed tiny model that is the same on every run: a test whose assertion holds
+    only for some random draws must fail every time, not one run in six."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return perturb(clipforge.create_model(name), seed=seed)
+
+
 @pytest.fixture
 def tiny_vit() -> clipforge.CLIP:
-    return perturb(clipforge.create_model("tiny-vit"), seed=1)
+    return seeded_model("tiny-vit", seed=1)
 
 
 @pytest.fixture
 def tiny_rn() -> clipforge.CLIP:
-    return perturb(clipforge.create_model("tiny-rn"), seed=2)
+    return seeded_model("tiny-rn", seed=2)
 
 
 def _load_by_path(package: str, module: str) -> ModuleType:
@@ -80,3 +88,22 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def photo_dir(photos: list[Path]) -> Path:
     """The folder holding exactly the sample photos (read only: copy before changing it)."""
     return photos[0].parent
+
+
+@pytest.fixture(autouse=True)
+def _photo_folder_stays_untouched(request: pytest.FixtureRequest):
+    """Fail the test that writes into the shared photo folder, not a later one that indexes
+    it whole and finds a stray file (the failure would then depend on test order)."""
+    if not {"photos", "photo_dir"} & set(request.fixturenames):
+        yield
+        return
+    photos = request.getfixturevalue("photos")
+    if not isinstance(photos, list):  # a module's own `photos` fixture, in its own tmp_path
+        yield
+        return
+    folder = photos[0].parent
+    before = sorted(p.name for p in folder.iterdir())
+    yield
+    after = sorted(p.name for p in folder.iterdir())
+    assert after == before, f"{request.node.nodeid} changed the shared photo folder {folder}: " \
+        "write into tmp_path instead"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -155,10 +156,15 @@ def test_ref_clip_score_is_the_harmonic_mean(tiny_vit, photos) -> None:
 
 
 def test_pairs_from_csv_resolve_against_the_file(photos, tmp_path) -> None:
-    table = photos[0].parent / "pairs.csv"
+    """A relative path resolves against the CSV's folder, not the working directory; an
+    absolute one is kept. (The CSV lives in its own folder: the shared photo folder is read
+    only, other tests index it whole.)"""
+    near = tmp_path / photos[0].name
+    shutil.copy(photos[0], near)
+    table = tmp_path / "pairs.csv"
     with open(table, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["filepath", "title"])
-        writer.writerows([[photos[0].name, "an astronaut"], [str(photos[1]), "a cat, sitting"]])
+        writer.writerows([[near.name, "an astronaut"], [str(photos[1]), "a cat, sitting"]])
     paths, captions = pairs_from_csv(table)
-    assert paths == [photos[0], photos[1]] and captions == ["an astronaut", "a cat, sitting"]
+    assert paths == [near, photos[1]] and captions == ["an astronaut", "a cat, sitting"]
