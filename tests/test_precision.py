@@ -17,11 +17,11 @@ from torch import nn
 
 import clipforge
 from clipforge.evaluation import ZeroShotClassifier
+from clipforge.model.linear import Linear
 from clipforge.model.transformer import Attention, LayerNorm
 from clipforge.precision import (
     PRECISIONS,
     Int8Linear,
-    PackedLinear,
     ProjectedAttention,
     apply_precision,
     check_precision,
@@ -111,7 +111,7 @@ def test_bf16_keeps_norms_and_projections_float32(tiny: clipforge.CLIP) -> None:
         float32.add(id(model.visual.proj))
     else:
         c_proj = model.visual.attnpool.c_proj
-        assert type(c_proj) is nn.Linear
+        assert type(c_proj) is Linear
         assert c_proj.weight.dtype == c_proj.bias.dtype == torch.float32
         float32 |= {id(c_proj.weight), id(c_proj.bias)}
     norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
@@ -119,33 +119,16 @@ def test_bf16_keeps_norms_and_projections_float32(tiny: clipforge.CLIP) -> None:
     for norm in norms:
         assert norm.weight.dtype == norm.bias.dtype == torch.float32
         float32 |= {id(norm.weight), id(norm.bias)}
-    # everything else is bf16: parameters (embeddings, convolutions) and the packed linear
-    # layers' weights (buffers)
+    # everything else is bf16: embeddings, convolutions, the transformers' linear layers
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     assert sum(id(t) not in float32 for _, t in tensors) > 10
     for name, tensor in tensors:
         if id(tensor) not in float32:
             assert tensor.dtype == torch.bfloat16, name
     block = model.transformer.resblocks[0]
-    assert isinstance(block.attn, ProjectedAttention)
-    for layer in (block.attn.in_proj, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
-        assert isinstance(layer, PackedLinear) and layer.weight.dtype == torch.bfloat16
-
-
-def test_packed_linear_is_linear_bit_for_bit() -> None:
-    gen = torch.Generator().manual_seed(0)
-    linear = nn.Linear(64, 48).bfloat16()
-    layer = PackedLinear.from_linear(linear)
-    x = torch.randn(2, 50, 64, generator=gen).bfloat16()
-    with torch.inference_mode():
-        assert torch.equal(layer(x), linear(x))
-        assert torch.equal(layer(x[:, :1]), linear(x[:, :1].contiguous()))  # strided views too
-    # the packed (opaque) weight is made at first use and left out of copies and pickles
-    assert layer._packed is not None
-    clone = copy.deepcopy(layer)
-    assert clone._packed is None
-    with torch.inference_mode():
-        assert torch.equal(clone(x), linear(x))
+    for weight in (block.attn.in_proj_weight, block.attn.out_proj.weight,
+                   block.mlp.c_fc.weight, block.mlp.c_proj.weight):
+        assert weight.dtype == torch.bfloat16
 
 
 def test_bf16_resnet_folds_batch_norms_channels_last(tiny_rn: clipforge.CLIP) -> None:
@@ -174,7 +157,7 @@ def test_int8_layers_are_quantised(tiny: clipforge.CLIP) -> None:
         assert layer.weight_int8.dtype == torch.int8
         assert layer.weight_int8.abs().max() == 127  # full range used per channel
     for name in kept:
-        assert type(modules[name]) is nn.Linear
+        assert type(modules[name]) is Linear
         assert modules[name].weight.dtype == torch.float32
     # the rest of the model is the bf16 model
     assert model.dtype == torch.bfloat16 and model.precision == "int8"

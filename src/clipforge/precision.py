@@ -4,12 +4,14 @@ Why: image embedding is compute bound.  A 2-core Zen 4 peaks at about 208 GFLOP/
 so ViT-B-32 (8.8 GFLOP per image) cannot pass about 24 images/s; its AVX-512 bf16 instructions
 double the rate of the matrix products and VNNI (int8 dot products) quadruples it.
 
-* ``fp32``: the model as loaded, the exact path (embeddings equal to openai/CLIP's).
+* ``fp32``: the model as loaded (embeddings equal to openai/CLIP's to float32 round-off).
+
+In every mode the linear layers of a CPU model keep oneDNN-packed copies of their weights for
+inference (:mod:`clipforge.model.linear`): that is what brings float32 to the machine's peak.
 * ``bf16``: weights and activations in bfloat16, except where rounding would cost accuracy for
   nothing: layer norms compute in float32 (their parameters stay float32), and the final
   projections (``visual.proj``, ``text_projection``, the ResNet attention pool's ``c_proj``)
-  and ``logit_scale`` stay float32, so embeddings come back as float32.  On the CPU the linear
-  layers keep their weights packed for oneDNN (:class:`PackedLinear`).  For the ResNet tower,
+  and ``logit_scale`` stay float32, so embeddings come back as float32.  For the ResNet tower,
   batch norms are folded into the convolutions (in float32, before rounding) and the tower runs
   channels-last, the layout oneDNN's convolutions want.
 * ``int8``: the bf16 model with every linear layer of the transformers and of the attention
@@ -33,7 +35,6 @@ measured by ``benchmarks/bench_precision.py``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -88,8 +89,6 @@ def apply_precision(model: CLIP, precision: str) -> CLIP:
             _to_bfloat16(model)
             if precision == "int8":
                 _replace_linears(model, Int8Linear)
-            elif model.device.type == "cpu" and torch.backends.mkldnn.is_available():
-                _replace_linears(model, PackedLinear)
             if isinstance(model.visual, ModifiedResNet):
                 model.visual.to(memory_format=torch.channels_last)
         model.requires_grad_(False)
@@ -141,45 +140,6 @@ def _fold_batch_norms(tower: ModifiedResNet) -> None:
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
         setattr(parent, bn_name, nn.Identity())
-
-
-class PackedLinear(nn.Module):
-    """A bf16 linear layer for the CPU whose weight oneDNN reorders once, into the blocked
-    layout its kernels read, instead of on every call as ``F.linear`` does (the packing that
-    ``torch.compile``'s freezing does, without compiling): 10-13 % faster products here, with
-    results bit for bit those of ``F.linear``.  The plain bf16 weight stays a buffer (state
-    dict, copies); the packed one is an opaque oneDNN tensor, made at first use and left out
-    of copies and pickles.  The input is made contiguous: ``F.linear`` on a strided bf16 view
-    (the ResNet attention pool's query, ``x[:, :1]``) falls back to a batched product that
-    copies the weight once per image (0.45 s instead of 0.8 ms for RN50 at batch 32)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-        self._packed: torch.Tensor | None = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
-        return cls(linear.weight, linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
-            return F.linear(x, self.weight, self.bias)
-        if self._packed is None:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__().copy()
-        state["_packed"] = None  # opaque: repacked at first use
-        return state
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
 
 
 # ------------------------------------------------------------------------------------ int8
@@ -236,10 +196,10 @@ class Int8Linear(nn.Module):
 class ProjectedAttention(Attention):
     """:class:`~clipforge.model.transformer.Attention` whose fused q/k/v projection (raw
     parameters there, which module-swapping converters never see) and output projection are
-    modules: :class:`PackedLinear` in a bf16 model, :class:`Int8Linear` in an int8 one.  The
-    attention itself (softmax of q k^T) runs in the input's dtype."""
+    :class:`Int8Linear` modules.  The attention itself (softmax of q k^T) runs in the input's
+    dtype."""
 
-    def __init__(self, attention: Attention, linear: type[PackedLinear] | type[Int8Linear]):
+    def __init__(self, attention: Attention, linear: type[Int8Linear]):
         nn.Module.__init__(self)
         self.heads = attention.heads
         self.in_proj = linear(attention.in_proj_weight, attention.in_proj_bias)
@@ -249,7 +209,7 @@ class ProjectedAttention(Attention):
         return self.in_proj(x)
 
 
-def _replace_linears(model: CLIP, linear: type[PackedLinear] | type[Int8Linear]) -> None:
+def _replace_linears(model: CLIP, linear: type[Int8Linear]) -> None:
     """Every linear layer of the transformers and the attention pool, and the attentions'
     fused q/k/v projections, as ``linear``; not the attention pool's output projection (a
     final projection, kept float32)."""
@@ -264,5 +224,5 @@ def _replace_linears(model: CLIP, linear: type[PackedLinear] | type[Int8Linear])
                 setattr(parent, name, linear.from_linear(child))
 
 
-__all__ = ["PRECISIONS", "Int8Linear", "PackedLinear", "ProjectedAttention", "apply_precision",
+__all__ = ["PRECISIONS", "Int8Linear", "ProjectedAttention", "apply_precision",
            "check_precision"]

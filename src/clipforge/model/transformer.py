@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .linear import Linear, PacksWeights
+
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
@@ -42,8 +44,9 @@ class LayerNorm(nn.LayerNorm):
                             self.bias.float(), self.eps).to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection (nn.MultiheadAttention's layout)."""
+class Attention(PacksWeights):
+    """Multi-head self-attention with a fused q/k/v projection (nn.MultiheadAttention's layout).
+    Its projections pack their weights for CPU inference (:mod:`clipforge.model.linear`)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -52,12 +55,12 @@ class Attention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def _in_proj(self, x: torch.Tensor) -> torch.Tensor:
         """The fused q/k/v projection, [..., width] -> [..., 3 width].  One method, so that
-        :mod:`clipforge.precision` can put a packed (bf16) or int8 layer in its place."""
-        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        :mod:`clipforge.precision` can put an int8 layer in its place."""
+        return self.packed_linear(x, self.in_proj_weight, self.in_proj_bias)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[3, batch, heads, tokens, head width] queries, keys and values."""
@@ -106,9 +109,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, activation: str):
         super().__init__()
-        self.c_fc = nn.Linear(width, hidden)
+        self.c_fc = Linear(width, hidden)
         self.gelu = make_activation(activation)
-        self.c_proj = nn.Linear(hidden, width)
+        self.c_proj = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(x)))

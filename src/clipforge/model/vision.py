@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import VisionConfig
+from .linear import Linear
 from .transformer import LayerNorm, Transformer
 
 
@@ -109,10 +110,10 @@ class AttentionPool2d(nn.Module):
     def __init__(self, grid: int, width: int, heads: int, out_dim: int):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
-        self.k_proj = nn.Linear(width, width)
-        self.q_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.c_proj = nn.Linear(width, out_dim)
+        self.k_proj = Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.c_proj = Linear(width, out_dim)
         self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
