@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from bench_embed import LABELS, BackgroundLoad, fmt_load  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, status_bytes  # noqa: E402
 
 CEILING = {"fp32": 208.0, "bf16": 416.0, "int8": 832.0}  # GFLOP/s on 2 Zen 4 cores
 CONTENDERS = [("clipforge", "fp32"), ("clipforge", "bf16"), ("clipforge", "int8"),
@@ -116,7 +115,7 @@ def child(spec: dict) -> dict:
     torch.manual_seed(0)
     encode_image, encode_text, text_len = _encoders(spec["kind"], spec["mode"], spec["model"],
                                                     spec["export_dir"])
-    out: dict = {"load_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out: dict = {"load_peak_mib": status_bytes("VmHWM") / 2**20}
     with torch.inference_mode():
         pixels, ids = _inputs(spec["model"], 4)
         reference = torch.load(Path(spec["export_dir"]) / "reference.pt", weights_only=True)
@@ -140,7 +139,7 @@ def child(spec: dict) -> dict:
                 out[f"{what}_{batch}"] = batch / statistics.median(times)
                 out[f"{what}_{batch}_others"] = load.cores
             out[f"text_{batch}_tokens"] = text_len or int(ids.argmax(-1).max()) + 1
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mib"] = status_bytes("VmHWM") / 2**20
     return out
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from bench_embed import hf_inputs
 from clipforge.configs import get_config
-from machine import cpu_name, machine_busy_s
+from machine import cpu_name, machine_busy_s, status_bytes
 
 GIB = 1024**3
 WORDS = ["red", "blue", "green", "circle", "star", "square", "small", "large", "two", "three",
@@ -54,13 +54,6 @@ WORDS = ["red", "blue", "green", "circle", "star", "square", "small", "large", "
 
 
 # ---------------------------------------------------------------------------- child process
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def run_child(spec: dict) -> dict:
     """One configuration: build, warm up, time ``spec['steps']`` training steps."""
     import torch
@@ -113,7 +106,7 @@ def run_child(spec: dict) -> dict:
             return _step(config, objective, None, pixels, tokens, autocast, scaler, optimizer,
                          trainable)
 
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     for _ in range(spec["warmup"]):
         step()
     seconds, losses = [], []
@@ -122,7 +115,7 @@ def run_child(spec: dict) -> dict:
         loss = step()
         seconds.append(time.perf_counter() - start)
         losses.append(float(loss))
-    return {**spec, "base_bytes": base, "peak_bytes": _status_bytes("VmHWM"),
+    return {**spec, "base_bytes": base, "peak_bytes": status_bytes("VmHWM"),
             "seconds": seconds, "median_s": statistics.median(seconds),
             "samples_per_s": n / statistics.median(seconds), "losses": losses,
             "threads": torch.get_num_threads()}

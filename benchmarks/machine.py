@@ -27,3 +27,13 @@ def machine_busy_s() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def status_bytes(field: str) -> int:
+    """A size from ``/proc/self/status``: ``VmRSS`` (resident now) or ``VmHWM`` (the peak of
+    this process image).  Not ``getrusage``'s ``ru_maxrss``: a child started by
+    ``subprocess`` inherits its parent's peak there through fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")

