@@ -6,7 +6,9 @@ embeddings against clipforge float32, and times:
 
 * images/s for the image tower at batch 1 and 32 (random normalised pixels);
 * captions/s for the text tower at batch 1 and 32 (zero-shot prompts "a photo of a {label}.");
-* the process's peak resident memory (so each contender's figure is its own).
+* the process's peak resident memory (VmHWM, so each contender's figure is its own);
+* the float32 matrix-product rate of the moment, measured around the timings ("GEMM now"):
+  on a shared host a run's speed drifts, and this says how fast the machine was.
 
 Contenders:
 
@@ -110,6 +112,22 @@ def _encoders(kind: str, mode: str, name: str, export_dir: str):
     raise ValueError(kind)
 
 
+def gemm_gflops() -> float:
+    """The float32 matrix-product rate this machine gives right now (oneDNN, a packed
+    ViT-B-32 MLP weight, 1600 rows): a shared host's speed drifts by 10-30 % from minute to
+    minute, so each contender's figures come with the rate measured beside them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1600, 768, generator=gen)
+    weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(3072, 768, generator=gen))
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        best = max(best, 4 * 2 * 1600 * 768 * 3072 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def child(spec: dict) -> dict:
     """Time one contender on one model; returns figures and the peak RSS of this process."""
     torch.manual_seed(0)
@@ -125,21 +143,25 @@ def child(spec: dict) -> dict:
         got = torch.nn.functional.normalize(encode_text(ids).float(), dim=-1)
         want = torch.nn.functional.normalize(reference["text"], dim=-1)
         out["text_cos_min"] = (got * want).sum(-1).min().item()
+        gemm: list[float] = []
         for batch in (1, 32):
             pixels, ids = _inputs(spec["model"], batch)
             for what, fn, arg in (("image", encode_image, pixels), ("text", encode_text, ids)):
                 for _ in range(spec["warmup"]):
                     fn(arg)
                 times = []
+                gemm.append(gemm_gflops())
                 with BackgroundLoad() as load:
                     for _ in range(spec["repeats"]):
                         start = time.perf_counter()
                         fn(arg)
                         times.append(time.perf_counter() - start)
+                gemm.append(gemm_gflops())
                 out[f"{what}_{batch}"] = batch / statistics.median(times)
                 out[f"{what}_{batch}_others"] = load.cores
             out[f"text_{batch}_tokens"] = text_len or int(ids.argmax(-1).max()) + 1
     out["peak_mib"] = status_bytes("VmHWM") / 2**20
+    out["gemm_gflops"] = statistics.median(gemm)
     return out
 
 
@@ -242,7 +264,7 @@ def main() -> None:
           f"threads), torch {torch.__version__}; ceilings fp32 {CEILING['fp32']:.0f}, bf16 "
           f"{CEILING['bf16']:.0f}, int8 {CEILING['int8']:.0f} GFLOP/s")
     header = ("model", "contender", "img/s b1", "%ceil", "img/s b32", "%ceil", "cap/s b1",
-              "cap/s b32", "%ceil", "peak MiB", "cos min", "others")
+              "cap/s b32", "%ceil", "peak MiB", "cos min", "GEMM now", "others")
     rows = [header]
     for r in results:
         others = max(v or 0.0 for k, v in r.items() if k.endswith("_others"))
@@ -250,13 +272,16 @@ def main() -> None:
                      f"{r['image_1_ceil']:.0f}", f"{r['image_32']:.1f}",
                      f"{r['image_32_ceil']:.0f}", f"{r['text_1']:.1f}", f"{r['text_32']:.1f}",
                      f"{r['text_32_ceil']:.0f}", f"{r['peak_mib']:.0f}",
-                     f"{min(r['image_cos_min'], r['text_cos_min']):.5f}", fmt_load(others)))
+                     f"{min(r['image_cos_min'], r['text_cos_min']):.5f}",
+                     f"{r['gemm_gflops']:.0f}", fmt_load(others)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))))
-    print("cos min: embeddings against clipforge float32 on the same inputs; others: cores "
-          "used by other processes while timing (above ~0.1 the figures are disturbed)")
+    print("cos min: embeddings against clipforge float32 on the same inputs; GEMM now: float32 "
+          "GFLOP/s of a oneDNN matrix product measured around that contender's timings (the "
+          "host's speed of the moment); others: cores used by other processes while timing "
+          "(above ~0.1 the figures are disturbed)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
