@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .configs import ARCHITECTURES, CLIPConfig, get_config
 from .image import Preprocess
 from .model import CLIP
@@ -92,6 +93,7 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     ``precision``: ``"fp32"`` (the exact path), or ``"bf16"`` / ``"int8"`` for a faster
     inference-only model with float32 outputs (see :mod:`clipforge.precision`); the weights are
     read as float32 and converted, so ``dtype`` must then be left unset (or float32).
+    A CPU model tunes the process's malloc once (:mod:`clipforge.allocator`).
     """
     check_precision(precision)
     if precision != "fp32" and dtype not in (None, torch.float32):
@@ -105,6 +107,8 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
             model = CLIP(config)
         load_checked(model, sd, source)
     model = model.to(device=device, dtype=dtype or torch.float32)
+    if model.device.type == "cpu":
+        keep_freed_memory()  # activations are reused, not page-faulted in per layer
     model.preprocess = Preprocess.from_config(config)
     model.origin = _origin(name_or_path, weights)
     return apply_precision(model.eval(), precision)
