@@ -84,7 +84,7 @@ def _encoders(kind: str, mode: str, name: str, export_dir: str):
     if kind == "onnx":
         from clipforge.onnx import load_onnx
 
-        model = load_onnx(Path(export_dir) / mode)
+        model = load_onnx(Path(export_dir) / "onnx", variant=mode)
         return model.encode_image, model.encode_text, None
     if kind == "transformers":
         from transformers import CLIPModel
@@ -204,8 +204,7 @@ def prepare(name: str, directory: Path) -> None:
     try:
         from clipforge.onnx import export_onnx
 
-        export_onnx(model, directory / "fp32")
-        export_onnx(model, directory / "int8", quantize="int8")
+        export_onnx(model, directory / "onnx", quantize="int8")  # fp32 and int8 graphs
     except Exception as exc:  # reported in the table as missing
         print(f"onnx export of {name} failed: {exc}", file=sys.stderr)
 
@@ -236,7 +235,7 @@ def main() -> None:
             for kind, mode in contenders:
                 if kind == "transformers" and not (directory / "hf").exists():
                     continue
-                if kind == "onnx" and not (directory / mode).exists():
+                if kind == "onnx" and not (directory / "onnx").exists():
                     continue
                 spec = {"kind": kind, "mode": mode, "model": name, "export_dir": str(directory),
                         "repeats": args.repeats, "warmup": args.warmup}

@@ -288,3 +288,23 @@ def test_converted_models_are_not_saved(tmp_path) -> None:
             clipforge.save_model(model, tmp_path / f"{precision}.safetensors")
         assert not (tmp_path / f"{precision}.safetensors").exists()
     clipforge.save_model(clipforge.create_model("tiny-vit"), tmp_path / "fp32.safetensors")
+
+
+def test_quick_gelu_as_silu_is_the_same_function(tiny: clipforge.CLIP) -> None:
+    """The rescaled SiLU MLPs of the bf16/int8 conversion, applied alone in float32, give the
+    QuickGELU model's embeddings to round-off."""
+    from clipforge.model.transformer import MLP, QuickGELU
+    from clipforge.precision import _quick_gelu_as_silu
+
+    folded = copy.deepcopy(tiny)
+    with torch.no_grad():
+        _quick_gelu_as_silu(folded)
+    mlps = [m for m in folded.modules() if isinstance(m, MLP)]
+    assert mlps and all(isinstance(m.gelu, nn.SiLU) for m in mlps)
+    assert not any(isinstance(m, QuickGELU) for m in folded.modules())
+    images, tokens = _inputs(tiny)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.encode_image(images), tiny.encode_image(images),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded.encode_text(tokens), tiny.encode_text(tokens),
+                                   rtol=1e-5, atol=1e-5)

@@ -15,15 +15,18 @@ from torch.utils.checkpoint import checkpoint
 from .linear import Linear, PacksWeights
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
-            return x * torch.sigmoid(1.702 * x)
+            return x * torch.sigmoid(QUICK_GELU_SCALE * x)
         # Without autograd, in place on one buffer: the same values, bit for bit, in one
         # allocation instead of three (2.4 times faster on MLP-sized tensors here).
-        return (x * 1.702).sigmoid_().mul_(x)
+        return (x * QUICK_GELU_SCALE).sigmoid_().mul_(x)
 
 
 def make_activation(name: str) -> nn.Module:
