@@ -14,7 +14,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .linear import Linear, PacksWeights
 
-
 QUICK_GELU_SCALE = 1.702
 
 
