@@ -115,3 +115,19 @@ def test_flop_counters_and_tracing_see_the_plain_product() -> None:
     with torch.no_grad():
         traced = torch.jit.trace(layer, x)
     assert "mkldnn" not in str(traced.graph) and "linear" in str(traced.graph)
+
+
+def test_weights_made_in_inference_mode_run_unpacked() -> None:
+    """Inference tensors keep no version counter, so an in-place change could not be seen:
+    such weights take the plain product (a model loaded inside inference_mode still runs)."""
+    with torch.inference_mode():
+        layer, x = _layer()
+        first = layer(x)
+        layer.weight.mul_(-1)
+        second = layer(x)
+    assert not _packed(layer)
+    torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    assert not torch.equal(first, second)
+    with torch.inference_mode():
+        model = clipforge.create_model("tiny-vit")
+        model.encode_text(clipforge.tokenize(["a cat"]))

@@ -14,7 +14,9 @@ float32 or bfloat16, and no gradient is wanted (``torch.no_grad()``/``inference_
 nothing requires grad), and nothing is tracing or watching the model (ONNX export,
 ``torch.compile``, a ``FlopCounterMode``).
 The cache follows the weight: it is dropped by ``train()``, ``to()``/``cuda()`` and in copies
-or pickles, and rebuilt when the weight changes in place (an optimiser step).  The cost is
+or pickles, and rebuilt when the weight changes in place (an optimiser step).  Weights made
+inside ``torch.inference_mode()`` have no version counter to tell such a change, so they are
+never packed: load a model outside inference mode, run it inside.  The cost is
 memory: a second copy of each packed weight (about 0.5 GB for ViT-B-32 in float32).
 """
 
@@ -44,7 +46,8 @@ class PacksWeights(nn.Module):
 
     def packed_linear(self, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-        if not _may_pack(x, weight) or (bias is not None and bias.dtype != weight.dtype):
+        if (not _may_pack(x, weight) or (bias is not None and bias.dtype != weight.dtype)
+                or weight.is_inference()):  # no version counter: a change could go unseen
             return F.linear(x, weight, bias)
         cache = self.__dict__.setdefault("_packed", {})
         key = (weight.data_ptr(), weight._version, weight.dtype)
