@@ -26,15 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
 _PACKABLE = (torch.float32, torch.bfloat16)
+# the ops packing needs (torch builds without oneDNN, or too old, keep F.linear)
+_HAVE_ONEDNN = (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _may_pack(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == weight.dtype and weight.dtype in _PACKABLE
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and torch.backends.mkldnn.is_available()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _HAVE_ONEDNN
+            and not _is_compiling() and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
             # a dispatch mode (FlopCounterMode, FakeTensorMode...) sees plain aten products
             and torch._C._len_torch_dispatch_stack() == 0)
