@@ -25,7 +25,6 @@ Tokenization is excluded from the embedding timings (inputs are prepared beforeh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import torch
 
 import clipforge
 from machine import cpu_name, machine_busy_s
+from report import write_json
 
 CEILING_GFLOPS = 208.0  # measured float32 matmul ceiling of the reference machine (2 Zen 4 cores)
 TOKENIZER_LOOPS = 20  # calls per timed tokenizer repetition (one call takes only milliseconds)
@@ -393,9 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                           "first_call_per_s": len(prompts) / first_call_s,
                           "cached": tok_results},
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

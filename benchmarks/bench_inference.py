@@ -48,6 +48,7 @@ sys.path.insert(0, str(BENCH))
 
 from bench_embed import LABELS, BackgroundLoad, fmt_load  # noqa: E402
 from machine import cpu_name, status_bytes  # noqa: E402
+from report import write_json  # noqa: E402
 
 CEILING = {"fp32": 208.0, "bf16": 416.0, "int8": 832.0}  # GFLOP/s on 2 Zen 4 cores
 CONTENDERS = [("clipforge", "fp32"), ("clipforge", "bf16"), ("clipforge", "int8"),
@@ -282,7 +283,7 @@ def main() -> None:
           "host's speed of the moment); others: cores used by other processes while timing "
           "(above ~0.1 the figures are disturbed)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ machine anything above ~0.1 cores disturbs them.  A default run takes about 10 m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -57,6 +56,7 @@ from clipforge.precision import PRECISIONS, apply_precision
 from clipforge.prompts import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from clipforge.samples import SAMPLE_PHOTOS
 from machine import cpu_name
+from report import write_json
 
 BATCH = 32
 TARGETS = {"bf16": 0.999, "int8": 0.995}  # mean cosine to float32
@@ -398,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "cpu": cpu_name(), "loadavg_start": load_start, "loadavg_end": load_end,
                   "architectures": results, "zero_shot": zero_shot}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

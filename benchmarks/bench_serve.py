@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import random
@@ -47,6 +46,7 @@ import clipforge
 from clipforge.samples import write_sample_photos
 from clipforge.search import SearchIndex, build_index
 from machine import cpu_name
+from report import write_json
 
 QUERIES = ["a cat", "a dog on a beach", "a rocket on a launchpad", "a cup of coffee",
            "an astronaut", "a red motorcycle", "a horse", "a page of text", "a camera",
@@ -232,9 +232,9 @@ def main() -> int:
     if failures:
         print(f"errors: {', '.join(failures)}")
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "items": len(ids), "model": model,
-                                         "clients": args.clients, "requests": args.requests,
-                                         "wall_s": wall, "endpoints": rows}, indent=2))
+        write_json(args.json, {"command": command, "items": len(ids), "model": model,
+                               "clients": args.clients, "requests": args.requests,
+                               "wall_s": wall, "endpoints": rows})
     return 1 if rows["all"]["errors"] else 0
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from bench_embed import hf_inputs
 from clipforge.configs import get_config
 from machine import cpu_name, machine_busy_s, status_bytes
+from report import write_json
 
 GIB = 1024**3
 WORDS = ["red", "blue", "green", "circle", "star", "square", "small", "large", "two", "three",
@@ -283,10 +284,9 @@ def main(argv: list[str] | None = None) -> int:
           f"total {time.perf_counter() - started:.0f} s")
 
     if args.json is not None:
-        args.json.write_text(json.dumps({"environment": env, "throughput": throughput,
-                                         "gradcache_curve": [
-                                             {"batch": b, "gradcache": c, "plain": p}
-                                             for b, c, p in rows]}, indent=2) + "\n")
+        write_json(args.json, {"environment": env, "throughput": throughput,
+                               "gradcache_curve": [{"batch": b, "gradcache": c, "plain": p}
+                                                   for b, c, p in rows]})
     return 0
 
 

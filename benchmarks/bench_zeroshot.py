@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from bench_embed import environment, hf_inputs
 from clipforge.evaluation import ZeroShotClassifier
 from clipforge.prompts import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from machine import machine_busy_s
+from report import write_json
 
 
 def openclip_builder():
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{diff:.2e} (unit vectors)")
     print("others = average CPU cores used by other processes during the measurement")
     if args.json is not None:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "environment": env, "model": args.model, "classes": len(classnames),
             "templates": len(templates), "clipforge_s": ours_s, "clipforge_others": ours_others,
             "peer_classes": len(peer_names), "peer_s": peer_s, "peer_others": peer_others,
-            "peer_extrapolated_s": peer_full, "max_abs_diff": diff}, indent=2) + "\n")
+            "peer_extrapolated_s": peer_full, "max_abs_diff": diff})
     return 0
 
 
