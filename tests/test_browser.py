@@ -55,8 +55,8 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser, server_url: str) -> Iterator[object]:
-    """A fresh page on the search page; fails the test if it requests anything off the server
-    or runs into a script error."""
+    """A fresh page on the search page; fails the test if it requests anything off the server,
+    runs into a script error, or breaks the server's Content-Security-Policy."""
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -64,6 +64,8 @@ def page(browser, server_url: str) -> Iterator[object]:
     page.on("request", lambda r: None if r.url.startswith(server_url)
             or r.url.startswith(("blob:", "data:")) else elsewhere.append(r.url))
     page.on("pageerror", lambda exc: script_errors.append(str(exc)))
+    page.on("console", lambda m: script_errors.append(m.text)
+            if "Content Security Policy" in m.text else None)
     page.goto(server_url + "/")
     expect(page.get_by_test_id("index-info")).to_contain_text("8 items")
     yield page

@@ -112,6 +112,114 @@ def test_convert_between_formats(saved_model, tmp_path, tiny_vit) -> None:
         assert torch.equal(back.state_dict()[key], value), key
 
 
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _training_run_copy(root, saved_model):
+    """What a copied `clipforge train` run directory holds, the final model included."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step_00000450.pt").write_bytes(b"checkpoint" * 100)
+    for name in ("config.json", "model.safetensors"):
+        (root / name).write_bytes((saved_model / name).read_bytes())
+    (root / "metrics.jsonl").write_text('{"step": 1, "loss": 4.1}\n')
+    (root / "eval.json").write_text('{"eval": {}}\n')
+    (root / "train_config.json").write_text("{}\n")
+    (root / "loss.png").write_bytes(b"\x89PNG")
+    return root
+
+
+def _hf_clone(root):
+    """A folder shaped like a cloned Hugging Face model repository."""
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "README.md").write_text("# my model card\n")
+    (root / "config.json").write_text('{"model_type": "clip"}\n')
+    return root
+
+
+@pytest.mark.parametrize("shape", ["training run", "hf clone"])
+@pytest.mark.parametrize("to", ["clipforge", "hf"])
+def test_convert_never_empties_a_folder_it_did_not_write(saved_model, tmp_path, capsys, shape,
+                                                         to) -> None:
+    dst = (_training_run_copy(tmp_path / "run", saved_model) if shape == "training run"
+           else _hf_clone(tmp_path / "repo"))
+    before = _files(dst)
+    assert main(["convert", str(saved_model), str(dst), "--to", to]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(dst) in err and "choose a new or empty directory" in err
+    foreign = ["checkpoints/", "metrics.jsonl", "eval.json"] if shape == "training run" else \
+        [".git/", "README.md"]
+    assert all(name in err for name in foreign), err
+    assert _files(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny", dst.name])
+
+
+def test_convert_twice_into_the_same_destination(saved_model, tmp_path, tiny_vit) -> None:
+    dst = tmp_path / "converted"
+    assert main(["convert", str(saved_model), str(dst)]) == 0
+    assert main(["convert", str(saved_model), str(dst), "--to", "hf"]) == 0  # replaces its own
+    assert (dst / "preprocessor_config.json").is_file()
+    assert main(["convert", str(saved_model), str(dst)]) == 0
+    assert not (dst / "preprocessor_config.json").exists()
+    assert clipforge.create_model(dst).config == tiny_vit.config
+
+
+def test_outputs_of_an_older_clipforge_are_replaced(saved_model, photos, tmp_path,
+                                                   capsys) -> None:
+    """Folders written before the manifest existed hold exactly the writer's own files."""
+    from clipforge.fileio import DIRECTORY_MANIFEST
+
+    dst, out = tmp_path / "converted", tmp_path / "embedded"
+    embed = ["embed", "--images", str(photos[0]), "--model", str(saved_model), "--out", str(out)]
+    assert main(["convert", str(saved_model), str(dst), "--to", "hf"]) == 0
+    assert main(embed) == 0
+    for folder in (dst, out):
+        (folder / DIRECTORY_MANIFEST).unlink()
+    assert main(["convert", str(saved_model), str(dst)]) == 0
+    assert main(embed) == 0
+    (dst / DIRECTORY_MANIFEST).unlink()
+    (dst / "README.md").write_text("mine")
+    capsys.readouterr()
+    assert main(["convert", str(saved_model), str(dst)]) == 2
+    assert "(README.md)" in capsys.readouterr().err
+    assert (dst / "README.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("error", ["OSError", "safetensors"])
+def test_convert_onto_a_full_disk_keeps_the_previous_output(saved_model, tmp_path, capsys,
+                                                            monkeypatch, error) -> None:
+    import errno
+
+    from safetensors import SafetensorError
+
+    from clipforge.weights import formats
+
+    dst = tmp_path / "converted"
+    assert main(["convert", str(saved_model), str(dst)]) == 0
+    before = _files(dst)
+    capsys.readouterr()
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(formats, "save_file", full)
+    for target, to in ((dst, "clipforge"), (dst, "hf"), (tmp_path / "one.safetensors",
+                                                         "clipforge")):
+        assert main(["convert", str(saved_model), str(target), "--to", to]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: cannot write {target}: the disk is full"), err
+        assert "\n" not in err and "Traceback" not in err
+    assert _files(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "tiny"]
+
+
 def test_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "clipforge", "models"], capture_output=True,
                             text=True, timeout=120)

@@ -30,6 +30,7 @@ from conftest import perturb
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from clipforge.fileio import DIRECTORY_MANIFEST  # noqa: E402
 from clipforge.onnx import OnnxCLIP, OnnxLoadError, export_onnx, load_onnx  # noqa: E402
 from clipforge.onnx.manifest import IMAGE_FILE, MANIFEST, TEXT_FILE  # noqa: E402
 
@@ -328,7 +329,7 @@ def test_export_refuses_a_foreign_directory_and_replaces_its_own(vit_export,
     assert load_onnx(out).fingerprint != load_onnx(vit_export[1]).fingerprint
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [IMAGE_FILE, TEXT_FILE, MANIFEST, "bpe_simple_vocab_16e6.txt.gz",
-         "LICENSE-bpe_simple_vocab.txt"])
+         "LICENSE-bpe_simple_vocab.txt", DIRECTORY_MANIFEST])
 
 
 def test_bf16_model_opset_18_and_external_weights(monkeypatch: pytest.MonkeyPatch,
@@ -374,6 +375,11 @@ def test_int8_variant(vit_export, tmp_path: Path) -> None:
         assert float((a * b).sum(-1).min()) > 0.99
     manifest = json.loads((copy / MANIFEST).read_text())
     assert min(manifest["variants"]["int8"]["verification"].values()) > 0.99
+    # A new export replaces this one, int8 graphs included, even as an older clipforge left
+    # it (no list of its files).
+    (copy / DIRECTORY_MANIFEST).unlink()
+    assert export_onnx(model, copy, verify=False) == copy
+    assert not (copy / "image_encoder_int8.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- without torch

@@ -20,7 +20,7 @@ from PIL import Image
 import clipforge
 from clipforge.inference import embed_images, embed_texts
 from clipforge.search import IndexMismatchError, SearchIndex, build_index, read_report
-from clipforge.search.store import staging_files
+from clipforge.search.store import Store, staging_files
 from conftest import perturb
 
 
@@ -374,3 +374,79 @@ def test_fast_decode_leaves_small_images_exact(tmp_path, photos, model) -> None:
     exact = embed_images(model, files, progress=False)
     fast = embed_images(model, files, progress=False, fast_decode=True)
     np.testing.assert_array_equal(fast.vectors, exact.vectors)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_names_that_are_not_utf8_are_indexed_exactly(tmp_path, photos, model) -> None:
+    """A file name in Latin-1 (b"caf\\xe9.png") used to fail the build after embedding
+    everything, writing nothing, and the same on every rerun."""
+    root = tmp_path / "odd"
+    root.mkdir()
+    for path in photos[:2]:
+        shutil.copy(path, root / path.name)
+    odd = os.fsencode(root.resolve()) + b"/caf\xe9.png"
+    shutil.copy(photos[2], odd)
+    Image.new("L", (1, 400_000)).save(root / "strip.png")  # and an extreme aspect ratio
+    out = tmp_path / "index"
+    report = _build(root, out, model)
+    assert (report.scanned, report.total, report.added) == (4, 3, 3)
+    strip = str((root / "strip.png").resolve())
+    assert [k for k, _ in report.failures] == [strip]
+    assert "1x400000" in report.failures[0][1] and "CLIPFORGE_MAX_ASPECT_RATIO" in \
+        report.failures[0][1]
+    assert read_report(out)["failures"][0]["item"] == strip  # report.json is valid UTF-8
+    index = SearchIndex.open(out)
+    hits = index.search(text="a photo", k=3)
+    name = os.fsdecode(odd)
+    hit = next(h for h in hits if h.path == name)
+    assert os.fsencode(hit.path) == odd  # the exact bytes
+    assert index.open_image(hit.id).size == Image.open(photos[2]).size
+    again = _build(root, out, model)  # incremental: nothing is read again
+    assert (again.embedded, again.unchanged, again.added, again.total) == (0, 4, 0, 3)
+    (root / "strip.png").unlink()
+    os.unlink(odd)  # and a removed odd name leaves the index
+    after = _build(root, out, model)
+    assert (after.removed, after.total, after.failures) == (1, 2, [])
+
+
+def test_an_odd_index_folder_name_is_kept(tmp_path, photos, model) -> None:
+    source = Path(os.fsdecode(os.fsencode(tmp_path) + b"/fotos-\xe9t\xe9"))
+    source.mkdir()
+    shutil.copy(photos[0], source / photos[0].name)
+    report = _build(source, tmp_path / "index", model)
+    assert report.total == 1
+    store = Store(tmp_path / "index")
+    assert store.info()["source"] == str(source)
+    store.close()
+    assert json.loads((tmp_path / "index" / "report.json").read_bytes().decode("utf-8")
+                      )["source"] == str(source)
+
+
+def test_table_listing_a_fifo_is_built_without_waiting(tmp_path, photos, model_file) -> None:
+    os.mkfifo(tmp_path / "x.jpg")
+    shutil.copy(photos[0], tmp_path / "a.png")
+    (tmp_path / "table.csv").write_text("filepath,title\nx.jpg,a pipe\na.png,a photo\n")
+    out = tmp_path / "index"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "clipforge", "index", "build", str(tmp_path / "table.csv"),
+             "--out", str(out), "--model", str(model_file), "--no-progress"],
+            capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("index build blocked on a FIFO")
+    assert done.returncode == 0, done.stderr
+    [(item, reason)] = [(f["item"], f["reason"]) for f in read_report(out)["failures"]]
+    assert item == str((tmp_path / "x.jpg").resolve()) and "not a regular file" in reason
+    assert read_report(out)["total"] == 1
+
+
+def test_table_with_an_overlong_field_names_the_line(tmp_path, photos, model) -> None:
+    shutil.copy(photos[0], tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text(f"filepath,title,notes\na.png,x,\"{'n' * (2 << 20)}\"\n")
+    with pytest.raises(ValueError) as info:
+        _build(tmp_path / "t.csv", tmp_path / "index", model)
+    assert str(info.value).startswith(f"{tmp_path / 't.csv'}, line 2: a field is longer than")
+    (tmp_path / "t.csv").write_text(f"filepath,title,notes\na.png,x,\"{'n' * 200_000}\"\n")
+    assert _build(tmp_path / "t.csv", tmp_path / "index", model).total == 1

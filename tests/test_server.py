@@ -54,14 +54,15 @@ def item_ids(index: SearchIndex) -> list[int]:
 
 @pytest.fixture(scope="module")
 def client(index: SearchIndex) -> TestClient:
-    with TestClient(create_app(index)) as c:
+    with TestClient(create_app(index), base_url="http://127.0.0.1") as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def small_client(index: SearchIndex) -> TestClient:
     """Limits low enough that tests need not send megabytes."""
-    with TestClient(create_app(index, max_upload_bytes=200_000, max_pixels=1_000_000)) as c:
+    with TestClient(create_app(index, max_upload_bytes=200_000, max_pixels=1_000_000),
+                    base_url="http://127.0.0.1") as c:
         yield c
 
 

@@ -7,8 +7,12 @@ All data is written into ``tmp_path``: real PNG/JPEG files, a truncated JPEG, a 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from itertools import islice
 from pathlib import Path
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from clipforge.configs import PreprocessConfig, get_config
 from clipforge.data.sources import (
+    BadItem,
     CsvCaptions,
     DataError,
     FolderCaptions,
@@ -29,6 +34,8 @@ from clipforge.data.sources import (
     StreamShare,
     WebDatasetCaptions,
     check_readable,
+    open_image_bytes,
+    open_image_file,
     open_source,
 )
 from clipforge.image import Preprocess
@@ -363,3 +370,167 @@ def test_check_readable(photos: Path, shards: Path, tmp_path: Path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     with pytest.raises(DataError, match="junk.tar.*corrupt shard"):
         check_readable(WebDatasetCaptions(str(tmp_path / "junk.tar")))
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _in_child(code: str, *args: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter with a timeout and return its output lines: a read
+    that blocks (a FIFO) or a stream that never ends fails the test instead of hanging it."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("did not return: a read blocked or a stream never ended")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_extreme_aspect_ratio_is_skipped_at_decode(tmp_path: Path, monkeypatch):
+    """A 1x400000 PNG (a few hundred bytes) is refused from its header by every reader, so
+    training, evaluation and indexing skip it as preprocessing would, with the reason."""
+    monkeypatch.delenv("CLIPFORGE_MAX_ASPECT_RATIO", raising=False)
+    _image(0).save(tmp_path / "a.jpg")
+    Image.new("L", (1, 400_000)).save(tmp_path / "strip.png")
+    (tmp_path / "data.csv").write_text("filepath,title\nstrip.png,a line\na.jpg,a photo\n")
+    source = CsvCaptions(tmp_path / "data.csv")
+    bad, good = source[0], source[1]
+    assert good.ok and not bad.ok
+    assert bad.error.startswith(f"{tmp_path / 'strip.png'}: unreadable image (image is "
+                                "1x400000 pixels")
+    assert "100:1" in bad.error and "CLIPFORGE_MAX_ASPECT_RATIO" in bad.error
+    with pytest.raises(BadItem, match=r"\.png: image is 1x400000"):
+        open_image_bytes((tmp_path / "strip.png").read_bytes(), "png")
+    with pytest.raises(BadItem, match="image is 1x400000"):  # the fast-decode path too
+        open_image_file(tmp_path / "strip.png", draft=224)
+    monkeypatch.setenv("CLIPFORGE_MAX_ASPECT_RATIO", "1000000")
+    assert open_image_file(tmp_path / "strip.png").size == (1, 400_000)
+
+
+def test_fifo_is_skipped_by_every_reader(tmp_path: Path):
+    """A named pipe called x.jpg (or x.csv) is reported as not a regular file, never waited on:
+    image files of CSV sources and index builds, tables, shard members."""
+    os.mkfifo(tmp_path / "x.jpg")
+    os.mkfifo(tmp_path / "pipe.csv")
+    _image(0).save(tmp_path / "a.jpg")
+    (tmp_path / "data.csv").write_text("filepath,title\nx.jpg,a pipe\na.jpg,a photo\n")
+    code = """if True:
+        import sys
+        from pathlib import Path
+        from clipforge.data.sources import (BadItem, CsvCaptions, DataError, check_readable,
+                                            open_image_file, read_utf8)
+        from clipforge.search.sources import read_entry_image
+        root = Path(sys.argv[1])
+        for read in (open_image_file, read_entry_image):
+            try:
+                read(str(root / "x.jpg"))
+            except BadItem as exc:
+                print(exc)
+        try:
+            read_entry_image(str(root / "x.jpg"), "0.jpg", 0, 10)
+        except BadItem as exc:
+            print(exc)
+        try:
+            read_utf8(root / "pipe.csv", "table")
+        except DataError as exc:
+            print(exc)
+        source = CsvCaptions(root / "data.csv")
+        print(source[0].error)
+        check_readable(source)
+        print("readable")
+    """
+    lines = _in_child(code, str(tmp_path))
+    assert len(lines) == 6 and lines[-1] == "readable"
+    assert lines[0] == lines[1] == "unreadable image (not a regular file: it is a named pipe " \
+                                   "(FIFO))"
+    assert "not a regular file" in lines[2] and "x.jpg" in lines[2]
+    assert "pipe.csv" in lines[3] and "not a regular file" in lines[3]
+    assert lines[4].startswith(f"{tmp_path / 'x.jpg'}: unreadable image (not a regular file")
+
+
+def _barren_shards(tmp_path: Path) -> tuple[Path, Path]:
+    """A shard of random bytes and a valid but empty tar."""
+    noise = tmp_path / "noise.tar"
+    noise.write_bytes(np.random.default_rng(0).bytes(20_000))
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    return noise, empty
+
+
+def test_shards_with_nothing_to_read_stop_at_once(tmp_path: Path):
+    """Resampled (as training reads shards), a source whose every shard yields nothing was
+    drawn from for ever; now the check stops at once, naming the shard and the reason."""
+    noise, empty = _barren_shards(tmp_path)
+    code = """if True:
+        import sys
+        from clipforge.data.sources import DataError, WebDatasetCaptions, check_readable
+        for spec in sys.argv[1:]:
+            for resampled in (True, False):
+                try:
+                    check_readable(WebDatasetCaptions(spec, resampled=resampled))
+                except DataError as exc:
+                    print(exc)
+    """
+    lines = _in_child(code, str(noise), str(empty), f"{noise}::{empty}")
+    assert len(lines) == 6
+    for line in lines:
+        assert line.startswith("no readable sample in ")
+    for line in lines[:2]:
+        assert f"{noise}: corrupt shard (ReadError: invalid header)" in line
+    assert f"{empty}: no files (an empty tar)" in lines[2]
+    assert "empty tar" in lines[3] and "rank" not in lines[3]
+    assert str(noise) in lines[4] and str(empty) in lines[4]  # both named, both reasons
+    assert "corrupt shard" in lines[4] and "empty tar" in lines[4]
+
+
+def test_resampled_stream_with_some_barren_shards_keeps_going(shards: Path, tmp_path: Path):
+    noise, empty = _barren_shards(tmp_path)
+    source = WebDatasetCaptions([str(shards / "00000.tar"), str(noise), str(empty)],
+                                resampled=True, shuffle_buffer=0, seed=1)
+    check_readable(source)
+    items = list(islice(iter(source), 3 * PER_SHARD))
+    assert len(items) == 3 * PER_SHARD and sum(s.ok for s in items) >= 2 * PER_SHARD
+    assert {s.key for s in items if s.error} <= {str(noise)}
+
+
+def test_long_csv_field_is_read_up_to_the_limit_and_named_beyond_it(tmp_path: Path,
+                                                                    monkeypatch):
+    """Python's csv stops at 131,072 characters a field; the bound is 1 MiB (configurable),
+    and beyond it the error is one line naming the file and the line."""
+    monkeypatch.delenv("CLIPFORGE_CSV_FIELD_LIMIT", raising=False)
+    _image(0).save(tmp_path / "a.jpg")
+    path = tmp_path / "long.csv"
+    path.write_text(f"filepath,title\na.jpg,short\na.jpg,{'x' * 200_000}\n")
+    assert [len(c) for c in CsvCaptions(path).captions] == [5, 200_000]
+    before = csv.field_size_limit()
+    path.write_text(f"filepath,title\na.jpg,short\n\na.jpg,\"{'y' * (1 << 20)}z\"\n")
+    with pytest.raises(DataError) as info:
+        CsvCaptions(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 4: a field is longer than 1048576 characters")
+    assert "CLIPFORGE_CSV_FIELD_LIMIT" in message and "\n" not in message
+    assert csv.field_size_limit() == before  # the process-wide setting is put back
+    monkeypatch.setenv("CLIPFORGE_CSV_FIELD_LIMIT", str(2 << 20))
+    assert len(CsvCaptions(path).captions[1]) == (1 << 20) + 1
+    monkeypatch.setenv("CLIPFORGE_CSV_FIELD_LIMIT", "lots")
+    with pytest.raises(DataError, match="CLIPFORGE_CSV_FIELD_LIMIT='lots'"):
+        CsvCaptions(path)
+
+
+def test_train_transform_work_is_bounded_for_any_shape(monkeypatch):
+    """No aspect check is needed in training augmentation: the crop box keeps its ratio within
+    (3/4, 4/3), so even a 1x400000 strip is cropped before any resample, never resized whole."""
+    resized: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        resized.append(self.size)
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    t = TrainTransform(Preprocess(224, MEAN, STD))
+    for size in [(1, 400_000), (400_000, 1), (3, 1000)]:
+        resized.clear()
+        assert t(Image.new("L", size), np.random.default_rng(0)).shape == (3, 224, 224)
+        assert resized and all(max(s) <= 4 for s in resized)

@@ -236,3 +236,86 @@ def test_no_readable_sample_stops_at_once(tmp_path) -> None:
     with pytest.raises(DataError, match="no readable sample"):
         train(TrainConfig(output=tmp_path / "run", data=str(csv), model="tiny-vit", steps=3,
                           batch_size=4, workers=0, progress=False))
+
+
+def _state(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    first = ["train", *TINY, "--steps", "2", "--checkpoint-every", "1", "--output", str(run)]
+    assert main(first) == 0
+    before = _state(run)
+    capsys.readouterr()
+
+    changed = [*first, "--resume", "latest", "--batch-size", "8", "--lr", "0.002",
+               "--steps", "4", "--seed", "3"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "step_00000002.pt" in err, err
+    for setting in ("--batch-size 16 -> 8", "--lr 0.001 -> 0.002", "--steps 2 -> 4",
+                    "--seed 0 -> 3", "--resume-override steps,batch-size,lr,seed"):
+        assert setting in err, err
+    assert _state(run) == before  # nothing written: config, checkpoints, metrics as they were
+    assert main([*changed, "--resume-override", "steps,lr"]) == 2  # batch size, seed still
+    err = capsys.readouterr().err
+    assert "--batch-size 16 -> 8" in err and "--lr" not in err.split("with other settings")[1]
+    assert main([*changed, "--resume-override", "batchsize"]) == 2
+    assert "--resume-override: unknown setting 'batchsize'" in capsys.readouterr().err
+    assert _state(run) == before
+
+    # What does not change the result may change freely; an override accepts the rest.
+    assert main([*first, "--resume", "latest", "--steps", "3", "--resume-override", "steps",
+                 "--log-every", "2", "--checkpoint-every", "5", "--keep-checkpoints", "4",
+                 "--eval-every", "0", "--device", "cpu", "--micro-batch", "8"]) == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["steps"], saved["log_every"], saved["batch_size"]) == (3, 2, 16)
+    assert (run / "checkpoints" / "step_00000003.pt").is_file()
+
+
+def test_failed_resume_leaves_the_run_config_alone(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    first = ["train", *TINY, "--steps", "2", "--checkpoint-every", "1", "--output", str(run)]
+    assert main(first) == 0
+    config = (run / "train_config.json").read_text()
+    (run / "checkpoints" / "step_00000002.pt").write_bytes(b"cut short")
+    capsys.readouterr()
+    assert main([*first, "--resume", "latest", "--log-every", "3"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert (run / "train_config.json").read_text() == config
+    torch.save({"step": 2}, run / "checkpoints" / "step_00000002.pt")
+    assert main([*first, "--resume", "latest", "--log-every", "3"]) == 2
+    assert "is not a clipforge training checkpoint (no objective, optimizer" in \
+        capsys.readouterr().err
+    assert (run / "train_config.json").read_text() == config
+
+
+def test_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from clipforge.fileio import DiskFullError
+    from clipforge.training.checkpoint import save_checkpoint
+
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    save_checkpoint(directory, 1, {"step": 1}, keep=2)
+
+    torch_error = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+    def full(obj, f) -> None:  # as torch.save fails: its own error, the OSError behind it
+        try:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError(torch_error)  # noqa: B904 (the context, as torch has it)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError) as error:
+        save_checkpoint(directory, 2, {"step": 2}, keep=2)
+    assert str(error.value) == (
+        f"cannot write {directory / 'step_00000002.pt'}: the disk is full (No space left on "
+        "device); the earlier checkpoints are intact: free some space and continue the run "
+        "with --resume latest")
+    assert [p.name for p in directory.iterdir()] == ["step_00000001.pt"]

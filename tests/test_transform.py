@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 from importlib import resources
 
 import numpy as np
@@ -391,3 +394,75 @@ def test_text_file_raises_with_path(tmp_path):
     with pytest.raises(ImageLoadError) as info:
         _preprocess(224).load(str(missing))
     assert str(missing) in str(info.value)
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+@pytest.fixture
+def no_resize(monkeypatch):
+    """Any resample fails the test: a refused image must be refused from its size alone."""
+    def resize(self, *args, **kwargs):
+        raise AssertionError(f"resized a {self.size} image")
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+
+
+@pytest.mark.parametrize("size", [(1, 400_000), (100_000, 1)])
+def test_extreme_aspect_ratio_is_refused_before_any_resize(size, no_resize, monkeypatch):
+    # Resized to 224 on the short side, 1x400000 would be 224 x 89.6 million pixels (20 GB).
+    monkeypatch.delenv("CLIPFORGE_MAX_ASPECT_RATIO", raising=False)
+    img = Image.new("L", size)
+    pre = _preprocess(224)
+    for transform in (pre, pre.to_numpy):
+        with pytest.raises(ImageLoadError) as info:
+            transform(img)
+        message = str(info.value)
+        assert f"{size[0]}x{size[1]}" in message and "100:1" in message
+        assert "CLIPFORGE_MAX_ASPECT_RATIO" in message and "\n" not in message
+
+
+def test_load_names_the_file_of_an_extreme_image(tmp_path, no_resize):
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, 400_000)).save(path)
+    assert path.stat().st_size < 10_000  # a few hundred bytes of PNG
+    with pytest.raises(ImageLoadError, match=rf"cannot read image {path}: image is 1x400000"):
+        _preprocess(224).load(path)
+
+
+def test_aspect_ratio_bound_is_inclusive_and_configurable(monkeypatch):
+    monkeypatch.delenv("CLIPFORGE_MAX_ASPECT_RATIO", raising=False)
+    pre = _preprocess(32)
+    assert pre(Image.new("RGB", (3200, 32))).shape == (3, 32, 32)  # exactly 100:1
+    wide = Image.new("RGB", (3300, 32))
+    with pytest.raises(ImageLoadError, match="3300x32"):
+        pre(wide)
+    monkeypatch.setenv("CLIPFORGE_MAX_ASPECT_RATIO", "200")
+    assert pre(wide).shape == (3, 32, 32) and pre.to_numpy(wide).shape == (3, 32, 32)
+    monkeypatch.setattr("clipforge.image.transform.MAX_ASPECT_RATIO", 500.0)
+    monkeypatch.delenv("CLIPFORGE_MAX_ASPECT_RATIO")
+    assert pre(Image.new("RGB", (12800, 32))).shape == (3, 32, 32)
+    monkeypatch.setenv("CLIPFORGE_MAX_ASPECT_RATIO", "wide")
+    with pytest.raises(ValueError, match="CLIPFORGE_MAX_ASPECT_RATIO='wide'"):
+        pre(wide)
+
+
+def test_fifo_is_not_a_regular_file(tmp_path):
+    """A named pipe called x.jpg: opening it to read would wait for a writer for ever.  Run in
+    a child process with a timeout, so that a regression fails instead of hanging."""
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    code = ("import sys; from clipforge.image import ImageLoadError, Preprocess, load_image\n"
+            "for f in (load_image, Preprocess(32, (0.5,) * 3, (0.5,) * 3).load):\n"
+            "    try:\n        f(sys.argv[1])\n    except ImageLoadError as exc:\n"
+            "        print(exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO blocked")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert str(fifo) in line and "not a regular file" in line and "FIFO" in line

@@ -286,6 +286,8 @@ def _write_table(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from .inference import name_bytes_hex, printable_name
+
     if not args.images and not args.texts:
         raise SystemExit("error: give --images and/or --texts")
     texts: list[str] = []
@@ -300,12 +302,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
     model = _model(args)
     failures = []
-    with atomic_directory(args.out, marker="model.json") as out:
+    with atomic_directory(args.out, marker="model.json", writes=("*.npy", "*.csv")) as out:
         if paths:
             result = embed_images(model, paths, batch_size=args.batch_size,
                                   num_workers=args.workers, fast_decode=args.fast_decode)
             np.save(out / "image_embeddings.npy", result.vectors.astype(np.float32))
-            _write_table(out / "images.csv", ("row", "path"), list(enumerate(result.ids)))
+            # A file name that is not UTF-8 is shown with \xNN escapes; path_hex has its bytes.
+            _write_table(out / "images.csv", ("row", "path", "path_hex"),
+                         [(row, printable_name(p), name_bytes_hex(p))
+                          for row, p in enumerate(result.ids)])
             failures += [("image", p, e) for p, e in result.failures]
             print(f"{len(result.ids)} images embedded, {len(result.failures)} skipped")
         if texts:
@@ -316,17 +321,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
                          [(r, int(i) + 1, texts[int(i)]) for r, i in enumerate(result.ids)])
             failures += [("text", f"line {int(i) + 1}", e) for i, e in result.failures]
             print(f"{len(result.ids)} texts embedded, {len(result.failures)} skipped")
-        _write_table(out / "skipped.csv", ("kind", "item", "reason"), failures)
+        failures = [(kind, printable_name(item), printable_name(reason), name_bytes_hex(item))
+                    for kind, item, reason in failures]
+        _write_table(out / "skipped.csv", ("kind", "item", "reason", "item_hex"), failures)
         (out / "model.json").write_text(json.dumps(
             {"model": str(args.model), "weights": args.weights, "config": model.config.to_dict()},
             indent=2) + "\n")
-    for kind, item, reason in failures:
+    for kind, item, reason, _ in failures:
         print(f"skipped {kind} {item}: {reason}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights import check_save_destination
+
+    check_save_destination(args.dst, args.to)  # refuse a foreign folder before loading
     model = _load(args.src, args.weights, args.activation)
     save_model(model, args.dst, format=args.to)
     print(f"wrote {args.dst} ({args.to} format, activation {model.config.activation})")
@@ -432,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert weights between formats")
     p.add_argument("src", help="checkpoint file, model directory, hf-hub:org/repo or a name")
-    p.add_argument("dst", type=Path)
+    p.add_argument("dst", type=Path, help="new or empty directory, one clipforge wrote before "
+                   "(replaced), or a .safetensors file")
     p.add_argument("--to", choices=FORMATS, default="clipforge")
     p.add_argument("--weights", help="with an architecture name: tag, hf-hub:org/repo or file")
     p.add_argument("--activation", choices=ACTIVATIONS)
@@ -454,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip running the graphs against "
                    "PyTorch after export")
 
-    from .training.loop import TrainConfig
+    from .training.loop import TrainConfig, setting_names
 
     def default(name: str):  # one source of truth for the training defaults
         return TrainConfig.__dataclass_fields__[name].default
@@ -498,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=default("checkpoint_every"))
     p.add_argument("--keep-checkpoints", type=int, default=default("keep_checkpoints"))
     p.add_argument("--resume", help="'latest' (in --output) or a checkpoint file")
+    p.add_argument("--resume-override", type=setting_names, default=(), metavar="NAME[,NAME]",
+                   help="with --resume: accept these changed settings (e.g. steps,lr); others "
+                   "that shape the result must stay as the run had them")
     p.add_argument("--log-every", type=int, default=default("log_every"))
     p.add_argument("--eval-every", type=int, default=default("eval_every"),
                    help="zero-shot eval every N steps (built-in data)")

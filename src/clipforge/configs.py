@@ -1,9 +1,17 @@
 """Architectures as data.
 
 Every model clipforge can build is described by a :class:`CLIPConfig`: the image tower, the text
-tower, the shared embedding width, the MLP activation and the preprocessing constants.  Named
-architectures are rows of the ``ARCHITECTURES`` table below; checkpoints carry their own config (or
-have one inferred from tensor shapes), so nothing anywhere switches on a model's *name*.
+tower, the shared embedding width, the MLP activation, the preprocessing constants and the
+tokenizer.  Named architectures are rows of the ``ARCHITECTURES`` table below; checkpoints carry
+their own config (or have one inferred from tensor shapes), so nothing anywhere switches on a
+model's *name*.
+
+The families differ from OpenAI's CLIP by fields here, never by classes: SigLIP is a ViT without
+a class token pooled by an attention head (``VisionConfig.pool="map"``) beside a bidirectional
+text tower pooled at its last position, with a logit bias and sigmoid probabilities;
+Chinese-CLIP's and XLM-RoBERTa's text towers are post-norm BERT stacks (``TextConfig.norm``)
+with a padding mask; MetaCLIP 2 pools at its end-of-sequence id.  Fields added for those
+families are left out of an OpenAI-style config's JSON, which reads as it always did.
 
 The activation is part of the config on purpose: OpenAI's weights were trained with QuickGELU and
 LAION's large models with exact GELU, and mixing them up silently costs accuracy.
@@ -13,14 +21,111 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-Activation = Literal["quick_gelu", "gelu"]
-ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu")
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear")
+
+REQUIRED: Any = object()  # json_field's default: the key must be present
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any, name: str) -> None:
+    """Config sizes come from files: a string, a float or a bool where a size belongs would
+    otherwise surface as a traceback deep inside model construction."""
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# json_field's kinds: (test, how a message describes it).
+_KINDS: dict[str, tuple[Any, str]] = {
+    "positive int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "3 numbers": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
+                  "a list of 3 numbers"),
+}
+
+
+def json_field(data: Mapping[str, Any], key: str, where: str, kind: str,
+               default: Any = REQUIRED) -> Any:
+    """``data[key]`` checked to be of ``kind`` (a key of ``_KINDS``), for readers of JSON
+    configs: the message names the field as the file spells it (``where`` is its enclosing
+    path, such as ``"vision_config."``), so that it can be fixed there.  Never coerces: a
+    ``"64"`` where a size belongs is an error, not a guess."""
+    if key not in data:
+        if default is REQUIRED:
+            raise ValueError(f"{where}{key} is missing")
+        return default
+    value = data[key]
+    test, description = _KINDS[kind]
+    if not test(value):
+        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) \
+            else type(value).__name__
+        raise ValueError(f"{where}{key} must be {description}, got {shown}")
+    return value
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Check every field whose annotation is a ``Literal``, a bool or a float: configs come
+    from files, and a misspelt choice must be an error naming it, not a silent default."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        name = f"{prefix}{f.name}"
+        choices = _literal_choices(hint)
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {value!r}")
+        elif hint is bool and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        elif hint is float and not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        elif hint is int and not (_is_int(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _literal_choices(hint: Any) -> tuple | None:
+    """The allowed values of ``Literal[...]`` or ``Literal[...] | None`` (None included)."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    args = get_args(hint)
+    literals = [a for a in args if get_origin(a) is Literal]
+    if literals and all(a is type(None) or get_origin(a) is Literal for a in args):
+        return (*get_args(literals[0]), None)
+    return None
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer a model's text tower reads: OpenAI's byte-level BPE (packaged), or the
+    Hugging Face tokenizer files that come with the weights (``hf``), cleaned before
+    tokenizing as OpenCLIP cleans them (``clean``, see clipforge.text.hf)."""
+
+    kind: Literal["openai", "hf"] = "openai"
+    clean: Literal["none", "canonicalize", "whitespace", "lower"] = "none"
+    strip_sep: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "tokenizer.")
 
 
 @dataclass(frozen=True)
@@ -38,6 +143,51 @@ class VisionConfig:
     heads: int
     patch_size: int | None = None
     mlp_width: int = 0
+    # family fields (defaults: OpenAI's ViT; see clipforge.model.vision)
+    activation: Activation | None = None  # None: the model's activation
+    ln_eps: float = 1e-5
+    patch_bias: bool = False
+    class_token: bool = True
+    ln_pre: bool = True
+    pool: Literal["token", "map"] = "token"
+    proj: Literal["matrix", "none"] = "matrix"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):  # as JSON spells a ResNet's tuple
+            object.__setattr__(self, "layers", tuple(self.layers))
+        for name in ("image_size", "width", "heads"):
+            _positive_int(getattr(self, name), f"vision.{name}")
+        if not _is_int(self.mlp_width) or self.mlp_width < 0:
+            raise ValueError(f"vision.mlp_width must be a non-negative integer, "
+                             f"got {self.mlp_width!r}")
+        _check_fields(self, "vision.")
+        if self.is_vit:
+            self._check_vit()
+        else:
+            self._check_resnet()
+
+    def _check_vit(self) -> None:
+        _positive_int(self.patch_size, "vision.patch_size")
+        _positive_int(self.layers, "vision.layers")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of "
+                             f"vision.patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"vision.width {self.width} is not divisible by vision.heads "
+                             f"{self.heads}")
+
+    def _check_resnet(self) -> None:
+        if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
+            raise ValueError(f"vision.layers of a ResNet (no patch_size) must be 4 block counts, "
+                             f"got {self.layers!r}")
+        for count in self.layers:
+            _positive_int(count, "each of vision.layers")
+        if self.image_size % 32:
+            raise ValueError(f"vision.image_size {self.image_size} of a ResNet is not a "
+                             "multiple of 32")
+        if self.width * 32 % self.heads:
+            raise ValueError(f"vision.heads {self.heads} does not divide the ResNet's "
+                             f"attention-pool width {self.width * 32}")
 
     @property
     def is_vit(self) -> bool:
@@ -54,6 +204,40 @@ class TextConfig:
     context_length: int = 77
     vocab_size: int = 49408
     mlp_width: int = 0
+    # family fields (defaults: OpenAI's causal tower; see clipforge.model.text)
+    activation: Activation | None = None  # None: the model's activation
+    ln_eps: float = 1e-5
+    causal: bool = True
+    norm: Literal["pre", "post"] = "pre"
+    pool: Literal["argmax", "eos", "last", "first", "mean"] = "argmax"
+    eos_id: int | None = None  # pool "eos": the id pooled at (its first occurrence)
+    pad_id: int = 0
+    mask_padding: bool = False
+    type_vocab_size: int = 0
+    position_offset: int = 0
+    max_positions: int = 0  # rows of the position table (0: context_length + position_offset)
+    proj: Literal["matrix", "linear", "mlp", "none"] = "matrix"
+    proj_hidden: int = 0
+
+    @property
+    def positions(self) -> int:
+        return self.max_positions or self.context_length + self.position_offset
+
+    def __post_init__(self) -> None:
+        for name in ("width", "layers", "heads", "context_length", "vocab_size"):
+            _positive_int(getattr(self, name), f"text.{name}")
+        if not _is_int(self.mlp_width) or self.mlp_width < 0:
+            raise ValueError(f"text.mlp_width must be a non-negative integer, "
+                             f"got {self.mlp_width!r}")
+        if self.width % self.heads:
+            raise ValueError(f"text.width {self.width} is not divisible by text.heads "
+                             f"{self.heads}")
+        _check_fields(self, "text.")
+        if self.pool == "eos" and not (_is_int(self.eos_id) and self.eos_id >= 0):
+            raise ValueError(f"text.pool 'eos' needs text.eos_id, got {self.eos_id!r}")
+        if self.positions < self.context_length + self.position_offset:
+            raise ValueError(f"text.max_positions {self.max_positions} is less than "
+                             f"text.context_length + text.position_offset")
 
 
 @dataclass(frozen=True)
@@ -63,6 +247,29 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # how the image reaches the model's size (OpenCLIP's resize_mode): short side then centre
+    # crop, long side then pad with fill_color, or both sides stretched (squash)
+    resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
+    fill_color: int = 0
+
+    def __post_init__(self) -> None:
+        """Pixels are divided by ``std``: a zero, a NaN or a missing channel would turn every
+        probability into NaN instead of an error."""
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 3
+                    and all(_is_number(x) and math.isfinite(x) for x in value)):
+                raise ValueError(f"preprocess.{name} must be 3 finite numbers (one per RGB "
+                                 f"channel), got {value!r}")
+            object.__setattr__(self, name, tuple(float(x) for x in value))
+        if min(self.std) <= 0:
+            raise ValueError(f"preprocess.std must be positive, got {self.std!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocess.interpolation must be one of "
+                             f"{', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        _check_fields(self, "preprocess.")
+        if self.fill_color > 255:
+            raise ValueError(f"preprocess.fill_color must be 0..255, got {self.fill_color}")
 
 
 @dataclass(frozen=True)
@@ -72,12 +279,26 @@ class CLIPConfig:
     text: TextConfig
     activation: Activation = "quick_gelu"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # SigLIP: a learned bias added to the logits, and sigmoid (not softmax) probabilities
+    logit_bias: bool = False
+    probability: Literal["softmax", "sigmoid"] = "softmax"
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig())
+    family: str = "clip"  # for listings; nothing dispatches on it
 
     def __post_init__(self) -> None:
+        _positive_int(self.embed_dim, "embed_dim")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
             )
+        _check_fields(self, "")
+        for tower in ("vision", "text"):
+            cfg = getattr(self, tower)
+            if cfg.proj == "none" and cfg.width != self.embed_dim:
+                raise ValueError(f"{tower}.proj 'none' needs {tower}.width ({cfg.width}) equal "
+                                 f"to embed_dim ({self.embed_dim})")
+        if self.vision.is_vit and not self.vision.class_token and self.vision.pool == "token":
+            raise ValueError("vision.pool 'token' needs vision.class_token")
 
     @property
     def image_size(self) -> int:
@@ -87,32 +308,67 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON-ready data.  Fields added for the newer families are left out
+        while they hold their defaults, so an OpenAI-style config reads as it always has (and
+        its weights fingerprint, which hashes this, does not change)."""
+        data = dataclasses.asdict(self)
+        for name, default in _FAMILY_DEFAULTS.items():
+            section, _, key = name.rpartition(".")
+            where = data[section] if section else data
+            if key in where and where[key] == default:
+                del where[key]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
-        """Build from :meth:`to_dict` output; missing optional fields take their defaults."""
-        try:
-            vision = dict(data["vision"])
-            if isinstance(vision.get("layers"), list):
-                vision["layers"] = tuple(vision["layers"])
-            text = data["text"]
-            pre = dict(data.get("preprocess") or {})
-            for key in ("mean", "std"):
-                if key in pre:
-                    pre[key] = tuple(pre[key])
-            return cls(
-                embed_dim=int(data["embed_dim"]),
-                vision=_complete_vision(VisionConfig(**vision)),
-                text=_complete_text(TextConfig(**text)),
-                activation=data.get("activation", "quick_gelu"),
-                preprocess=PreprocessConfig(**pre),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"invalid clipforge model config: {exc}") from exc
+    def from_dict(cls, data: Any) -> CLIPConfig:
+        """Build from :meth:`to_dict` output; missing optional fields take their defaults.
+        Values are checked, never coerced, and a field clipforge does not know is an error:
+        a setting silently dropped would give a different model than the file describes."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a clipforge model config must be a JSON object, "
+                             f"got {type(data).__name__}")
+        _check_keys(data, cls, "")
+        values = dict(data)
+        for name, klass in _SECTIONS.items():
+            section = json_field(data, name, "", "object", {})
+            _check_keys(section, klass, name + ".")
+            values[name] = klass(**section)
+        values["vision"] = _complete_vision(values["vision"])
+        values["text"] = _complete_text(values["text"])
+        return cls(**values)
+
+
+def _check_keys(data: Mapping[str, Any], klass: type, prefix: str) -> None:
+    """Every required field of dataclass ``klass`` present in ``data``, and nothing else."""
+    fields = dataclasses.fields(klass)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if missing := [name for name in required if name not in data]:
+        raise ValueError(f"config field {prefix}{missing[0]} is missing")
+    if unknown := sorted(set(data) - {f.name for f in fields}):
+        raise ValueError(f"unknown config field {prefix}{unknown[0]}: clipforge implements "
+                         f"{', '.join(prefix + f.name for f in fields)}")
+
+
+_SECTIONS: dict[str, type] = {"vision": VisionConfig, "text": TextConfig,
+                               "preprocess": PreprocessConfig, "tokenizer": TokenizerConfig}
+
+# Fields that an OpenAI-style config leaves out of its JSON while they keep these values.
+_FAMILY_DEFAULTS: dict[str, Any] = {
+    **{f"vision.{f.name}": f.default for f in dataclasses.fields(VisionConfig)
+       if f.name in ("activation", "ln_eps", "patch_bias", "class_token", "ln_pre", "pool",
+                     "proj")},
+    **{f"text.{f.name}": f.default for f in dataclasses.fields(TextConfig)
+       if f.name in ("activation", "ln_eps", "causal", "norm", "pool", "eos_id", "pad_id",
+                     "mask_padding", "type_vocab_size", "position_offset", "max_positions",
+                     "proj", "proj_hidden")},
+    "preprocess.resize_mode": "shortest", "preprocess.fill_color": 0,
+    "logit_bias": False, "probability": "softmax", "family": "clip",
+    "tokenizer": {"kind": "openai", "clean": "none", "strip_sep": False},
+}
 
 
 def _complete_vision(v: VisionConfig) -> VisionConfig:

@@ -8,6 +8,7 @@ shape by shape before loading so that a wrong file gives a precise message.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .configs import ARCHITECTURES, CLIPConfig, get_config
 from .image import Preprocess
 from .model import CLIP
 from .precision import apply_precision, check_precision
+from .text import load_tokenizer
 from .weights.checkpoint import ARCHIVE_ATTRIBUTES, CheckpointError, StateDict
 from .weights.formats import read_weights
 from .weights.pretrained import HUB_PREFIX, download, resolve
@@ -26,9 +28,20 @@ OPENAI_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT
                 "ViT-L/14@336px": "ViT-L-14-336"}
 
 
+@dataclass
+class _Resolved:
+    config: CLIPConfig
+    sd: StateDict | None  # None: random initialisation
+    source: str  # where the weights came from, for messages
+    files: Path | None = None  # the directory that holds the weights' other files (tokenizer)
+
+
+def _directory_of(path: str | Path) -> Path | None:
+    return Path(path) if Path(path).is_dir() else None
+
+
 def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: str | None
-             ) -> tuple[CLIPConfig, StateDict | None, str]:
-    """(config, state dict or None for random init, where the weights came from)."""
+             ) -> _Resolved:
     spec = str(name_or_path)
     spec = OPENAI_NAMES.get(spec, spec)
     if Path(spec).exists():
@@ -36,25 +49,28 @@ def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: s
             raise ValueError(f"{spec} is a checkpoint already; pass weights= only with a "
                              "model name")
         config, sd = read_weights(spec, activation)
-        return config, sd, spec
+        return _Resolved(config, sd, spec, _directory_of(spec))
     if spec.startswith(HUB_PREFIX):
         repo, _ = resolve("", spec)
-        config, sd = read_weights(download(repo), activation)
-        return config, sd, spec
+        snapshot = download(repo)
+        config, sd = read_weights(snapshot, activation)
+        return _Resolved(config, sd, spec, snapshot)
     config = get_config(spec)
     if activation:
         config = config.replace(activation=activation)
     if weights is None:
-        return config, None, "random initialisation"
+        return _Resolved(config, None, "random initialisation")
     if Path(weights).exists():
         # The name gives the architecture; the activation is what the file records (QuickGELU
         # for a bare state dict) unless the caller says otherwise: never the name's row.
         file_config, sd = read_weights(weights, activation)
-        return (config.replace(activation=file_config.activation,
-                               preprocess=file_config.preprocess), sd, str(weights))
+        return _Resolved(config.replace(activation=file_config.activation,
+                                        preprocess=file_config.preprocess),
+                         sd, str(weights), _directory_of(weights))
     repo, tag_activation = resolve(spec, str(weights))
-    file_config, sd = read_weights(download(repo), activation or tag_activation)
-    return file_config, sd, f"{spec} {weights}"
+    snapshot = download(repo)
+    file_config, sd = read_weights(snapshot, activation or tag_activation)
+    return _Resolved(file_config, sd, f"{spec} {weights}", snapshot)
 
 
 def load_checked(model: CLIP, sd: StateDict, source: str) -> None:
@@ -99,17 +115,20 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     if precision != "fp32" and dtype not in (None, torch.float32):
         raise ValueError(f"precision={precision!r} converts float32 weights; leave dtype unset "
                          f"(got {dtype})")
-    config, sd, source = _resolve(name_or_path, weights, activation)
-    if sd is None:
+    found = _resolve(name_or_path, weights, activation)
+    config = found.config
+    tokenizer = load_tokenizer(config, found.files)  # first: a missing file fails fast
+    if found.sd is None:
         model = CLIP(config)
     else:
         with torch.device("meta"):
             model = CLIP(config)
-        load_checked(model, sd, source)
+        load_checked(model, found.sd, found.source)
     model = model.to(device=device, dtype=dtype or torch.float32)
     if model.device.type == "cpu":
         keep_freed_memory()  # activations are reused, not page-faulted in per layer
     model.preprocess = Preprocess.from_config(config)
+    model.tokenizer = tokenizer
     model.origin = _origin(name_or_path, weights)
     return apply_precision(model.eval(), precision)
 

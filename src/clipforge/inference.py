@@ -11,6 +11,7 @@ caller skips and reports unreadable items the same way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,32 @@ class ImageBatch(NamedTuple):
     failures: list[tuple[Any, str]]
 
 
+def printable_name(name: str) -> str:
+    """A file name as valid UTF-8 text, for tables and messages: a name that is not UTF-8
+    (``os.fsdecode`` gives lone surrogates for its bytes) shows them as ``\\xNN``."""
+    try:
+        return name.encode("utf-8").decode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(name).decode("utf-8", "backslashreplace")
+        except UnicodeError:  # a surrogate no file system would give
+            return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def name_bytes_hex(name: str) -> str:
+    """The exact bytes of a file name that is not UTF-8, in hex (``bytes.fromhex`` and
+    ``os.fsdecode`` give the name back); "" for a name :func:`printable_name` shows as it is."""
+    try:
+        name.encode("utf-8")
+        return ""
+    except UnicodeEncodeError:
+        return os.fsencode(name).hex()
+
+
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and image files (by suffix) found recursively in given directories."""
+    """Files as given, and image files (by suffix) found recursively in given directories.
+    Whatever is listed is opened by :func:`~clipforge.data.sources.open_image_file` only if it
+    is a regular file: a FIFO named ``x.jpg`` is skipped and reported, never waited on."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():

@@ -21,12 +21,14 @@ the same reasons and report bad files the same way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import glob
 import inspect
 import io
 import logging
+import os
 import random
 import re
 from collections import Counter
@@ -40,6 +42,12 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from ..fileio import NotUTF8Error, decode_utf8
+from ..image.transform import (
+    ImageLoadError,
+    NotRegularFileError,
+    check_aspect_ratio,
+    open_regular_file,
+)
 from ..inference import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,13 @@ CORRUPT_SHARD = "corrupt shard"
 MISSING_LABEL = "missing label"  # evaluation sets: a sample with no class label
 REASONS = (UNREADABLE_IMAGE, MISSING_IMAGE, EMPTY_CAPTION, MISSING_CAPTION, UNREADABLE_CAPTION,
            CORRUPT_SHARD, MISSING_LABEL)
+
+#: The longest CSV/TSV field (in characters) that :func:`read_rows` accepts; Python's csv module
+#: stops at 131,072 by default.  The whole table is in memory already, so a longer field costs
+#: nothing more; the bound is there to turn an unbalanced quote, which makes the rest of the
+#: file one field, into an error naming the line.  :data:`CSV_FIELD_LIMIT_ENV` overrides it.
+CSV_FIELD_LIMIT = 1 << 20
+CSV_FIELD_LIMIT_ENV = "CLIPFORGE_CSV_FIELD_LIMIT"
 
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 WDS_CAPTION_KEY = "txt"
@@ -105,7 +120,12 @@ def _decode(image: Image.Image, draft: int | None) -> Image.Image:
     DCT domain while both sides stay at least ``draft`` pixels (PIL's draft mode).  A 12 MP
     photo then decodes several times faster; the pixels differ slightly from the exact path
     (measured in docs/benchmarks.md).  Other formats ignore it.  The stored size is kept in
-    ``image.info["original_size"]``."""
+    ``image.info["original_size"]``.
+
+    An image beyond the aspect-ratio bound (:func:`~clipforge.image.transform.check_aspect_ratio`)
+    raises :class:`ImageLoadError` from its header, before decoding: every reader of files and
+    shard members then skips it as preprocessing would, training included."""
+    check_aspect_ratio(image.size)
     image.info["original_size"] = image.size
     width, height = image.size
     # Only where the decoder will really scale down: draft mode also switches libjpeg to its
@@ -121,13 +141,18 @@ def open_image_file(path: str | Path, draft: int | None = None) -> Image.Image:
     (Like ``load_image``, but any decoding failure is the item's, never the run's, and the file
     is closed when decoding fails, not left to the garbage collector.)  Training and evaluation
     sets read files through this one function, so they skip the same files for the same
-    reasons.  ``draft``: see :func:`_decode`."""
+    reasons.  Only regular files are opened: a FIFO named ``x.jpg`` is skipped as ``not a
+    regular file`` rather than waited on for ever.  ``draft``: see :func:`_decode`."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             image = _decode(Image.open(f), draft)
         return image
     except FileNotFoundError:
         raise BadItem(f"{MISSING_IMAGE} (no such file)") from None
+    except NotRegularFileError as exc:
+        raise BadItem(f"{UNREADABLE_IMAGE} (not a regular file: it is {exc.kind})") from None
+    except ImageLoadError as exc:  # our own checks: the message is already the reason
+        raise BadItem(f"{UNREADABLE_IMAGE} ({exc})") from None
     except Exception as exc:  # PIL raises many kinds for malformed files; none may escape
         raise BadItem(f"{UNREADABLE_IMAGE} ({type(exc).__name__}: {_without_file_repr(exc)})"
                       ) from None
@@ -138,6 +163,8 @@ def open_image_bytes(data: bytes, extension: str, draft: int | None = None) -> I
     (``unreadable image (.jpg: ...)``).  ``draft``: see :func:`_decode`."""
     try:
         return _decode(Image.open(io.BytesIO(data)), draft)
+    except ImageLoadError as exc:
+        raise BadItem(f"{UNREADABLE_IMAGE} (.{extension}: {exc})") from None
     except Exception as exc:  # any decoding failure is this sample's, not the stream's
         raise BadItem(f"{UNREADABLE_IMAGE} (.{extension}: {type(exc).__name__}: "
                       f"{_without_file_repr(exc)})") from None
@@ -161,12 +188,70 @@ def read_utf8(path: str | Path, what: str = "file") -> str:
     """
     path = Path(path)
     try:
-        return decode_utf8(path.read_bytes())
+        with open_regular_file(path) as f:  # a FIFO named x.csv would block for ever
+            return decode_utf8(f.read())
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc}") from exc
     except NotUTF8Error as exc:
         raise DataError(f"{what} {path} is not UTF-8 text: {exc}; save it as UTF-8 (e.g. "
                         "iconv -f latin1 -t utf-8)") from None
+
+
+def csv_field_limit() -> int:
+    """The field-length bound in force: :data:`CSV_FIELD_LIMIT_ENV` if set, else
+    :data:`CSV_FIELD_LIMIT`."""
+    value = os.environ.get(CSV_FIELD_LIMIT_ENV, "").strip()
+    if not value:
+        return int(CSV_FIELD_LIMIT)
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DataError(f"{CSV_FIELD_LIMIT_ENV}={value!r} is not a positive whole number")
+    return limit
+
+
+@contextlib.contextmanager
+def _field_size_limit(limit: int) -> Iterator[None]:
+    """``csv.field_size_limit`` is process-wide: set it for one read, then put it back."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def read_rows(path: str | Path, separator: str | None = None
+              ) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """The header row of a CSV/TSV (None for an empty file) and its other non-blank rows, each
+    with the file line it starts on.  The separator is a tab for ``.tsv`` files and a comma
+    otherwise, unless given.  Any parse error, a field over :func:`csv_field_limit` characters
+    included, raises a one-line :class:`DataError` naming the file and the line."""
+    path = Path(path)
+    if separator is None:
+        separator = "\t" if path.suffix.lower() == ".tsv" else ","
+    text = read_utf8(path, "table")
+    limit = csv_field_limit()
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+    rows: list[tuple[int, list[str]]] = []
+    start = 1
+    with _field_size_limit(limit):
+        try:
+            header = next(reader, None)
+            start = reader.line_num + 1
+            for row in reader:
+                if row:
+                    rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise DataError(
+                    f"{path}, line {start}: a field is longer than {limit} characters (an "
+                    f"unbalanced quote makes the rest of the file one field); set "
+                    f"{CSV_FIELD_LIMIT_ENV} to read longer fields") from None
+            raise DataError(f"cannot read {path}, line {start}: {exc}") from None
+    return header, rows
 
 
 def read_table(path: str | Path, columns: Iterable[str], separator: str | None = None,
@@ -175,37 +260,26 @@ def read_table(path: str | Path, columns: Iterable[str], separator: str | None =
 
     The separator is a tab for ``.tsv`` files and a comma otherwise, unless given.  A missing
     column raises :class:`ValueError` listing the columns there are (``hint`` says how to name
-    them); an empty or unreadable file raises :class:`DataError`.  Blank rows are left out.
+    them); an empty or unreadable file raises :class:`DataError` (see :func:`read_rows`).
+    Blank rows are left out.
     """
     path = Path(path)
     columns = list(columns)
     if separator is None:
         separator = "\t" if path.suffix.lower() == ".tsv" else ","
-    text = read_utf8(path, "table")
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path} is empty: expected a header row naming the columns "
-                            f"{', '.join(map(repr, columns))}")
-        missing = [k for k in columns if k not in header]
-        if missing:
-            raise ValueError(f"{path} has no column {' or '.join(map(repr, missing))}; its "
-                             f"columns are: {', '.join(map(repr, header))} (separator "
-                             f"{separator!r})" + (f". {hint}" if hint else ""))
-        where = [header.index(k) for k in columns]
-        values: list[list[str]] = [[] for _ in columns]
-        lines: list[int] = []
-        start = reader.line_num + 1
-        for row in reader:
-            if row:
-                for column, i in zip(values, where):
-                    column.append(row[i] if i < len(row) else "")
-                lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    return values, lines
+    header, rows = read_rows(path, separator)
+    if header is None:
+        raise DataError(f"{path} is empty: expected a header row naming the columns "
+                        f"{', '.join(map(repr, columns))}")
+    missing = [k for k in columns if k not in header]
+    if missing:
+        raise ValueError(f"{path} has no column {' or '.join(map(repr, missing))}; its "
+                         f"columns are: {', '.join(map(repr, header))} (separator "
+                         f"{separator!r})" + (f". {hint}" if hint else ""))
+    where = [header.index(k) for k in columns]
+    values: list[list[str]] = [[row[i] if i < len(row) else "" for _, row in rows]
+                               for i in where]
+    return values, [line for line, _ in rows]
 
 
 def skip_reason(error: str) -> str:
@@ -363,6 +437,9 @@ def expand_shards(urls: str | Path | Iterable[str | Path]) -> list[str]:
         raise DataError(f"no shards in {urls!r}")
     missing = [u for u in result if not _is_remote(u) and not Path(u).is_file()]
     if missing:
+        odd = [u for u in missing if Path(u).exists()]  # a FIFO or a directory named x.tar
+        if odd:
+            raise DataError(f"shard {odd[0]} of {urls!r} is not a regular file")
         raise DataError(f"{len(missing)} of {len(result)} shard(s) of {urls!r} do not exist, "
                         f"e.g. {missing[0]}")
     return result
@@ -383,6 +460,7 @@ class _ErrorCollector:
 
     def __init__(self):
         self.pending: list[tuple[str, str]] = []
+        self.last_reason: dict[str, str] = {}  # shard -> its latest error, drained or not
         self.url = "?"
         self._last: tuple[str, str] | None = None
 
@@ -398,13 +476,64 @@ class _ErrorCollector:
             self._last = (self.url, name)
             text = str(exc.args[0]) if exc.args else str(exc)
             text = re.sub(r" @ <.*>$", "", text)
-            self.pending.append((self.url, f"{CORRUPT_SHARD} ({name}: {text})"[:500]))
+            reason = f"{CORRUPT_SHARD} ({name}: {text})"[:500]
+            self.pending.append((self.url, reason))
+            self.last_reason[self.url] = reason
         return True
 
     def drain(self) -> Iterator[Sample]:
         while self.pending:
             url, reason = self.pending.pop(0)
             yield _bad(url, reason)
+
+
+class _BarrenShards:
+    """Stops a resampled stream none of whose shards holds a file (an empty tar, random bytes,
+    a file that cannot be opened): the stream draws shards for ever, so without this check it
+    would wait for ever for a sample, quietly collecting the read errors.
+
+    Two pipeline stages: :meth:`shards` sees each draw, :meth:`files` each tar member read.
+    When a shard is drawn, the one before it has been read to its end; once every shard has
+    been drawn with no member read since the last one that had any, :class:`DataError` names
+    the shards and what was wrong with them.  A source with even one readable shard is never
+    stopped: any member read starts the count again.
+    """
+
+    def __init__(self, spec: str, urls: Iterable[str], errors: _ErrorCollector):
+        self.spec, self.urls, self.errors = spec, set(urls), errors
+        self.barren: dict[str, None] = {}  # in draw order
+        self.current: str | None = None
+        self.read_any = False
+
+    def shards(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+        for shard in shards:
+            self._settle()
+            self.current, self.read_any = shard["url"], False
+            yield shard
+
+    def files(self, files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for member in files:
+            if member:  # {} is webdataset's end-of-shard marker, also sent for an empty tar
+                self.read_any = True
+            yield member
+
+    def _settle(self) -> None:
+        if self.current is None:
+            return
+        if self.read_any:
+            self.barren.clear()
+            return
+        self.barren[self.current] = None
+        if len(self.barren) >= len(self.urls):
+            raise DataError(self.message())
+
+    def message(self) -> str:
+        reasons = self.errors.last_reason
+        shown = [f"{url}: {reasons.get(url, 'no files (an empty tar)')}"
+                 for url in list(self.barren)[:3]]
+        more = f"; and {len(self.barren) - 3} more" if len(self.barren) > 3 else ""
+        return (f"no readable sample in {self.spec}: none of its {len(self.urls)} shard(s) "
+                f"holds a file to read: " + "; ".join(shown) + more)
 
 
 def _with_errors(raws: Iterable[dict[str, Any]], errors: _ErrorCollector
@@ -424,14 +553,19 @@ def _closing(opened: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             source["stream"].close()
 
 
-def _tar_samples(shards: Iterator[dict[str, str]], errors: _ErrorCollector
-                 ) -> Iterator[dict[str, Any]]:
+def _tar_samples(shards: Iterator[dict[str, str]], errors: _ErrorCollector,
+                 barren: _BarrenShards | None = None) -> Iterator[dict[str, Any]]:
     """``wds.tarfile_to_samples``, but closing each shard once read (webdataset 1.0.2 leaves
-    that to the garbage collector: a ResourceWarning per shard)."""
+    that to the garbage collector: a ResourceWarning per shard).  ``barren``: see
+    :class:`_BarrenShards`."""
     from webdataset import tariterators
 
+    if barren is not None:
+        shards = barren.shards(shards)
     opened = tariterators.url_opener(errors.track(shards), handler=errors)
     files = tariterators.tar_file_expander(_closing(opened), handler=errors)
+    if barren is not None:
+        files = barren.files(files)
     return tariterators.group_by_keys(files, handler=errors)
 
 
@@ -496,10 +630,12 @@ class WebDatasetCaptions(IterableDataset):
         """Shards -> raw samples (undecoded dicts) for one share, shuffled with a buffer."""
         import webdataset as wds
 
+        barren = None
         if self.resampled:
             shards = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
                                           worker_seed=lambda: _seed(share.rank, share.worker,
                                                                     self.epoch))]
+            barren = _BarrenShards(self.spec, self.urls, errors)
         else:
             # Every rank shuffles the list alike, then takes every world_size-th shard, and each
             # worker every workers-th of those (as wds.split_by_node / split_by_worker do).
@@ -508,7 +644,7 @@ class WebDatasetCaptions(IterableDataset):
                 return islice(mine, share.worker, None, share.workers)
 
             shards = [self._shards, split]
-        stages = [*shards, functools.partial(_tar_samples, errors=errors)]
+        stages = [*shards, functools.partial(_tar_samples, errors=errors, barren=barren)]
         if self.shuffle_buffer > 1:
             rng = random.Random(_seed(self.seed, self.epoch, share.rank, share.worker, 0x5B0F))
             stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
@@ -672,8 +808,11 @@ def check_readable(source: Dataset, probe: int = 64) -> None:
             import webdataset as wds
 
             world = wds.utils.pytorch_worker_info()[1]
-            hint = (f" ({len(source.urls)} shard(s) split across {world} rank(s): a rank with "
-                    "no shard reads nothing; use more shards or resampled=True)")
+            if world > len(source.urls):
+                hint = (f" ({len(source.urls)} shard(s) split across {world} rank(s): a rank "
+                        "with no shard reads nothing; use more shards or resampled=True)")
+            else:
+                hint = " (are its shards empty tar files?)"
         raise DataError(f"no readable sample in {name}: it yielded no items{hint}")
     raise DataError(f"no readable sample in {name}: the first {seen} item(s) all failed "
                     f"({counter}): " + "; ".join(counter.examples))

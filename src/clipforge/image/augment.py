@@ -10,6 +10,13 @@ the edges, where a crop sees only the crop.)
 
 Randomness comes only from the ``numpy.random.Generator`` the caller passes, seeded from
 (seed, sample index), so a resumed run draws the same crops as an uninterrupted one.
+
+Memory is bounded by construction, whatever the image's shape: the crop box lies inside the
+image with its aspect ratio within ``ratio`` (the fallback clamps it), and it is resized straight
+to S x S, so no intermediate is larger than the crop or S x (crop's long side).  A 1x400000 strip
+becomes a 1x1 crop, not the 224 x 90 million image of the evaluation resize; files that shape
+never get here anyway, since the readers refuse them from their header
+(:func:`clipforge.image.transform.check_aspect_ratio`), as evaluation does.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The layout and parameter names are openai/CLIP's (``visual.*`` for the image tower, the text tower
 at the root), so OpenAI and OpenCLIP state dicts load as they are.  One class serves every
-architecture; what differs between RN50 and ViT-bigG-14 is the
-:class:`~clipforge.configs.CLIPConfig`.
+architecture and every family: what differs between RN50, ViT-bigG-14, SigLIP, MetaCLIP 2 and
+Chinese-CLIP is the :class:`~clipforge.configs.CLIPConfig` (see :mod:`.text` for the text
+tower's variants and :mod:`.vision` for the image tower's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import CLIPConfig
+from . import text as tower
 from .transformer import LayerNorm, Transformer
 from .vision import build_vision_tower
 
@@ -28,13 +30,23 @@ class CLIP(nn.Module):
         self.context_length = text.context_length
         self.visual = build_vision_tower(config.vision, config.embed_dim, config.activation)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+        self.positional_embedding = nn.Parameter(torch.empty(text.positions, text.width))
+        # BERT-style towers: one token-type row (every text is segment 0) and a norm over
+        # the embeddings; their blocks are post-norm, so there is no final norm
+        self.token_type_embedding = (nn.Parameter(torch.empty(text.type_vocab_size, text.width))
+                                     if text.type_vocab_size else None)
+        post_norm = text.norm == "post"
+        self.ln_embed = LayerNorm(text.width, eps=text.ln_eps) if post_norm else None
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_width,
-                                       config.activation)
-        self.ln_final = LayerNorm(text.width)
-        self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
+                                       text.activation or config.activation, text.ln_eps,
+                                       norm_first=not post_norm)
+        self.ln_final = None if post_norm else LayerNorm(text.width, eps=text.ln_eps)
+        self.text_projection = tower.make_projection(text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.zeros(())) if config.logit_bias else None
         self.preprocess: Callable | None = None  # set by clipforge.create_model
+        # The model's own tokenizer (texts -> ids), set by clipforge.create_model
+        self.tokenizer: Callable | None = None
         # How to load these weights again ({"model": ..., "weights": ...}), set by create_model.
         self.origin: dict[str, str | None] | None = None
         # "fp32", or "bf16" / "int8" for an inference model made by clipforge.precision, which
@@ -45,12 +57,19 @@ class CLIP(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """OpenAI's initialisation, for training from scratch."""
+        """OpenAI's initialisation, for training from scratch (SigLIP's temperature and bias
+        start at log 10 and -10, as in the SigLIP paper)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
+        if self.token_type_embedding is not None:
+            nn.init.normal_(self.token_type_embedding, std=0.02)
+        tower.init_projection(self.text_projection, self.config.text.width)
         with torch.no_grad():
-            self.logit_scale.fill_(math.log(1 / 0.07))
+            if self.logit_bias is None:
+                self.logit_scale.fill_(math.log(1 / 0.07))
+            else:
+                self.logit_scale.fill_(math.log(10))
+                self.logit_bias.fill_(-10.0)
         self.transformer.init_weights()
         self.visual.init_weights()
 
@@ -74,7 +93,7 @@ class CLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.text_projection.device
+        return self.logit_scale.device
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """[N, 3, S, S] preprocessed pixels -> [N, embed_dim] image embeddings."""
@@ -82,26 +101,48 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[N, context] token ids (from :func:`clipforge.tokenize`) -> [N, embed_dim].
+        """[N, context] token ids (from ``model.tokenizer``) -> [N, embed_dim].
 
-        Features are taken at the end-of-text token, found as the arg-max id (49407 is the largest
-        id).  The transformer runs only up to the last end-of-text position in the batch: with a
-        causal mask, positions after it cannot change the pooled features, so this is exact and
-        typical prompts (~10 tokens) cost a fraction of the full 77.
+        The pooled position, mask and projection are the family's (:mod:`.text`).  Padding
+        that cannot change the result is not computed: a causal tower runs only up to the
+        last end-of-text position in the batch, a masked tower up to its longest text, so
+        typical prompts (~10 tokens) cost a fraction of the full context.  A bidirectional
+        tower without a mask (SigLIP) was trained on texts padded to its full context, so
+        shorter inputs are padded to it here: the only input it gives the right answer for.
         """
+        cfg = self.config.text
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"token length {tokens.shape[1]} exceeds the model's context {self.context_length}"
             )
-        eot = tokens.argmax(dim=-1)
-        length = int(eot.max()) + 1 if tokens.shape[0] else 1
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        x = self.transformer(x.to(self.dtype), causal=True)
-        x = self.ln_final(x.to(self.text_projection.dtype))  # float32 in a bf16 model too
-        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        if not cfg.causal and not cfg.mask_padding and tokens.shape[1] < self.context_length:
+            tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]), value=cfg.pad_id)
+        tokens = tokens[:, :tower.needed_length(tokens, cfg)]
+        length = tokens.shape[1]
+        offset = cfg.position_offset
+        x = self.token_embedding(tokens) + self.positional_embedding[offset:offset + length]
+        if self.token_type_embedding is not None:
+            x = x + self.token_type_embedding[0]
+        if self.ln_embed is not None:
+            x = self.ln_embed(x)
+        x = self.transformer(x.to(self.dtype), causal=cfg.causal,
+                             mask=tower.padding_mask(tokens, cfg))
+        out_dtype = tower.projection_dtype(self.text_projection, x.dtype)
+        x = x.to(out_dtype)  # float32 in a bf16 model too
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        features = tower.project(tower.pool(x, tokens, cfg), self.text_projection)
         return F.normalize(features, dim=-1) if normalize else features
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether :meth:`encode_text_with_prefix` applies: a causal tower pooled at the
+        arg-max end token (OpenAI's layout), whose tokens at one position never depend on
+        later ones."""
+        cfg = self.config.text
+        return cfg.causal and cfg.pool == "argmax" and cfg.norm == "pre"
 
     def encode_text_with_prefix(self, prefix: torch.Tensor, suffixes: torch.Tensor,
                                 normalize: bool = False) -> torch.Tensor:
@@ -112,6 +153,9 @@ class CLIP(nn.Module):
         ("<start> a photo of a"), about half their tokens; the causal mask makes sharing exact.
         Each row of ``suffixes`` [N, S] must hold its end-of-text token (zero padded after it).
         """
+        if not self.shares_prefixes:
+            raise ValueError("encode_text_with_prefix needs a causal text tower pooled at the "
+                             "arg-max end token; use encode_text")
         if prefix.ndim != 1 or suffixes.ndim != 2:
             raise ValueError("prefix must be [P] and suffixes [N, S] token ids")
         shared = prefix.shape[0]
@@ -128,15 +172,30 @@ class CLIP(nn.Module):
         x_s = (self.token_embedding(suffixes) + positions[shared:shared + length])[valid]
         last = (eot + 1).cumsum(dim=0) - 1  # each row's end token in the packed order
         x = self.transformer.forward_with_prefix(x_p, x_s.to(self.dtype), valid, keep=last)
-        features = self.ln_final(x.to(self.text_projection.dtype)) @ self.text_projection
+        x = x.to(tower.projection_dtype(self.text_projection, x.dtype))
+        features = tower.project(self.ln_final(x), self.text_projection)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[N_img, N_txt] logits of unit embeddings: ``exp(logit_scale) * cos (+ logit_bias)``."""
+        logits = self.logit_scale.exp() * image @ text.t()
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities as the model was trained to give them: a softmax over the texts
+        (CLIP's contrastive loss) or, for a sigmoid-loss model (SigLIP), an independent
+        sigmoid per image-text pair, which need not sum to one."""
+        if self.config.probability == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled cosine similarities: (logits_per_image [N_img, N_txt], logits_per_text)."""
+        """Scaled cosine similarities (plus the bias of a SigLIP model):
+        (logits_per_image [N_img, N_txt], logits_per_text)."""
         image = self.encode_image(images, normalize=True)
         text = self.encode_text(tokens, normalize=True)
-        logits_per_image = self.logit_scale.exp() * image @ text.t()
+        logits_per_image = self.logits(image, text)
         return logits_per_image, logits_per_image.t()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

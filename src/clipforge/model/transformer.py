@@ -1,8 +1,13 @@
-"""The pre-norm transformer shared by the ViT image tower and the text tower.
+"""The transformer shared by the ViT image towers and the text towers of every family.
 
 Parameter names follow openai/CLIP (``ln_1``, ``attn.in_proj_weight``, ``mlp.c_fc`` ...) so that
 OpenAI and OpenCLIP state dicts load without renaming.  Attention goes through
 ``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest kernel available.
+
+What differs between families is data, not classes: the activation, the layer-norm epsilon,
+causal or bidirectional attention, a padding mask, and where the norms sit.  CLIP and SigLIP
+blocks normalise before each residual branch (pre-norm); BERT and XLM-RoBERTa text towers (the
+Chinese and multilingual families) normalise after each residual sum (post-norm).
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
+    """``quick_gelu`` (OpenAI's weights), ``gelu`` (exact, erf: LAION's, BERT's),
+    ``gelu_tanh`` (the tanh approximation: SigLIP's)."""
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r}; choose quick_gelu or gelu")
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; choose quick_gelu, gelu or gelu_tanh")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -74,9 +83,13 @@ class Attention(PacksWeights):
         n, _, length, _ = heads.shape
         return self.out_proj(heads.transpose(1, 2).reshape(n, length, -1))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: boolean [N, 1, 1, L], True where a key may be attended (padding masked);
+        never given together with ``causal`` (causal towers pool before their padding)."""
         q, k, v = self._qkv(x)
-        return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                        is_causal=causal))
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
                             valid: torch.Tensor, keep: torch.Tensor | None = None
@@ -120,15 +133,25 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_width: int, activation: str):
+    """Attention and MLP, each a residual branch.  Pre-norm (``norm_first``, CLIP, SigLIP):
+    ``x + f(ln(x))``.  Post-norm (BERT, XLM-RoBERTa): ``ln(x + f(x))``, ``ln_1`` after the
+    attention and ``ln_2`` after the MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str,
+                 eps: float = 1e-5, norm_first: bool = True):
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.norm_first = norm_first
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_width, activation)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.norm_first:
+            x = self.ln_1(x + self.attn(x, causal=causal, mask=mask))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
@@ -145,20 +168,23 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks on [batch, tokens, width] tensors."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: str):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: str,
+                 eps: float = 1e-5, norm_first: bool = True):
         super().__init__()
         self.width = width
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_width, activation) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_width, activation, eps, norm_first)
+            for _ in range(layers)
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, mask=mask)
         return x
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,

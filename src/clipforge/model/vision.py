@@ -13,45 +13,67 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import VisionConfig
-from .linear import Linear
-from .transformer import LayerNorm, Transformer
+from .linear import Linear, PacksWeights
+from .transformer import MLP, LayerNorm, Transformer
 
 
 class VisionTransformer(nn.Module):
-    """Patchify (conv without bias), prepend a class token, add positions, ``ln_pre``,
-    transformer, ``ln_post`` on the class token, then project with ``proj``."""
+    """Patchify, add positions, transformer, pool, project.
+
+    OpenAI's CLIP (the defaults): a patch convolution without bias, a class token, ``ln_pre``,
+    then ``ln_post`` on the class token and ``x @ proj``.  SigLIP (config data, not another
+    class): a biased patch convolution, no class token, no ``ln_pre``, ``ln_post`` on every
+    token, then a multi-head attention-pooling head (:class:`MAPHead`) and no projection.
+    """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str):
         super().__init__()
         width, patch = cfg.width, cfg.patch_size
         if cfg.image_size % patch:
             raise ValueError(f"image size {cfg.image_size} is not a multiple of patch {patch}")
+        activation = cfg.activation or activation
         self.image_size = cfg.image_size
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=cfg.patch_bias)
         scale = width**-0.5
         grid = cfg.image_size // patch
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.class_embedding = (nn.Parameter(scale * torch.randn(width)) if cfg.class_token
+                                else None)
+        tokens = grid * grid + int(cfg.class_token)
+        self.positional_embedding = nn.Parameter(scale * torch.randn(tokens, width))
+        self.ln_pre = LayerNorm(width, eps=cfg.ln_eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation,
+                                       cfg.ln_eps)
+        self.ln_post = LayerNorm(width, eps=cfg.ln_eps)
+        self.attn_pool = (MAPHead(width, cfg.heads, cfg.mlp_width, activation, cfg.ln_eps)
+                          if cfg.pool == "map" else None)
+        self.proj = (nn.Parameter(scale * torch.randn(width, embed_dim)) if cfg.proj == "matrix"
+                     else None)
         self.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped while training
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        """The dtype the pooled features are projected in: the projection's (float32 also in a
+        bf16 model, see clipforge.precision), or ``ln_post``'s without a projection."""
+        return (self.proj if self.proj is not None else self.ln_post.weight).dtype
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Keep a random subset of patch tokens (always the class token): FLIP (Li et al. 2023)
         trains on 50-75% fewer tokens for nearly the same accuracy."""
-        keep = max(1, int(round((x.shape[1] - 1) * (1 - self.patch_dropout))))
-        scores = torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
-        index = scores.topk(keep, dim=-1).indices + 1
+        first = int(self.class_embedding is not None)
+        keep = max(1, int(round((x.shape[1] - first) * (1 - self.patch_dropout))))
+        scores = torch.rand(x.shape[0], x.shape[1] - first, device=x.device)
+        index = scores.topk(keep, dim=-1).indices + first
         patches = x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
-        return torch.cat([x[:, :1], patches], dim=1)
+        return torch.cat([x[:, :first], patches], dim=1)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] pixels -> [N, tokens, width]: the transformer's output, before
+        ``ln_post`` and pooling."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # [N, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
         if x.shape[1] != self.positional_embedding.shape[0]:
             raise ValueError(
                 f"expected {self.image_size}x{self.image_size} images, got "
@@ -60,13 +82,60 @@ class VisionTransformer(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
-        x = self.transformer(self.ln_pre(x))
-        # ln_post and the projection run in the projection's dtype: float32 also in a bf16
-        # model (clipforge.precision), so the embedding is not rounded to bf16 at the end
-        return self.ln_post(x[:, 0].to(self.proj.dtype)) @ self.proj
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(pixels)
+        if self.attn_pool is not None:
+            pooled = self.attn_pool(self.ln_post(x)).to(self.output_dtype)
+        else:
+            # ln_post and the projection run in the projection's dtype: float32 also in a
+            # bf16 model (clipforge.precision), so the embedding is not rounded at the end
+            pooled = self.ln_post(x[:, 0].to(self.output_dtype))
+        return pooled if self.proj is None else pooled @ self.proj
 
     def init_weights(self) -> None:
         self.transformer.init_weights()
+        if self.attn_pool is not None:
+            self.attn_pool.init_weights()
+
+
+class MAPHead(PacksWeights):
+    """Multi-head attention pooling (SigLIP, PE): a learned probe attends to every token, then
+    a residual MLP on the layer-normed result (``x + mlp(ln(x))``).  The fused q/k/v layout of
+    ``nn.MultiheadAttention`` (which transformers' SigLIP head is): the probe makes the query,
+    the tokens the keys and values."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, eps: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = Linear(width, width)
+        self.ln = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_width, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, tokens, width] -> [N, width]."""
+        n, length, width = x.shape
+        head = width // self.heads
+        w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
+        q = self.packed_linear(self.probe.to(x.dtype), w_q, b_q)
+        q = q.view(1, 1, self.heads, head).transpose(1, 2).expand(n, -1, -1, -1)
+        kv = self.packed_linear(x, w_kv, b_kv).view(n, length, 2, self.heads, head)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, 1, width)
+        out = self.out_proj(out)
+        out = out + self.mlp(self.ln(out))
+        return out[:, 0]
+
+    def init_weights(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
 
 
 class Bottleneck(nn.Module):

@@ -56,6 +56,9 @@ from .quantize import quantize_export
 # A graph over this many bytes of weights keeps them in a side file (<graph>.onnx.data): one
 # protobuf message cannot exceed 2 GiB.
 EXTERNAL_DATA_BYTES = 1_500_000_000
+# What an export directory holds (quantize_export adds *_int8.onnx later): a directory
+# written before clipforge listed its files in a manifest is replaced only if it holds these.
+EXPORT_FILES = (MANIFEST, "*.onnx", "*.onnx.data", VOCAB_FILE, VOCAB_LICENSE)
 
 
 class OnnxExportError(RuntimeError):
@@ -279,7 +282,7 @@ def export_onnx(model: CLIP, out_dir: str | Path, *, opset: int | None = None,
     try:
         image, text = ImageEncoder(traced), TextEncoder(traced)
         ids = _example_ids(context, tokenizer.sot_token_id, tokenizer.eot_token_id, seed=0)
-        with atomic_directory(out_dir, marker=MANIFEST) as tmp:
+        with atomic_directory(out_dir, MANIFEST, EXPORT_FILES) as tmp:
             image_path, text_path = tmp / IMAGE_FILE, tmp / TEXT_FILE
             batch = torch.export.Dim("batch", min=1)
             _export(image, torch.zeros(2, 3, size, size), image_path, "pixels", "image_embeds",

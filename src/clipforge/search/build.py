@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,19 @@ from .vectors import ANN_KINDS, VectorIndex
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(data: object, **kwargs: Any) -> str:
+    """``json.dumps(data, ensure_ascii=False)``, but valid UTF-8 whatever the file names.
+
+    A name that is not UTF-8 is a str with lone surrogates (``os.fsdecode``); written raw they
+    cannot be encoded.  Each becomes the JSON escape ``\\udcXX`` instead (what ``json.dumps``
+    does with ``ensure_ascii=True``), so ``json.loads`` gives back the same str and
+    ``os.fsencode`` of it the exact bytes, while other non-ASCII names stay readable.
+    """
+    text = json.dumps(data, ensure_ascii=False, **kwargs)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class IndexMismatchError(ValueError):
@@ -92,7 +106,7 @@ class BuildReport:
         data = asdict(self)
         data["images_per_second"] = round(self.images_per_second, 2)
         data["failures"] = [{"item": k, "reason": r} for k, r in self.failures]
-        return json.dumps(data, indent=2, ensure_ascii=False)
+        return json_text(data, indent=2)
 
 
 class _EntryImages(Dataset):

@@ -6,15 +6,21 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from ..cli import FAST_DECODE_HELP, _add_model_options, _load, _model
+from ..fileio import DiskFullError, is_disk_full
 from ..image import ImageLoadError, load_image
+from ..inference import printable_name
 from .build import build_index
 from .store import Store
 from .vectors import ANN_KINDS
+
+INDEX_KEPT = ("the index keeps its last committed state and the batches already embedded: "
+              "free some space and run the build again")
 
 
 def _index_model(args: argparse.Namespace):
@@ -61,10 +67,15 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
         model = _load(DEFAULT_MODEL, args.weights, args.activation, device, args.precision)
     params = {k: v for k, v in (("nlist", args.nlist), ("m", args.pq_m),
                                 ("nprobe", args.nprobe)) if v is not None}
-    report = build_index(args.source, args.out, model, batch_size=args.batch_size,
-                         num_workers=args.workers, ann=args.ann, ann_params=params or None,
-                         progress=not args.no_progress, image_key=args.csv_image_key,
-                         caption_key=args.csv_caption_key, fast_decode=args.fast_decode)
+    try:
+        report = build_index(args.source, args.out, model, batch_size=args.batch_size,
+                             num_workers=args.workers, ann=args.ann, ann_params=params or None,
+                             progress=not args.no_progress, image_key=args.csv_image_key,
+                             caption_key=args.csv_caption_key, fast_decode=args.fast_decode)
+    except Exception as exc:  # SQLite says "database or disk is full", not OSError(ENOSPC)
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            raise
+        raise DiskFullError(args.out, exc, INDEX_KEPT) from exc
     if not is_main:
         return 0
     if args.json:
@@ -75,8 +86,8 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
               f"{report.unchanged} unchanged, {report.resumed} resumed, {report.embedded} read "
               f"in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
         for key, reason in report.failures[:20]:
-            print(f"skipped: {reason if key in reason else f'{key}: {reason}'}",
-                  file=sys.stderr)
+            line = reason if key in reason else f"{key}: {reason}"
+            print(f"skipped: {printable_name(line)}", file=sys.stderr)
         if len(report.failures) > 20:
             print(f"... {len(report.failures) - 20} more skipped; see "
                   f"{Path(report.index) / 'report.json'}", file=sys.stderr)
@@ -118,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                           "results": [h.to_dict() for h in hits]}, indent=2))
     else:
         for hit in hits:
-            print(f"{hit.score:.4f}\t{hit.path}")
+            print(f"{hit.score:.4f}\t{printable_name(str(hit.path))}")
     if args.html:
         from .html import write_contact_sheet
 
@@ -130,11 +141,56 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .index import SearchIndex
-    from .server import serve
+    from .server import MAX_PIXELS, ServerLimits, listen, serve
 
-    index = SearchIndex.open(args.index, _index_model(args), device=args.device)
-    serve(index, host=args.host, port=args.port, max_upload_bytes=args.max_upload_mb * 2**20)
+    # Options left out keep the server's defaults (the constants in clipforge.search.server).
+    limits = {k: getattr(args, k) for k in ("header_timeout", "body_timeout", "keep_alive",
+                                            "max_connections") if getattr(args, k) is not None}
+    if limits.get("max_connections") == 0:
+        limits["max_connections"] = None
+    options = {"max_upload_bytes": args.max_upload_mb * 2**20}
+    if args.decode_budget_mpx is not None:
+        options["decode_budget"] = round(args.decode_budget_mpx * 1_000_000)
+        if options["decode_budget"] < MAX_PIXELS:
+            raise ValueError(f"--decode-budget-mpx {args.decode_budget_mpx:g} is less than the "
+                             f"largest upload allowed ({MAX_PIXELS / 1e6:g} megapixels)")
+    sockets = listen(args.host, args.port)  # a taken port is reported before the model loads
+    try:
+        index = SearchIndex.open(args.index, _index_model(args), device=args.device)
+        serve(index, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
+              limits=ServerLimits(**limits), sockets=sockets, **options)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0 to 65535)")
+    return int(value)
+
+
+def _names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give host names separated by commas")
+    return names
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a positive number of ``kind`` (0 too for int: "no limit")."""
+
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if not number > 0 and not (kind is int and number == 0):
+            raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+        return number
+
+    return parse
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -188,8 +244,24 @@ def add_search_commands(sub: argparse._SubParsersAction) -> dict:
     p = sub.add_parser("serve", help="HTTP API and web page for an index (FastAPI)")
     p.add_argument("index", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=int, default=20, help="larger uploads get 413")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--allowed-hosts", type=_names, metavar="NAME,NAME", help="Host header "
+                   "values answered, any port (others get 400, which stops DNS rebinding); "
+                   "default: the names of --host (localhost, 127.0.0.1 and [::1] for loopback; "
+                   "for 0.0.0.0 also this machine's name); '*' answers any")
+    g = p.add_argument_group("limits (defaults in clipforge.search.server)")
+    g.add_argument("--max-upload-mb", type=int, default=20, help="larger uploads get 413")
+    g.add_argument("--header-timeout", type=_positive(float), metavar="S", help="seconds a "
+                   "client has to send a request's headers (default 10)")
+    g.add_argument("--body-timeout", type=_positive(float), metavar="S", help="seconds a "
+                   "request body may take to arrive; slower ones get 408 (default 60)")
+    g.add_argument("--keep-alive", type=_positive(float), metavar="S", help="seconds an idle "
+                   "connection is kept open between requests (default 5)")
+    g.add_argument("--max-connections", type=_positive(int), metavar="N", help="open "
+                   "connections; requests beyond get 503; 0: no limit (default 128)")
+    g.add_argument("--decode-budget-mpx", type=_positive(float), metavar="MPX", help="megapixels "
+                   "of uploaded images decoded at once; an upload that finds none free within "
+                   "2 s gets 503 with Retry-After (default 100)")
     _model_options(p)
 
     def index_command(args: argparse.Namespace) -> int:

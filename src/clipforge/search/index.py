@@ -6,15 +6,24 @@ structure.  :meth:`SearchIndex.refresh` swaps in a newer generation whole, so a 
 while ``clipforge index build`` runs beside it serves the old state or the new one, never a mix.
 It is safe to share between threads: model calls are serialised by a lock, and each thread gets
 its own database connection.
+
+A connection opened on a file that is then deleted goes on reading the deleted file, so every
+read first compares the database file's identity (device, inode, size, modification time; one
+``stat``) with the one its connection was opened on: a deleted folder raises
+:class:`IndexUnavailableError` instead of serving the old data, and a replaced or rewritten
+file is opened afresh (a damaged one then fails to read, with the same error).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +40,17 @@ from ..text import get_tokenizer
 from ..weights.fingerprint import weights_fingerprint
 from .build import IndexMismatchError, ann_path, mismatch_message
 from .sources import read_entry_image
-from .store import IndexFormatError, Store
+from .store import DB_NAME, IndexFormatError, Store
 from .vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+
+
+class IndexUnavailableError(OSError):
+    """The index on disk cannot be read now: its folder or database is gone, unreadable or
+    damaged.  The server answers 503 while it lasts and serves again once it can read."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class _State:
     generation: int
     ann_file: Path | None
     vectors: VectorIndex
+    database: tuple[int, int]  # (device, inode) of the index.sqlite it was read from
 
 
 class SearchIndex:
@@ -119,10 +134,39 @@ class SearchIndex:
     # ----------------------------------------------------------------- state
 
     def _store(self) -> Store:
+        """This thread's connection, opened again if the database file changed on disk."""
+        local = self._local
+        database = self.path / DB_NAME
+        try:
+            st = os.stat(database)
+        except OSError as exc:
+            self._close_store()
+            raise IndexUnavailableError(f"{database} cannot be read ({exc.strerror}): was the "
+                                        "index deleted?") from None
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if getattr(local, "stamp", None) != stamp:
+            self._close_store()
+            with self._reading():
+                local.store = Store(self.path)
+            local.stamp = stamp
+        return local.store
+
+    def _close_store(self) -> None:
         store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = Store(self.path)
-        return store
+        self._local.store = self._local.stamp = None
+        if store is not None:
+            store.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Database errors become :class:`IndexUnavailableError`, and this thread's connection
+        is dropped, so that the next read opens the file again."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, IndexFormatError, FileNotFoundError) as exc:
+            self._close_store()
+            raise IndexUnavailableError(f"{self.path / DB_NAME} cannot be read: {exc}"
+                                        ) from None
 
     def _ann_file(self, info: dict[str, str], generation: int) -> Path | None:
         if info.get("ann", "flat") == "flat":
@@ -131,7 +175,9 @@ class SearchIndex:
         return path if path.is_file() else None
 
     def _load(self) -> _State:
-        snapshot = self._store().snapshot()
+        store = self._store()
+        with self._reading():
+            snapshot = store.snapshot()
         info = snapshot.info
         if info.get("fingerprint") != self._info.get("fingerprint"):
             raise IndexMismatchError(f"{self.path} was rebuilt with another model while open; "
@@ -145,17 +191,29 @@ class SearchIndex:
         params = json.loads(info.get("ann_params") or "{}")
         vectors = VectorIndex.load(snapshot.vectors, snapshot.ids, kind, ann_file, params=params)
         self._info = info
-        return _State(snapshot.generation, ann_file, vectors)
+        return _State(snapshot.generation, ann_file, vectors, self._local.stamp[:2])
 
     def refresh(self) -> bool:
-        """Load a newer committed generation, if there is one; True if it did."""
+        """Load a newer committed generation, or an index rebuilt in place of this one, if
+        there is one; True if it did.  Cheap when nothing changed (a ``stat`` and two small
+        queries), so the server calls it before every query and as its health check.
+
+        Raises :class:`IndexUnavailableError` when the index cannot be read.
+        """
         store = self._store()
-        generation = store.generation()
-        ann_file = self._ann_file(store.info(), generation)
-        if (generation, ann_file) == (self._state.generation, self._state.ann_file):
+        with self._reading():
+            generation = store.generation()
+            ann_file = self._ann_file(store.info(), generation)
+        current = (generation, ann_file, self._local.stamp[:2])
+
+        def loaded() -> bool:
+            state = self._state
+            return current == (state.generation, state.ann_file, state.database)
+
+        if loaded():
             return False
         with self._reload_lock:
-            if (generation, ann_file) != (self._state.generation, self._state.ann_file):
+            if not loaded():
                 self._state = self._load()  # one assignment: readers see old or new whole
         return True
 
@@ -279,7 +337,9 @@ class SearchIndex:
         return hits[0] if hits else None
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        rows = self._store().items([int(i) for i in ids])
+        store = self._store()
+        with self._reading():
+            rows = store.items([int(i) for i in ids])
         hits = []
         for item_id, score in zip(ids, scores):
             row = rows.get(int(item_id))
@@ -293,8 +353,11 @@ class SearchIndex:
     def open_image(self, item_id: int) -> Image.Image:
         """The image of an indexed item (read by id: no caller-given path reaches the disk).
 
-        KeyError if there is no such item; OSError if its file is gone or unreadable."""
-        row = self._store().items([int(item_id)]).get(int(item_id))
+        KeyError if there is no such item; OSError if its file is gone or unreadable
+        (:class:`IndexUnavailableError` if the index itself is)."""
+        store = self._store()
+        with self._reading():
+            row = store.items([int(item_id)]).get(int(item_id))
         if row is None:
             raise KeyError(f"no item {item_id} in {self.path}")
         if row["member"] is not None:

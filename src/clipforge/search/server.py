@@ -8,28 +8,46 @@ what only a network service needs:
 * uploads are untrusted: the body size is capped (by Content-Length before reading, and by
   counting bytes while reading, so a lying or chunked client is caught too), only a few image
   formats are parsed, and the pixel count in the header is checked before any decoding, so
-  a small file cannot expand into gigabytes;
+  a small file cannot expand into gigabytes; concurrent decodes share a pixel budget;
+* clients are untrusted too: a request must arrive by fixed deadlines (a slow or silent client
+  cannot hold a connection), the number of connections is capped, texts and labels are
+  capped in length before they reach the tokenizer, and only the Host names the server is
+  bound to are answered, so a DNS-rebinding web page cannot read the index through a
+  visitor's browser;
+* every response carries security headers (Content-Security-Policy, nosniff, no framing);
 * files are reached by integer item id only, never by a path from the request;
 * ``index.refresh()`` runs before each query, so items added by ``clipforge index build`` while
-  the server runs appear without a restart;
+  the server runs appear without a restart, and an index that can no longer be read (deleted,
+  damaged) answers 503 rather than old data;
 * endpoints that run the model are plain ``def`` functions: FastAPI runs them in its thread
   pool, so a slow query never blocks the event loop (thumbnails and static files keep flowing).
+
+Every bound is a module constant below and a parameter of :func:`create_app`,
+:class:`ServerLimits` or :func:`serve` (and an option of ``clipforge serve``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import hashlib
 import io
 import logging
 import math
+import re
+import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import h11
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -39,14 +57,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.datastructures import UploadFile as FormFile
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
+from ..image.transform import ImageLoadError, check_aspect_ratio
+from ..inference import printable_name
 from .html import render_thumbnail
-from .index import MAX_K
+from .index import MAX_K, IndexUnavailableError
 
 if TYPE_CHECKING:
     from . import Hit, SearchIndex
@@ -54,15 +76,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_QUERY_CHARS = 1000  # far beyond any model's context; the tokenizer rejects long texts first
+MAX_QUERY_CHARS = 1000  # per text, label or template: far beyond any model's context
 MAX_LABELS = 256  # zero-shot labels per /api/classify call (each one runs the text encoder)
 MAX_TEXTS = 256  # texts per /api/embed call
+MAX_UPLOAD_BYTES = 20 * 2**20  # a multipart body (an image upload)
+MAX_JSON_BYTES = 4 * 2**20  # any other body: 256 texts of 1000 characters, JSON-escaped
+MAX_PIXELS = 50_000_000  # one uploaded image, as its header declares it
+DECODE_BUDGET_PIXELS = 100_000_000  # uploaded pixels decoded and held at once (300 MB RGB)
+DECODE_WAIT_S = 2.0  # how long an upload waits for decode budget before a 503
+DECODE_THREADS = 2  # threads that decode uploads (their malloc arenas hold the decoded images)
+HEADER_TIMEOUT_S = 10.0  # from a request's first byte (or the connection) to its last header
+BODY_TIMEOUT_S = 60.0  # from the first read of a body to its end: 20 MB at 2.7 Mbit/s
+KEEP_ALIVE_S = 5.0  # an idle connection between requests (uvicorn's timeout_keep_alive)
+MAX_CONNECTIONS = 128  # open connections; requests beyond get 503 (uvicorn limit_concurrency)
 # Formats a browser upload can reasonably be in; PIL's rarer parsers stay out of reach.
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# The page loads nothing from elsewhere; uploaded images are previewed from blob: URLs.
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # as they appear in a Host header
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+CLOSE = {"Connection": "close"}  # after a refused body: its rest is never read
+
+# Every response: everything comes from this server; uploads are previewed from blob: URLs.
+CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+       "form-action 'self'; frame-ancestors 'none'")
+# FastAPI's /docs and /redoc pages start Swagger UI and ReDoc with an inline script (allowed by
+# its hash, computed from the page as sent) and style themselves inline.
+DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
+DOCS_CSP = ("default-src 'self'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                    "Referrer-Policy": "no-referrer",
+                    "Cross-Origin-Resource-Policy": "same-origin"}
 
 
 # ------------------------------------------------------------------------------ JSON shapes
@@ -100,7 +145,8 @@ class ClassifyOut(BaseModel):
 
 
 class EmbedIn(BaseModel):
-    texts: list[str] = Field(default_factory=list, max_length=MAX_TEXTS)
+    texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_TEXTS)
 
 
 class EmbedOut(BaseModel):
@@ -117,6 +163,11 @@ class HealthOut(BaseModel):
     generation: int | None
 
 
+class UnavailableOut(BaseModel):
+    status: str = "unavailable"
+    detail: str = Field(description="why the index cannot be read")
+
+
 # Parameter types shared by the GET and form endpoints.
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 Threshold = Annotated[float | None, Query(ge=-1.0, le=1.0,
@@ -128,8 +179,9 @@ ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="an id from a 
 
 
 # ----------------------------------------------------------------------------- uploads
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Uploaded bytes -> RGB image, or HTTP 400 saying why not.
+def open_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Uploaded bytes -> an image whose header is read and checked but whose pixels are not
+    yet decoded, or HTTP 400 saying why not.
 
     The pixel count is checked from the header, before decoding: a PNG of one colour can
     declare 20000x20000 pixels in a few kilobytes and would take gigabytes once decoded.  PIL's
@@ -153,15 +205,79 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise HTTPException(400, f"image is {width}x{height} = {width * height} pixels, more "
                                  f"than the limit of {limit}")
     try:
-        return image.convert("RGB")  # decodes now: a truncated or corrupt body fails here
+        check_aspect_ratio(image.size)  # before preprocessing resamples a strip to gigabytes
+    except ImageLoadError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return image
+
+
+def decode_image(image: Image.Image) -> Image.Image:
+    """An opened upload, decoded to RGB (a truncated or corrupt body fails here: 400).  An RGB
+    image is returned as decoded: ``convert("RGB")`` would copy it, doubling its memory."""
+    try:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
         raise HTTPException(400, f"cannot decode the {image.format} image: {exc}") from exc
 
 
-def _read_upload(upload: UploadFile, max_pixels: int) -> Image.Image:
-    """The form's file, decoded; runs in a worker thread (reads a spooled temporary file)."""
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Uploaded bytes -> RGB image, or HTTP 400 saying why not (see :func:`open_upload`)."""
+    return decode_image(open_upload(data, max_pixels))
+
+
+def _read_upload(upload: UploadFile) -> bytes:
+    """The form's file; runs in a worker thread (reads a spooled temporary file)."""
     upload.file.seek(0)
-    return decode_upload(upload.file.read(), max_pixels)
+    return upload.file.read()
+
+
+class PixelBudget:
+    """Bounds the memory of decoded uploads: at most ``total`` pixels held at once.
+
+    Each upload takes its pixel count (known from the header) before it is decoded and gives
+    it back when its request is done with the image.  An upload that cannot have its share
+    within ``wait`` seconds gets 503 with Retry-After, so a burst of large uploads is turned
+    away instead of taking the server's memory, and everything else goes on being answered.
+    Eight 7000x7000 JPEG uploads at once (tiny model, 2 cores): the server's peak memory went
+    from 0.4 to 3.6 GB without a budget, to 0.9 GB with the default one (6 served, 2 told
+    to retry).
+    """
+
+    def __init__(self, total: int, wait: float):
+        if total < 1 or wait < 0:
+            raise ValueError(f"decode budget {total} pixels, wait {wait} s: both must be "
+                             "positive")
+        self.total, self.wait = total, wait
+        self._free = total
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` of the budget for the ``with`` block, or raise HTTP 503."""
+        pixels = min(pixels, self.total)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free >= pixels, self.wait):
+                raise HTTPException(
+                    503, f"the server is busy decoding other images ({self.total - self._free}"
+                         f" of {self.total} pixels in use); try again shortly",
+                    headers={"Retry-After": str(max(1, math.ceil(self.wait)))})
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
+
+
+def check_lengths(values: Sequence[str], what: str) -> None:
+    """HTTP 422 for the first value longer than MAX_QUERY_CHARS: checked before the tokenizer
+    sees anything (an 18 MB text cost 3 s of CPU before it was refused)."""
+    for number, value in enumerate(values, start=1):
+        if len(value) > MAX_QUERY_CHARS:
+            raise HTTPException(422, f"{what} {number} is {len(value)} characters long; at "
+                                     f"most {MAX_QUERY_CHARS}")
 
 
 def parse_labels(values: list[str]) -> list[str]:
@@ -174,40 +290,63 @@ def parse_labels(values: list[str]) -> list[str]:
         raise HTTPException(400, "no labels: give `labels` as 'cat, dog' or repeat the field")
     if len(labels) > MAX_LABELS:
         raise HTTPException(400, f"{len(labels)} labels; at most {MAX_LABELS} per request")
+    check_lengths(labels, "label")
     return labels
 
 
-class BodySizeLimit:
-    """ASGI middleware capping request bodies at ``limit`` bytes with a JSON 413.
+# -------------------------------------------------------------------------- middleware
+class BodyLimits:
+    """ASGI middleware bounding request bodies in size (JSON 413) and in time (JSON 408).
 
     A declared Content-Length above the limit is refused at once, before routing and before a
     byte of the body is read.  Bodies are also counted as they arrive, which catches chunked
     uploads (no Content-Length) and clients sending more than they declared: the first chunk
     past the limit raises HTTPException(413) inside whatever is reading the body (form parsing,
-    ``request.body()``), and FastAPI answers it like any other HTTP error.
+    ``request.body()``), and FastAPI answers it like any other HTTP error.  Multipart bodies
+    (image uploads) may have ``upload_limit`` bytes, any other body (JSON texts) only
+    ``other_limit``: texts need far less room than images.
+
+    Once something starts reading the body, all of it must arrive within ``timeout`` seconds,
+    or the reader gets HTTPException(408): a client trickling its body cannot hold a request
+    open.  (A body nobody reads is bounded by :class:`DeadlineH11Protocol`.)  Both refusals
+    close the connection, so the rest of the body is never read.
     """
 
-    def __init__(self, app: Any, limit: int, detail: str):
-        self.app, self.limit, self.detail = app, limit, detail
+    def __init__(self, app: Any, upload_limit: int, other_limit: int, timeout: float):
+        self.app, self.timeout = app, timeout
+        self.upload_limit, self.other_limit = upload_limit, min(other_limit, upload_limit)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+        headers = Headers(scope=scope)
+        multipart = headers.get("content-type", "").startswith("multipart/form-data")
+        limit = self.upload_limit if multipart else self.other_limit
+        too_large = HTTPException(413, f"request body too large: the limit is {limit} bytes"
+                                  + ("" if multipart else " for a body that is not a "
+                                     "multipart upload"), headers=CLOSE)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(too_large, scope, receive, send)
             return
-        received = 0
-        started = False
+        received, deadline, finished, started = 0, None, False, False
 
-        async def counting_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise HTTPException(413, self.detail)
+        async def guarded_receive() -> dict:
+            nonlocal received, deadline, finished
+            if finished:  # the body is complete: what follows is a disconnect, whenever
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "the request body did not arrive within "
+                                         f"{self.timeout:g} s", headers=CLOSE) from None
+            finished = message["type"] != "http.request" or not message.get("more_body")
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
             return message
 
         async def watching_send(message: dict) -> None:
@@ -216,16 +355,101 @@ class BodySizeLimit:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, watching_send)
+            await self.app(scope, guarded_receive, watching_send)
         except HTTPException as exc:  # raised where no exception handler was around
-            if exc.status_code != 413 or started:
+            if exc.status_code not in (408, 413) or started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(exc, scope, receive, send)
 
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = JSONResponse({"detail": self.detail}, status_code=413,
-                                headers={"Connection": "close"})
+    @staticmethod
+    async def _refuse(exc: HTTPException, scope: dict, receive: Any, send: Any) -> None:
+        response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                                headers=exc.headers)
         await response(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware putting :data:`SECURITY_HEADERS` and a Content-Security-Policy on
+    every response: pages, static files, JSON, thumbnails and refusals alike.
+
+    The pages in ``hashed_pages`` (FastAPI's API docs) carry inline scripts; their policy
+    allows exactly those scripts, by the SHA-256 of each as the page is sent, so no inline
+    script is allowed anywhere else and no policy goes stale when FastAPI changes the page.
+    """
+
+    def __init__(self, app: Any, hashed_pages: Collection[str] = DOCS_PAGES):
+        self.app, self.hashed_pages = app, frozenset(hashed_pages)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if path in self.hashed_pages:
+            await self.app(scope, receive, self._with_script_hashes(send))
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self._add_headers(message, CSP)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _with_script_hashes(self, send: Any) -> Callable:
+        """A ``send`` that holds the (small) page back until it is whole, then sends it with
+        a policy naming the hashes of its inline scripts."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def buffered_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            hashes = "".join(
+                f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+                for script in re.findall(rb"<script>(.*?)</script>", body, re.S))
+            self._add_headers(start, DOCS_CSP.format(hashes=hashes))
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+        return buffered_send
+
+    @staticmethod
+    def _add_headers(start: dict, csp: str) -> None:
+        headers = MutableHeaders(scope=start)
+        headers.setdefault("Content-Security-Policy", csp)
+        for name, value in SECURITY_HEADERS.items():
+            headers.setdefault(name, value)
+
+
+def host_pattern(name: str) -> str:
+    """A host name as a Host header spells it: lower case, IPv6 addresses in brackets."""
+    name = name.strip().lower()
+    return f"[{name}]" if ":" in name and not name.startswith("[") else name
+
+
+def default_allowed_hosts(host: str) -> list[str]:
+    """The Host header values to answer when bound to ``host``.
+
+    A loopback bind answers localhost, 127.0.0.1 and [::1]; another address, that address.
+    A wildcard bind (0.0.0.0, ::) answers loopback plus this machine's host name; other names
+    and addresses clients use must be given (``--allowed-hosts``).  Any port is accepted: a
+    DNS-rebinding page differs in its host name, not its port.
+    """
+    if host in LOOPBACK_HOSTS:
+        return list(LOOPBACK_NAMES)
+    if host in WILDCARD_HOSTS:
+        names = {host_pattern(n) for n in (socket.gethostname(), socket.getfqdn()) if n}
+        return list(LOOPBACK_NAMES) + sorted(names - set(LOOPBACK_NAMES))
+    return [host_pattern(host)]
 
 
 # ------------------------------------------------------------------------ text batching
@@ -297,7 +521,9 @@ class TextBatcher:
 class ThumbnailCache:
     """A bounded least-recently-used map from (index generation, item id) to JPEG bytes.
 
-    The generation is part of the key because a rebuilt index may give an id to another image.
+    The generation is part of the key because a rebuilt index may give an id to another image;
+    the server also clears the cache whenever it loads another state of the index (an index
+    rebuilt from scratch in place of the old one starts again at generation 1).
     """
 
     def __init__(self, capacity: int):
@@ -319,68 +545,173 @@ class ThumbnailCache:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)
 
 
 # ------------------------------------------------------------------------------- the app
-def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
-               max_pixels: int = 50_000_000, thumbnail_size: int = 256,
-               thumbnail_cache: int = 2048, batch_texts: bool = True) -> FastAPI:
+class _Service:
+    """What the routes share: the index, its health, uploads' decoding, and the caches."""
+
+    def __init__(self, index: SearchIndex, *, max_pixels: int, budget: PixelBudget,
+                 thumbnail_size: int, thumbnail_cache: int, batch_texts: bool):
+        self.index, self.max_pixels, self.budget = index, max_pixels, budget
+        self.thumbnail_size = thumbnail_size
+        self.thumbnails = ThumbnailCache(thumbnail_cache)
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode-upload")
+        self.embed_text = TextBatcher(index.embed_texts) if batch_texts else None
+        self._problem = ""  # logged once, not on every request while it lasts
+
+    def index_problem(self) -> str | None:
+        """Pick up a newer generation; None if the index is readable, else why not."""
+        try:
+            if self.index.refresh():
+                self.thumbnails.clear()
+                log.info("index refreshed: %d items", len(self.index))
+        except Exception as exc:  # IndexUnavailableError, or a rebuild with another model
+            problem = f"the index cannot be read: {exc}"
+            if problem != self._problem:
+                log.error("%s; answering 503 until it can", problem)
+            self._problem = problem
+            return problem
+        if self._problem:
+            log.info("the index can be read again")
+            self._problem = ""
+        return None
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around a use of the index: the newest generation, and 503 (never old data or a
+        500) while the index cannot be read."""
+        problem = self.index_problem()
+        if problem is not None:
+            raise HTTPException(503, problem)
+        try:
+            yield
+        except IndexUnavailableError as exc:
+            raise HTTPException(503, f"the index cannot be read: {exc}") from exc
+
+    @contextmanager
+    def decoded(self, data: bytes) -> Iterator[Image.Image]:
+        """The uploaded image, decoded while it holds its share of the pixel budget.
+
+        Decoding runs on DECODE_THREADS threads of its own: glibc's malloc keeps memory freed
+        by a thread in that thread's arena, so decodes spread over the request threads left
+        each one holding an image's worth (RSS climbing by ~190 MB per 49-megapixel upload
+        after the budget had bounded the live images); on a few threads it is reused.
+        """
+        image = open_upload(data, self.max_pixels)
+        with self.budget.hold(image.width * image.height):
+            yield self._decoder.submit(decode_image, image).result()
+
+    def hit_out(self, hit: Hit) -> HitOut:
+        score = None if hit.score is None or math.isnan(hit.score) else float(hit.score)
+        return HitOut(id=hit.id, path=printable_name(str(hit.path)), score=score,
+                      caption=hit.caption, width=hit.width, height=hit.height, extra=hit.extra,
+                      thumbnail=f"/thumbnails/{hit.id}")
+
+    def answer(self, query: QueryOut, find: Callable[[], list[Hit]]) -> SearchOut:
+        """Run a query on the newest generation; the index's ValueError (empty or over-long
+        text, bad weights) is the client's mistake (400), its KeyError an unknown item (404)."""
+        start = time.perf_counter()
+        with self.reading():
+            try:
+                hits = find()
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            except KeyError as exc:
+                raise HTTPException(404, f"no item {query.similar_to}") from exc
+        return SearchOut(query=query, results=[self.hit_out(h) for h in hits],
+                         took_ms=round((time.perf_counter() - start) * 1000, 2))
+
+    def text_hits(self, text: str, k: int, threshold: float | None,
+                  collapse: float | None) -> list[Hit]:
+        if self.embed_text is None or not text.strip():  # (the index words the empty error)
+            return self.index.search(text=text, k=k, threshold=threshold, collapse=collapse)
+        return self.index.search_vector(self.embed_text(text), k, threshold=threshold,
+                                        collapse=collapse)
+
+    def thumbnail(self, item_id: int) -> bytes:
+        """JPEG bytes of an item's thumbnail, from the cache or rendered (404 if none)."""
+        with self.reading():
+            key = (self.index.info.get("generation"), item_id)
+            data = self.thumbnails.get(key)
+            if data is not None:
+                return data
+            if self.index.item(item_id) is None:
+                raise HTTPException(404, f"no item {item_id}")
+            try:
+                with self.index.open_image(item_id) as image:
+                    data = render_thumbnail(image, self.thumbnail_size)
+            except KeyError as exc:
+                raise HTTPException(404, f"no item {item_id}") from exc
+            except IndexUnavailableError:
+                raise
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning("thumbnail of item %d: %s", item_id, exc)
+                raise HTTPException(404, f"the image of item {item_id} cannot be read"
+                                    ) from exc
+        self.thumbnails.put(key, data)
+        return data
+
+
+def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = MAX_PIXELS, thumbnail_size: int = 256,
+               thumbnail_cache: int = 2048, batch_texts: bool = True,
+               allowed_hosts: Sequence[str] | None = None,
+               max_json_bytes: int = MAX_JSON_BYTES, body_timeout: float = BODY_TIMEOUT_S,
+               decode_budget: int = DECODE_BUDGET_PIXELS,
+               decode_wait: float = DECODE_WAIT_S) -> FastAPI:
     """The FastAPI application serving ``index``; see the module docstring for the design.
 
-    ``max_upload_bytes`` caps every request body (413 beyond it), ``max_pixels`` the size of an
-    uploaded image as its header declares it (400 beyond it), ``thumbnail_cache`` the number of
+    ``max_upload_bytes`` caps multipart bodies and ``max_json_bytes`` any other (413 beyond),
+    ``body_timeout`` the seconds a body may take to arrive (408 beyond), ``max_pixels`` the
+    size of an uploaded image as its header declares it (400 beyond), ``decode_budget`` the
+    pixels of all uploads decoded at once (503 with Retry-After when none frees up within
+    ``decode_wait`` seconds); ``allowed_hosts`` are the Host header values answered (400 for
+    others; default: loopback names; ``"*"``: any), ``thumbnail_cache`` the number of
     thumbnails kept in memory; ``batch_texts`` embeds concurrent text queries together
     (:class:`TextBatcher`).
     """
+    if decode_budget < max_pixels:
+        raise ValueError(f"decode_budget ({decode_budget} pixels) must be at least max_pixels "
+                         f"({max_pixels}), or the largest allowed image could never be decoded")
     # FastAPIOffline serves the /docs and /redoc pages' scripts itself (FastAPI's own pages load
     # them from a CDN, which leaves /docs blank on a machine without internet access).
     app = FastAPIOffline(title="clipforge search", version=__version__,
                          description="Text, image and mixed search over a clipforge index.")
-    thumbnails = ThumbnailCache(thumbnail_cache)
-    embed_text = TextBatcher(index.embed_texts) if batch_texts else None
-    too_large = f"request body too large: the limit is {max_upload_bytes} bytes"
-    app.add_middleware(BodySizeLimit, limit=max_upload_bytes, detail=too_large)
+    service = _Service(index, max_pixels=max_pixels,
+                       budget=PixelBudget(decode_budget, decode_wait),
+                       thumbnail_size=thumbnail_size, thumbnail_cache=thumbnail_cache,
+                       batch_texts=batch_texts)
+    _add_middleware(app, allowed_hosts=LOOPBACK_NAMES if allowed_hosts is None
+                    else allowed_hosts, max_upload_bytes=max_upload_bytes,
+                    max_json_bytes=max_json_bytes, body_timeout=body_timeout)
+    _add_search_routes(app, service)
+    _add_item_routes(app, service)
+    _add_model_routes(app, service)
+    _add_service_routes(app, service)
+    return app
 
-    last_refresh_error = [""]  # logged once, not on every request while it lasts
 
-    def refresh() -> None:
-        """Pick up a newer generation; a failed refresh keeps the current one serving."""
-        try:
-            if index.refresh():
-                log.info("index refreshed: %d items", len(index))
-            last_refresh_error[0] = ""
-        except Exception as exc:
-            if str(exc) != last_refresh_error[0]:
-                log.exception("index refresh failed; still serving the previous generation")
-            last_refresh_error[0] = str(exc)
+def _add_middleware(app: FastAPI, *, allowed_hosts: Sequence[str], max_upload_bytes: int,
+                    max_json_bytes: int, body_timeout: float) -> None:
+    """Starlette runs the middleware added last first, so a request meets the security
+    headers first (every answer, refusals included, carries them), then the Host check
+    (before anything is read or routed), then the body's size and time limits."""
+    app.add_middleware(BodyLimits, upload_limit=max_upload_bytes, other_limit=max_json_bytes,
+                       timeout=body_timeout)
+    hosts = [h if h.startswith("*") else host_pattern(h) for h in allowed_hosts]
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    app.add_middleware(SecurityHeaders, hashed_pages=DOCS_PAGES)
 
-    def hit_out(hit: Hit) -> HitOut:
-        score = None if hit.score is None or math.isnan(hit.score) else float(hit.score)
-        return HitOut(id=hit.id, path=str(hit.path), score=score, caption=hit.caption,
-                      width=hit.width, height=hit.height, extra=hit.extra,
-                      thumbnail=f"/thumbnails/{hit.id}")
 
-    def answer(query: QueryOut, find: Callable[[], list[Hit]]) -> SearchOut:
-        """Run a query on the newest generation; the index's ValueError (empty or over-long
-        text, bad weights) is the client's mistake (400), its KeyError an unknown item (404)."""
-        start = time.perf_counter()
-        refresh()
-        try:
-            hits = find()
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        except KeyError as exc:
-            raise HTTPException(404, f"no item {query.similar_to}") from exc
-        return SearchOut(query=query, results=[hit_out(h) for h in hits],
-                         took_ms=round((time.perf_counter() - start) * 1000, 2))
-
-    def text_hits(text: str, k: int, threshold: float | None,
-                  collapse: float | None) -> list[Hit]:
-        if embed_text is None or not text.strip():  # (the index words the empty-text error)
-            return index.search(text=text, k=k, threshold=threshold, collapse=collapse)
-        return index.search_vector(embed_text(text), k, threshold=threshold, collapse=collapse)
+def _add_search_routes(app: FastAPI, service: _Service) -> None:
+    index = service.index
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"])
     def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS,
@@ -388,7 +719,8 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
                     k: K = 20, threshold: Threshold = None, collapse: Collapse = None
                     ) -> SearchOut:
         """Items ranked by similarity to a text."""
-        return answer(QueryOut(text=q), lambda: text_hits(q, k, threshold, collapse))
+        return service.answer(QueryOut(text=q),
+                              lambda: service.text_hits(q, k, threshold, collapse))
 
     @app.post("/api/search/image", response_model=SearchOut, tags=["search"])
     def search_image(file: Annotated[UploadFile, File(description="query image")],
@@ -402,27 +734,48 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
                      ) -> SearchOut:
         """Items ranked by similarity to an uploaded image, or to a weighted mix of the image
         and a text (``q``)."""
-        image = _read_upload(file, max_pixels)
         text = q if q and q.strip() else None  # an empty form field means "no text"
-        return answer(QueryOut(text=text, image=file.filename), lambda: index.search(
-            text=text, image=image, text_weight=text_weight, image_weight=image_weight, k=k,
-            threshold=threshold, collapse=collapse))
+        with service.decoded(_read_upload(file)) as image:
+            return service.answer(QueryOut(text=text, image=file.filename), lambda: index.search(
+                text=text, image=image, text_weight=text_weight, image_weight=image_weight,
+                k=k, threshold=threshold, collapse=collapse))
+
+
+def _add_item_routes(app: FastAPI, service: _Service) -> None:
+    index = service.index
 
     @app.get("/api/items/{item_id}", response_model=HitOut, tags=["items"])
     def item(item_id: ItemId) -> HitOut:
         """Metadata of one indexed item."""
-        refresh()
-        hit = index.item(item_id)
+        with service.reading():
+            hit = index.item(item_id)
         if hit is None:
             raise HTTPException(404, f"no item {item_id}")
-        return hit_out(hit)
+        return service.hit_out(hit)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchOut, tags=["items"])
     def similar(item_id: ItemId, k: K = 20, threshold: Threshold = None,
                 collapse: Collapse = None) -> SearchOut:
         """"More like this": items nearest to an indexed item, the item itself left out."""
-        return answer(QueryOut(similar_to=item_id), lambda: index.similar(
+        return service.answer(QueryOut(similar_to=item_id), lambda: index.similar(
             item_id, k=k, threshold=threshold, collapse=collapse))
+
+    @app.get("/thumbnails/{item_id}", tags=["items"],
+             responses={200: {"content": {"image/jpeg": {}}}})
+    def thumbnail(item_id: ItemId, request: Request) -> Response:
+        """A JPEG thumbnail of an indexed item.  Only the integer id comes from the request;
+        the index maps it to the file (or archive member) it recorded."""
+        data = service.thumbnail(item_id)
+        etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+        headers = {"Cache-Control": "public, max-age=3600", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+
+def _add_model_routes(app: FastAPI, service: _Service) -> None:
+    """Endpoints that use the index's model but not its items."""
+    index = service.index
 
     @app.post("/api/classify", response_model=ClassifyOut, tags=["models"])
     def classify(file: Annotated[UploadFile, File(description="image to classify")],
@@ -438,21 +791,21 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
         except (IndexError, KeyError, ValueError) as exc:
             raise HTTPException(400, "template must contain one {} for the label, and no "
                                      "other braces") from exc
-        image = _read_upload(file, max_pixels)
-        try:
-            ranked = index.classify(image, names, template=template)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
+        with service.decoded(_read_upload(file)) as image:
+            try:
+                ranked = index.classify(image, names, template=template)
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from exc
         return ClassifyOut(labels=[LabelOut(label=n, probability=float(p)) for n, p in ranked],
                            took_ms=round((time.perf_counter() - start) * 1000, 2))
 
     def embed_now(texts: list[str], data: bytes | None) -> EmbedOut:
-        image = decode_upload(data, max_pixels) if data is not None else None
-        try:
-            text_vectors = index.embed_texts(texts).tolist() if texts else []
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        image_vector = index.embed_image(image).tolist() if image is not None else None
+        with service.decoded(data) if data is not None else contextlib.nullcontext() as image:
+            try:
+                text_vectors = index.embed_texts(texts).tolist() if texts else []
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            image_vector = index.embed_image(image).tolist() if image is not None else None
         dim = len(image_vector) if image_vector is not None else (
             len(text_vectors[0]) if text_vectors else 0)
         return EmbedOut(model=index.info.get("model"), dim=dim, texts=text_vectors,
@@ -462,7 +815,8 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
         "application/json": {"schema": EmbedIn.model_json_schema()},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "file": {"type": "string", "format": "binary"},
-            "texts": {"type": "array", "items": {"type": "string"}}}}},
+            "texts": {"type": "array", "items": {"type": "string",
+                                                 "maxLength": MAX_QUERY_CHARS}}}}},
     }}}
 
     @app.post("/api/embed", response_model=EmbedOut, tags=["models"], openapi_extra=embed_body)
@@ -486,77 +840,200 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = 20 * 2**20,
             raise HTTPException(415, "send JSON {\"texts\": [...]} or a multipart form")
         if len(texts) > MAX_TEXTS:
             raise HTTPException(400, f"{len(texts)} texts; at most {MAX_TEXTS} per request")
+        check_lengths(texts, "text")
         if not texts and data is None:
             raise HTTPException(400, "nothing to embed: give texts, an image file, or both")
         return await run_in_threadpool(embed_now, texts, data)
 
-    @app.get("/thumbnails/{item_id}", tags=["items"],
-             responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(item_id: ItemId, request: Request) -> Response:
-        """A JPEG thumbnail of an indexed item.  Only the integer id comes from the request;
-        the index maps it to the file (or archive member) it recorded."""
-        refresh()
-        key = (index.info.get("generation"), item_id)
-        data = thumbnails.get(key)
-        if data is None:
-            if index.item(item_id) is None:
-                raise HTTPException(404, f"no item {item_id}")
-            try:
-                with index.open_image(item_id) as image:
-                    data = render_thumbnail(image, thumbnail_size)
-            except KeyError as exc:
-                raise HTTPException(404, f"no item {item_id}") from exc
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                log.warning("thumbnail of item %d: %s", item_id, exc)
-                raise HTTPException(404, f"the image of item {item_id} cannot be read") from exc
-            thumbnails.put(key, data)
-        etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
-        headers = {"Cache-Control": "public, max-age=3600", "ETag": etag}
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type="image/jpeg", headers=headers)
 
-    @app.get("/healthz", response_model=HealthOut, tags=["service"])
-    def healthz() -> HealthOut:
-        """Liveness and what is being served."""
-        refresh()
-        info = index.info
-        return HealthOut(status="ok", items=len(index), model=info.get("model"),
+def _add_service_routes(app: FastAPI, service: _Service) -> None:
+    """Health, the page and its static files."""
+
+    @app.get("/healthz", response_model=HealthOut, tags=["service"],
+             responses={503: {"model": UnavailableOut}})
+    def healthz() -> HealthOut | JSONResponse:
+        """What is being served, or 503 and why when the index cannot be read (deleted,
+        damaged): a health check that reflects the index, not just the process."""
+        problem = service.index_problem()
+        if problem is not None:
+            return JSONResponse(UnavailableOut(detail=problem).model_dump(), status_code=503)
+        info = service.index.info
+        return HealthOut(status="ok", items=len(service.index), model=info.get("model"),
                          generation=info.get("generation"))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={
-            "Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-cache"})
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
+
+
+# ------------------------------------------------------------------------- connections
+class DeadlineH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with deadlines for receiving each request.
+
+    uvicorn times out only idle keep-alive connections, and every byte received restarts that
+    timer, so a client that connects and sends nothing, or sends its headers a byte at a time,
+    holds a connection for as long as it likes (uvicorn issue #157).  Here each request must
+    arrive by fixed deadlines counted from its first byte (for a new connection, from the
+    connection): its headers within ``header_timeout`` seconds, all of it, body included,
+    within ``request_timeout``.  A late client is disconnected.  The time between requests is
+    still uvicorn's ``timeout_keep_alive``, and the time the server takes to answer is not
+    limited.  (A body the app reads too slowly gets a 408 first: see :class:`BodyLimits`.)
+    """
+
+    header_timeout = HEADER_TIMEOUT_S
+    request_timeout = HEADER_TIMEOUT_S + BODY_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase: str | None = None  # "headers" or "request": what is being waited for
+        self._request_start = 0.0
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop()
+        super().connection_lost(exc)
+
+    def _watch(self) -> None:
+        """Start, move on or stop the deadline after anything that may change what is being
+        received: a request's headers (h11 IDLE), its body (SEND_BODY), or nothing."""
+        state = self.conn.their_state
+        between_requests = (state is h11.IDLE and not self.conn.trailing_data[0]
+                            and self.timeout_keep_alive_task is not None)
+        if (self.transport.is_closing() or between_requests
+                or state not in (h11.IDLE, h11.SEND_BODY)):
+            self._stop()
+            return
+        phase = "headers" if state is h11.IDLE else "request"
+        if phase == self._phase:
+            return
+        if phase == "headers" or self._phase is None:  # a new request
+            self._request_start = self.loop.time()
+        limit = self.header_timeout if phase == "headers" else self.request_timeout
+        self._stop_timer()
+        self._deadline = self.loop.call_at(self._request_start + limit, self._expired)
+        self._phase = phase
+
+    def _stop_timer(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _stop(self) -> None:
+        self._stop_timer()
+        self._phase = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info("closing the connection from %s: its request %s did not arrive in time",
+                     self.client, "headers" if self._phase == "headers" else "body")
+            self.transport.close()
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits on connections, for :func:`serve` and :func:`running_server`.
+
+    ``header_timeout``: seconds from a request's first byte to its last header;
+    ``body_timeout``: seconds for its body (the app answers 408; a body nobody reads must
+    arrive within both together); ``keep_alive``: seconds an idle connection is kept between
+    requests; ``max_connections``: open connections (None: no limit), requests beyond get 503.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT_S
+    body_timeout: float = BODY_TIMEOUT_S
+    keep_alive: float = KEEP_ALIVE_S
+    max_connections: int | None = MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "keep_alive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not "
+                                 f"{getattr(self, name)!r}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {self.max_connections}")
+
+    def uvicorn_config(self, app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+        """A uvicorn configuration applying these limits (h11, whatever else is installed)."""
+        protocol = type("DeadlineH11Protocol", (DeadlineH11Protocol,), {
+            "header_timeout": self.header_timeout,
+            "request_timeout": self.header_timeout + self.body_timeout})
+        return uvicorn.Config(app, http=protocol, timeout_keep_alive=self.keep_alive,
+                              limit_concurrency=self.max_connections, **kwargs)
 
 
 # ------------------------------------------------------------------------------ running
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, or an error in one line
+    (ValueError, OSError) naming the address and the reason: a port out of range, in use, or
+    a host that is not this machine's.  Binding comes first, so ``clipforge serve`` says so
+    before spending seconds loading the model."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not a port number (0 to 65535)")
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, _, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            if not any(s.getsockname()[0] == address[0] for s in sockets):
+                sockets.append(socket.create_server(address, family=family))
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, *,
-          log_level: str = "info", **options: Any) -> None:
+          log_level: str = "info", allowed_hosts: Sequence[str] | None = None,
+          limits: ServerLimits | None = None, sockets: list[socket.socket] | None = None,
+          **options: Any) -> None:
     """Serve ``index`` with uvicorn until interrupted; ``options`` go to :func:`create_app`.
 
     Loopback by default: the API has no authentication, and anyone who can reach it can read
-    every indexed image.
+    every indexed image.  ``allowed_hosts`` defaults to the names of ``host``
+    (:func:`default_allowed_hosts`); ``sockets`` are already listening ones (:func:`listen`).
     """
+    limits = limits or ServerLimits()
+    allowed = list(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     if host not in LOOPBACK_HOSTS:
         log.warning("serving on %s: every indexed image is readable by whoever can reach this "
                     "address, without authentication", host)
-    uvicorn.run(create_app(index, **options), host=host, port=port, log_level=log_level)
+    if "*" in allowed:
+        log.warning("answering any Host name: a web page can read the index through a "
+                    "visitor's browser (DNS rebinding)")
+    sockets = sockets or listen(host, port)
+    app = create_app(index, allowed_hosts=allowed, body_timeout=limits.body_timeout, **options)
+    server = uvicorn.Server(limits.uvicorn_config(app, log_level=log_level))
+    for sock in sockets:
+        address, bound_port = sock.getsockname()[:2]
+        log.info("serving %s on http://%s:%d (Host names answered: %s)", index.path,
+                 host_pattern(address), bound_port, ", ".join(allowed))
+    server.run(sockets=sockets)
 
 
 @contextmanager
 def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                   timeout: float = 30.0) -> Iterator[str]:
+                   timeout: float = 30.0, limits: ServerLimits | None = None) -> Iterator[str]:
     """Run ``app`` with uvicorn in a background thread; yield its base URL, then stop it.
 
     Port 0 lets the OS pick a free port (no race with other processes); the URL carries the
-    port actually bound.  For tests, benchmarks and notebooks.
+    port actually bound.  ``limits`` as for :func:`serve`.  For tests, benchmarks and
+    notebooks.
     """
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    config = (limits or ServerLimits()).uvicorn_config(app, host=host, port=port,
+                                                       log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="clipforge-search-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

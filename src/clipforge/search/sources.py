@@ -11,8 +11,6 @@ workers) and by the search side (thumbnails), so both read the same bytes.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -28,8 +26,10 @@ from ..data.sources import (
     is_shard_spec,
     open_image_bytes,
     open_image_file,
+    read_rows,
     read_utf8,
 )
+from ..image.transform import open_regular_file
 from ..inference import IMAGE_SUFFIXES
 
 _SHARD_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -83,15 +83,18 @@ def scan_table(table: Path, image_key: str = "filepath", caption_key: str = "tit
                separator: str | None = None) -> Iterator[Entry]:
     """Rows of a CSV/TSV with a header: an image path column, an optional caption column, and
     any other columns kept as metadata.  Relative paths resolve against the table's folder.
-    Rows whose file is missing are skipped here and reported by the build as missing."""
-    text = read_utf8(table, "table")
-    delimiter = separator or ("\t" if table.suffix.lower() == ".tsv" else ",")
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = reader.fieldnames or []
+    Rows whose file is missing are skipped here and reported by the build as missing.  (Read
+    with :func:`~clipforge.data.sources.read_rows`, as training reads tables: the same parse
+    errors, named by line.)"""
+    columns, rows = read_rows(table, separator)
+    columns = columns or []
     if image_key not in columns:
         raise DataError(f"{table} has no column {image_key!r} (columns: {', '.join(columns)}); "
                         "name the image column with --csv-image-key")
-    for row in reader:
+    for _, cells in rows:
+        # As csv.DictReader: extra cells are dropped (no name), missing ones are None.
+        row: dict[str, str | None] = dict(zip(columns, cells))
+        row.update({k: None for k in columns[len(cells):]})
         name = (row.get(image_key) or "").strip()
         if not name:
             continue
@@ -171,7 +174,7 @@ def read_entry_image(path: str, member: str | None = None, offset: int | None = 
     if member is None:
         return open_image_file(path, draft)
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             f.seek(offset or 0)
             payload = f.read(length or 0)
     except OSError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +34,8 @@ STAGING_DIR = "staging"
 
 _ITEM_COLUMNS = ("key", "path", "member", "offset", "length", "size", "mtime_ns", "caption",
                  "extra", "width", "height", "embedding")
+# Text columns that may hold a file name, hence text that is not valid UTF-8 (see to_db).
+_NAME_COLUMNS = ("key", "path", "member", "reason")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -56,6 +59,32 @@ CREATE TABLE IF NOT EXISTS failed (
 
 class IndexFormatError(ValueError):
     """A directory is not a clipforge index, or one this version cannot read."""
+
+
+def to_db(value: object) -> object:
+    """A value as SQLite stores it: text that is valid UTF-8 as TEXT, anything else unchanged,
+    except a ``str`` that cannot be UTF-8, which is stored as the BLOB of its exact bytes.
+
+    File names on POSIX are bytes: ``os.fsdecode`` turns ``b"caf\\xe9.jpg"`` (Latin-1) into
+    ``"caf\\udce9.jpg"``, which SQLite (UTF-8 only) refuses.  Stored as ``os.fsencode``'s bytes,
+    such a name keeps its exact bytes, and since every valid name is stored as TEXT and every
+    other one as a BLOB, two names never collide: equality and UNIQUE work on either.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+    return value
+
+
+def from_db(value: object) -> object:
+    """The inverse of :func:`to_db` for a text column: a BLOB becomes ``os.fsdecode``'s str."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _row_to_db(row: Sequence[object], columns: Sequence[str]) -> tuple:
+    return tuple(to_db(v) if c in _NAME_COLUMNS else v for v, c in zip(row, columns))
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -118,12 +147,12 @@ class Store:
     # ----------------------------------------------------------------- info
 
     def info(self) -> dict[str, str]:
-        return dict(self.con.execute("SELECT key, value FROM info"))
+        return {k: from_db(v) for k, v in self.con.execute("SELECT key, value FROM info")}
 
     def set_info(self, values: dict[str, object]) -> None:
         with transaction(self.con, "IMMEDIATE"):
             self.con.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
-                                 [(k, str(v)) for k, v in values.items()])
+                                 [(k, to_db(str(v))) for k, v in values.items()])
 
     def generation(self) -> int:
         row = self.con.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
@@ -133,8 +162,9 @@ class Store:
 
     def stamps(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
         """(key -> (size, mtime) of indexed items, the same for items that failed)."""
-        items = {k: (s, m) for k, s, m in self.con.execute("SELECT key, size, mtime_ns FROM items")}
-        failed = {k: (s, m) for k, s, m in
+        items = {from_db(k): (s, m) for k, s, m in
+                 self.con.execute("SELECT key, size, mtime_ns FROM items")}
+        failed = {from_db(k): (s, m) for k, s, m in
                   self.con.execute("SELECT key, size, mtime_ns FROM failures")}
         return items, failed
 
@@ -149,8 +179,9 @@ class Store:
                    if rows else np.zeros((0, dim), np.float16))
         return Snapshot(int(info.get("generation", 0)), ids, vectors, info)
 
-    def items(self, ids: Sequence[int]) -> dict[int, sqlite3.Row]:
-        """Metadata rows (no embedding) by id; ids that no longer exist are absent."""
+    def items(self, ids: Sequence[int]) -> dict[int, dict[str, object]]:
+        """Metadata rows (no embedding) by id, as dicts by column; ids that no longer exist are
+        absent.  Names are str as ``os.fsdecode`` gives them (see :func:`to_db`)."""
         if not ids:
             return {}
         cursor = self.con.cursor()
@@ -159,10 +190,12 @@ class Store:
         rows = cursor.execute(
             "SELECT id, key, path, member, offset, length, size, mtime_ns, caption, extra, "
             f"width, height FROM items WHERE id IN ({marks})", [int(i) for i in ids])
-        return {row["id"]: row for row in rows}
+        return {row["id"]: {k: from_db(row[k]) if k in _NAME_COLUMNS else row[k]
+                            for k in row.keys()} for row in rows}
 
     def failures(self) -> list[tuple[str, str]]:
-        return list(self.con.execute("SELECT key, reason FROM failures ORDER BY key"))
+        rows = self.con.execute("SELECT key, reason FROM failures ORDER BY key")
+        return sorted((from_db(k), from_db(r)) for k, r in rows)
 
     def count(self) -> int:
         return self.con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
@@ -184,7 +217,7 @@ class Store:
                         "(key TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER)")
             con.execute("DELETE FROM temp.scan")
             con.executemany("INSERT INTO temp.scan VALUES (?, ?, ?)",
-                            [(k, s, m) for k, (s, m) in stamps.items()])
+                            [(to_db(k), s, m) for k, (s, m) in stamps.items()])
             current = ("EXISTS (SELECT 1 FROM temp.scan s WHERE s.key = {t}.key "
                        "AND s.size = {t}.size AND s.mtime_ns = {t}.mtime_ns)")
             removed = con.execute(f"DELETE FROM items WHERE NOT {current.format(t='items')}"
@@ -197,11 +230,11 @@ class Store:
                 stage = sqlite3.connect(path)
                 try:
                     for row in stage.execute(f"SELECT {columns} FROM done"):
-                        if stamps.get(row[0]) == (row[5], row[6]):
+                        if stamps.get(from_db(row[0])) == (row[5], row[6]):
                             con.execute(f"INSERT OR IGNORE INTO items ({columns}) VALUES "
                                         f"({marks})", row)
                     for key, size, mtime, reason in stage.execute("SELECT * FROM failed"):
-                        if stamps.get(key) == (size, mtime):
+                        if stamps.get(from_db(key)) == (size, mtime):
                             con.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
                                         (key, size, mtime, reason))
                 finally:
@@ -211,7 +244,7 @@ class Store:
             generation = self.generation() + 1
             values = {**info, "generation": generation, "updated": time.time()}
             con.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
-                            [(k, str(v)) for k, v in values.items()])
+                            [(k, to_db(str(v))) for k, v in values.items()])
             failed = con.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
             con.execute("DROP TABLE temp.scan")
         return {"added": total - before, "removed": removed, "failed": failed, "total": total,
@@ -235,8 +268,11 @@ class Staging:
         self.con.execute("INSERT OR REPLACE INTO info VALUES ('fingerprint', ?)", (fingerprint,))
 
     def add(self, done: Sequence[tuple], failed: Sequence[tuple[str, int, int, str]]) -> None:
-        """``done`` rows in :data:`_ITEM_COLUMNS` order; ``failed`` as (key, size, mtime, why)."""
+        """``done`` rows in :data:`_ITEM_COLUMNS` order; ``failed`` as (key, size, mtime, why).
+        Names that are not valid UTF-8 are stored as their bytes (:func:`to_db`)."""
         marks = ", ".join("?" * len(_ITEM_COLUMNS))
+        done = [_row_to_db(row, _ITEM_COLUMNS) for row in done]
+        failed = [_row_to_db(row, ("key", "size", "mtime_ns", "reason")) for row in failed]
         with transaction(self.con, "IMMEDIATE"):
             self.con.executemany(f"INSERT OR REPLACE INTO done ({', '.join(_ITEM_COLUMNS)}) "
                                  f"VALUES ({marks})", done)
@@ -261,7 +297,7 @@ def staged_stamps(directory: Path, fingerprint: str) -> dict[str, tuple[int, int
             if not row or row[0] != fingerprint:
                 continue
             for table in ("done", "failed"):
-                stamps.update({k: (s, m) for k, s, m in
+                stamps.update({from_db(k): (s, m) for k, s, m in
                                con.execute(f"SELECT key, size, mtime_ns FROM {table}")})
         except sqlite3.DatabaseError:  # a staging file cut short: its batches are redone
             continue
@@ -277,7 +313,7 @@ def clear_staging(directory: Path) -> None:
                 Path(str(path) + suffix).unlink()
 
 
-def item_json(row: sqlite3.Row) -> dict[str, object]:
+def item_json(row: dict[str, object]) -> dict[str, object]:
     """The metadata of one item as plain values (CSV columns decoded)."""
     out = {k: row[k] for k in row.keys() if k not in ("extra", "offset", "length")}
     out["extra"] = json.loads(row["extra"]) if row["extra"] else None

@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,6 +57,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from ..fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -151,17 +152,10 @@ class VectorIndex:
         "flat", which is rebuilt from the rows."""
         if self._ann is None:
             return
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            faiss.write_index(self._ann, tmp)
+        with atomic_file(path) as tmp:  # the mode a plain open() gives, not mkstemp's 0600
+            faiss.write_index(self._ann, str(tmp))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:

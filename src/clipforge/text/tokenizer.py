@@ -12,6 +12,7 @@ The vocabulary file ``bpe_simple_vocab_16e6.txt.gz`` is OpenAI's (MIT licence, s
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import html
@@ -64,9 +65,12 @@ class ContextLengthError(ValueError):
 
 class Tokenizer:
     """Byte-level BPE with ``encode``/``decode``; calling it tokenizes a batch (as
-    :func:`tokenize`)."""
+    :func:`tokenize`), padded to ``context_length`` (77 unless a model says otherwise)."""
 
-    def __init__(self, vocab_path: str | Path | None = None):
+    pad_id = 0
+
+    def __init__(self, vocab_path: str | Path | None = None, context_length: int = 77):
+        self.context_length = context_length
         path = Path(vocab_path) if vocab_path else resources.files(__package__) / VOCAB_FILE
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -86,6 +90,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.encoder)
+
+    def with_context_length(self, context_length: int) -> Tokenizer:
+        """This tokenizer padding to ``context_length`` (the vocabulary is shared, not copied):
+        what a model with another text length carries as ``model.tokenizer``."""
+        if context_length == self.context_length:
+            return self
+        other = copy.copy(self)
+        other.context_length = context_length
+        return other
 
     def _bpe_uncached(self, token: str) -> tuple[str, ...]:
         if token in (SOT, EOT):
@@ -129,7 +142,7 @@ class Tokenizer:
         data = bytearray(self.byte_decoder[c] for c in "".join(pieces))
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
-    def __call__(self, texts: str | Iterable[str], context_length: int = 77,
+    def __call__(self, texts: str | Iterable[str], context_length: int | None = None,
                  truncate: bool = False) -> torch.Tensor:
         """[N, context_length] int64 ids: start token, text, end token, zero padding.
 
@@ -141,10 +154,11 @@ class Tokenizer:
         # a copy: a tensor of its own (resizable, shareable), as before this went through numpy
         return torch.tensor(self.encode_batch(texts, context_length, truncate))
 
-    def encode_batch(self, texts: str | Iterable[str], context_length: int = 77,
+    def encode_batch(self, texts: str | Iterable[str], context_length: int | None = None,
                      truncate: bool = False) -> np.ndarray:
         """The ids of :meth:`__call__` as a numpy int64 array, without torch (for deployments
         that run the ONNX encoders, see :mod:`clipforge.onnx.runtime`)."""
+        context_length = context_length or self.context_length
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_file
+from ..fileio import DiskFullError, atomic_file
 
 _NAME = re.compile(r"step_(\d+)\.pt$")
 
@@ -34,10 +34,20 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# What a full disk while checkpointing leaves, and what to do.
+CHECKPOINT_KEPT = ("the earlier checkpoints are intact: free some space and continue the run "
+                   "with --resume latest")
+
+
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     path = checkpoint_path(directory, step)
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            # Through a Python file, a full disk surfaces as OSError(ENOSPC) behind torch's
+            # "unexpected pos" error, so it is recognised and named.
+            torch.save(state, f)
+    except DiskFullError as exc:
+        raise DiskFullError(path, exc, CHECKPOINT_KEPT) from exc
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

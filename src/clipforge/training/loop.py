@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     resume: str | None = None
+    resume_override: tuple[str, ...] = ()
     log_every: int = 10
     eval_every: int = 0
     tensorboard: bool = False
@@ -119,12 +121,108 @@ class TrainConfig:
             problems.append("--patch-dropout must be in [0, 1)")
         if self.lock_image and self.lock_text:
             problems.append("--lock-image and --lock-text together leave nothing to train")
+        checked = [f for f in self.__dataclass_fields__ if f not in RESUME_FREE]
+        for name in setting_names(self.resume_override):
+            if name not in self.__dataclass_fields__:  # a free setting needs no override
+                problems.append(f"--resume-override: unknown setting {_option(name)[2:]!r}; "
+                                f"choose from {', '.join(_option(f)[2:] for f in checked)}")
         if problems:
             raise ValueError("; ".join(problems))
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in
                 dataclasses.asdict(self).items()}
+
+
+# Settings a resumed run may change freely: they decide where and how fast the run computes
+# and what it logs or keeps, not what it computes (device, --micro-batch and
+# --grad-checkpointing give the same steps up to float round-off).  Every other setting (data,
+# model, steps, batch size, learning rate and schedule, loss, precision, seed, ...) shapes the
+# result: a resume that changes one is refused unless --resume-override names it.  New
+# settings are checked unless added here.
+RESUME_FREE = frozenset({
+    "output", "resume", "resume_override", "workers", "log_every", "eval_every", "tensorboard",
+    "progress", "checkpoint_every", "keep_checkpoints", "device", "micro_batch",
+    "grad_checkpointing"})
+
+
+def setting_names(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"batch-size,lr"`` (or a list of names) -> ``("batch_size", "lr")``: the field names
+    of the settings ``--resume-override`` accepts, spelled as options or as fields."""
+    items = text.split(",") if isinstance(text, str) else list(text or ())
+    return tuple(item.strip().lstrip("-").replace("-", "_") for item in items if item.strip())
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return "(none)" if value is None else str(value)
+
+
+def check_resume_settings(config: TrainConfig, saved: dict[str, Any] | None,
+                          checkpoint: Path) -> None:
+    """Refuse to resume with settings that change the run's outcome, unless
+    ``config.resume_override`` names them: silently, a changed batch size, learning rate or
+    step count would turn the run into one nobody asked for (see :data:`RESUME_FREE`)."""
+    if saved is None:
+        log.warning("%s records no settings (written by an older clipforge): the resumed run's "
+                    "settings cannot be checked against it", checkpoint)
+        return
+    current = config.to_json()
+    changed = [name for name in current if name not in RESUME_FREE and name in saved
+               and saved[name] != current[name]]
+    accepted = set(setting_names(config.resume_override))
+    refused = [name for name in changed if name not in accepted]
+    if refused:
+        changes = ", ".join(f"{_option(n)} {_shown(saved[n])} -> {_shown(current[n])}"
+                            for n in refused)
+        raise ValueError(
+            f"--resume {checkpoint} would continue that run with other settings: {changes}; "
+            "give the run's own values to continue it, or accept the change with "
+            f"--resume-override {','.join(_option(n)[2:] for n in refused)}")
+    for name in changed:
+        log.warning("resuming with %s %s (the run had %s): accepted by --resume-override",
+                    _option(name), _shown(current[name]), _shown(saved[name]))
+
+
+def _load_resume(config: TrainConfig, checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's state, after checking it may continue under ``config``."""
+    state = load_checkpoint(checkpoint)
+    needed = ("step", "objective", "optimizer", "scheduler", "scaler", "random")
+    missing = [key for key in needed if key not in state] if isinstance(state, dict) else needed
+    if missing or not isinstance(state["step"], int):
+        raise ValueError(f"{checkpoint} is not a clipforge training checkpoint (no "
+                         f"{', '.join(missing) or 'step number'}); pass one of the run's "
+                         "checkpoints/step_*.pt with --resume PATH")
+    saved = state.get("config")
+    check_resume_settings(config, json.loads(saved) if isinstance(saved, str) else None,
+                          checkpoint)
+    if state["step"] > config.steps:
+        raise ValueError(f"--resume {checkpoint} is at step {state['step']}, past --steps "
+                         f"{config.steps}: give at least {state['step']} steps")
+    return state
+
+
+def _restore(state: dict[str, Any], checkpoint: Path, objective: Objective, optimizer,
+             scheduler, scaler) -> None:
+    """Put the run's training state back; a checkpoint of another model is named, in one line."""
+    try:
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--resume {checkpoint} does not fit this run's model or optimiser "
+                         f"({first}); resume with the run's own --model") from exc
+    set_random_state(state["random"])
+
+
+def _write_run_config(output: Path, config: TrainConfig) -> None:
+    with atomic_file(output / "train_config.json") as tmp:
+        tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
 
 class TrainingDiverged(RuntimeError):
@@ -191,9 +289,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ranks, device = init_distributed(config.device)
     output = Path(config.output)
     checkpoints = output / "checkpoints"
+    resume_from = resolve_resume(config.resume, checkpoints) if config.resume else None
+    state = _load_resume(config, resume_from) if resume_from is not None else None
     if ranks.is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        (output / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     torch.manual_seed(config.seed)
     model = create_model(config.model, weights=config.weights, activation=config.activation)
@@ -213,20 +312,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     start_step = 0
     data_state: dict[str, Any] = {}
-    resume_from = resolve_resume(config.resume, checkpoints) if config.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_random_state(state["random"])
+    if state is not None:
+        _restore(state, resume_from, objective, optimizer, scheduler, scaler)
         start_step = state["step"]
         data_state = state.get("data", {})
+        state = None  # the restored tensors need no second copy
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif ranks.is_main and any(checkpoints.glob("step_*.pt")):
         log.warning("%s holds an earlier run: starting a new one over it (pass --resume latest "
                     "to continue that run instead)", output)
+    if ranks.is_main:  # only now: a resume that failed leaves the run's record as it was
+        _write_run_config(output, config)
 
     ddp = DistributedDataParallel(objective) if ranks.enabled else None
     source = _open_data(config, model.config.image_size)
@@ -308,7 +404,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if ranks.is_main:
         model.eval()
-        save_into_directory(model.config, model.state_dict(), output)
+        save_into_directory(model.config, model.state_dict(), output, model.tokenizer)
         if metrics is not None:
             metrics.close()
         from .report import final_report

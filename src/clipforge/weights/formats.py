@@ -13,19 +13,23 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..configs import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from ..configs import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, json_field
 from ..fileio import atomic_directory, atomic_file
 from ..text import get_tokenizer
-from .checkpoint import CheckpointError, StateDict, read_checkpoint
+from .checkpoint import CheckpointError, StateDict, parse_json_object, read_checkpoint
 from .huggingface import (
+    HF_FIELD_NAMES,
     config_from_hf,
     config_to_hf,
     from_hf_state_dict,
+    hf_format_of,
+    hf_model_type,
+    hf_rules,
     preprocessor_to_hf,
     read_hf_json,
     to_hf_state_dict,
 )
-from .infer import infer_config
+from .infer import check_config_fits, infer_config
 
 FORMAT = "clipforge"
 FORMAT_VERSION = 1
@@ -38,27 +42,44 @@ def read_weights(path: str | Path, activation: str | None = None) -> tuple[CLIPC
     """(config, OpenAI-layout state dict) of a checkpoint file or model directory.
 
     ``activation`` overrides the file's; files that record none use QuickGELU unless given.
+    A config read from a file (not inferred from the shapes) is checked against the tensors'
+    shapes here, before anyone builds a model from it
+    (:func:`~clipforge.weights.infer.check_config_fits`).
     """
     path = Path(path)
     if path.is_dir():
-        config, sd = _read_directory(path, activation)
-    else:
-        sd, metadata = read_checkpoint(path)
-        if CONFIG_KEY in metadata:
-            config = _native_config(json.loads(metadata[CONFIG_KEY]), activation)
-        elif is_hf_layout(sd):
-            raise CheckpointError(
-                f"{path} holds Hugging Face CLIPModel weights without their config.json: "
-                "pass the directory that contains both"
-            )
-        else:
-            config = infer_config(sd, activation, source=str(path))
+        return _read_directory(path, activation)
+    sd, metadata = read_checkpoint(path)
+    if CONFIG_KEY in metadata:
+        source = f"{path} (its {CONFIG_KEY} metadata)"
+        return _checked(_native_config(metadata[CONFIG_KEY], activation, source), sd, source,
+                        path)
+    if is_hf_layout(sd):
+        raise CheckpointError(
+            f"{path} holds Hugging Face CLIPModel weights without their config.json: "
+            "pass the directory that contains both"
+        )
+    return infer_config(sd, activation, source=str(path)), sd
+
+
+def _checked(config: CLIPConfig, sd: StateDict, source: str, weights: Path,
+             names: dict[str, str] | None = None) -> tuple[CLIPConfig, StateDict]:
+    check_config_fits(config, sd, source, str(weights), names)
     return config, sd
 
 
-def _native_config(data: dict[str, Any], activation: str | None) -> CLIPConfig:
-    config = CLIPConfig.from_dict(data)
-    return config.replace(activation=activation) if activation else config
+def _native_config(data: str | dict[str, Any], activation: str | None,
+                   source: str) -> CLIPConfig:
+    """clipforge's own config (the JSON text of the weights' metadata, or the ``model``
+    object of ``config.json``); every field checked, errors naming ``source``."""
+    if isinstance(data, str):
+        data = parse_json_object(data, source)
+    try:
+        config = CLIPConfig.from_dict(data)
+        return config.replace(activation=activation) if activation else config
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}; fix the file or export the model again"
+                              ) from None
 
 
 def is_hf_layout(sd: StateDict) -> bool:
@@ -77,73 +98,166 @@ def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig
     """Read a model directory.  The tensors' key layout, not which config files happen to be
     present, decides how to read it: LAION's hub repositories hold both an OpenCLIP config with
     OpenCLIP weights and a transformers config, and only one of them may be downloaded."""
-    config_json = read_hf_json(directory / "config.json")
+    config_path = directory / "config.json"
+    config_json = read_hf_json(config_path)
     weights = _weights_file(directory)
     sd, metadata = read_checkpoint(weights)
     if CONFIG_KEY in metadata:  # written with the weights: authoritative
-        return _native_config(json.loads(metadata[CONFIG_KEY]), activation), sd
-    if config_json and config_json.get("format") == FORMAT:
-        return _native_config(config_json["model"], activation), sd
+        source = f"{weights} (its {CONFIG_KEY} metadata)"
+        return _checked(_native_config(metadata[CONFIG_KEY], activation, source), sd, source,
+                        weights)
+    if config_json is not None and config_json.get("format") == FORMAT:
+        return _checked(_clipforge_json(config_json, activation, str(config_path)), sd,
+                        str(config_path), weights)
     if is_hf_layout(sd):
         if not (config_json and "vision_config" in config_json):
             raise CheckpointError(f"{weights} holds Hugging Face CLIPModel weights but "
                                   f"{directory} has no CLIPModel config.json beside them")
-        config = config_from_hf(config_json, read_hf_json(directory / "preprocessor_config.json"),
-                                source=str(directory / "config.json"))
-        return (config.replace(activation=activation) if activation else config,
-                from_hf_state_dict(sd))
-    if (open_clip_json := read_hf_json(directory / "open_clip_config.json")) is not None:
-        return config_from_open_clip(open_clip_json, sd, activation, str(weights)), sd
+        preprocessor = directory / "preprocessor_config.json"
+        config = config_from_hf(config_json, read_hf_json(preprocessor),
+                                source=str(config_path), preprocessor_source=str(preprocessor))
+        rules = hf_rules(hf_model_type(config_json, str(config_path)))
+        return _checked(config.replace(activation=activation) if activation else config,
+                        _from_hf(sd, weights, rules), str(config_path), weights, HF_FIELD_NAMES)
+    open_clip_path = directory / "open_clip_config.json"
+    if (open_clip_json := read_hf_json(open_clip_path)) is not None:
+        config = config_from_open_clip(open_clip_json, sd, activation, str(weights),
+                                       config_source=str(open_clip_path))
+        return _checked(config, sd, str(open_clip_path), weights)
     return infer_config(sd, activation, source=str(weights)), sd
 
 
+def _from_hf(sd: StateDict, weights: Path, rules: list) -> StateDict:
+    """clipforge's tensors of a transformers state dict; odd key names or shapes (a
+    transposed matrix that is not one) name the file instead of surfacing as a traceback."""
+    try:
+        return from_hf_state_dict(sd, rules)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights}: {exc}") from None
+    except (ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights}: not a CLIPModel state dict clipforge can read "
+                              f"({exc}); download or export it again") from None
+
+
+def _clipforge_json(document: dict[str, Any], activation: str | None,
+                    source: str) -> CLIPConfig:
+    """The model config of clipforge's ``config.json``; a newer format is refused, not
+    half-read."""
+    try:
+        version = json_field(document, "format_version", "", "positive int", FORMAT_VERSION)
+        model = json_field(document, "model", "", "object")
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}; fix the file or export the model again"
+                              ) from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{source} has format_version {version}, written by a newer "
+                              f"clipforge (this one reads {FORMAT_VERSION}); upgrade clipforge")
+    return _native_config(model, activation, source)
+
+
 def config_from_open_clip(data: dict[str, Any], sd: StateDict, activation: str | None,
-                          source: str) -> CLIPConfig:
-    """Read OpenCLIP's ``open_clip_config.json`` (model_cfg + preprocess_cfg)."""
-    cfg, pre = data.get("model_cfg", {}), data.get("preprocess_cfg", {})
+                          source: str, config_source: str = "open_clip_config.json"
+                          ) -> CLIPConfig:
+    """Read OpenCLIP's ``open_clip_config.json`` (model_cfg + preprocess_cfg).  Sizes come from
+    the tensors (``source``); head widths, activation and preprocessing from the file, each
+    field checked for its JSON type (errors name ``config_source``)."""
     shapes = infer_config(sd, activation or "quick_gelu", source)
-    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    vision = shapes.vision
-    if vision.is_vit:
-        vision = VisionConfig(vision.image_size, vision.width, vision.layers,
-                              vision.width // v.get("head_width", 64), vision.patch_size,
-                              vision.mlp_width)
-    text = TextConfig(shapes.text.width, shapes.text.layers, t.get("heads", 8),
-                      shapes.text.context_length, shapes.text.vocab_size, shapes.text.mlp_width)
-    default = PreprocessConfig()
-    preprocess = PreprocessConfig(tuple(pre.get("mean", default.mean)),
-                                  tuple(pre.get("std", default.std)),
-                                  pre.get("interpolation", "bicubic"))
-    act = activation or ("quick_gelu" if cfg.get("quick_gelu") else "gelu")
-    return CLIPConfig(shapes.embed_dim, vision, text, act, preprocess)
+    try:
+        cfg = json_field(data, "model_cfg", "", "object", {})
+        pre = json_field(data, "preprocess_cfg", "", "object", {})
+        v = json_field(cfg, "vision_cfg", "model_cfg.", "object", {})
+        t = json_field(cfg, "text_cfg", "model_cfg.", "object", {})
+        vision = shapes.vision
+        if vision.is_vit:
+            head_width = json_field(v, "head_width", "model_cfg.vision_cfg.", "positive int", 64)
+            if vision.width % head_width:
+                raise ValueError(f"model_cfg.vision_cfg.head_width {head_width} does not divide "
+                                 f"the image tower's width {vision.width}")
+            vision = VisionConfig(vision.image_size, vision.width, vision.layers,
+                                  vision.width // head_width, vision.patch_size,
+                                  vision.mlp_width)
+        text = TextConfig(shapes.text.width, shapes.text.layers,
+                          json_field(t, "heads", "model_cfg.text_cfg.", "positive int", 8),
+                          shapes.text.context_length, shapes.text.vocab_size,
+                          shapes.text.mlp_width)
+        default = PreprocessConfig()
+        preprocess = PreprocessConfig(
+            tuple(json_field(pre, "mean", "preprocess_cfg.", "3 numbers", default.mean)),
+            tuple(json_field(pre, "std", "preprocess_cfg.", "3 numbers", default.std)),
+            json_field(pre, "interpolation", "preprocess_cfg.", "str", "bicubic"))
+        quick = json_field(cfg, "quick_gelu", "model_cfg.", "bool", False)
+        act = activation or ("quick_gelu" if quick else "gelu")
+        return CLIPConfig(shapes.embed_dim, vision, text, act, preprocess)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_source}: {exc}; fix the file or download it again"
+                              ) from None
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    """The bos/eos/pad ids of a Hugging Face tokenizer (those it has)."""
+    hf = tokenizer.hf
+    ids = {"bos": hf.bos_token_id, "eos": hf.eos_token_id, "pad": hf.pad_token_id}
+    return {k: int(v) for k, v in ids.items() if v is not None}
 
 
 def _contiguous(sd: StateDict) -> StateDict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_clipforge(config: CLIPConfig, sd: StateDict, destination: str | Path) -> Path:
+# What the model writers below put in a folder: a folder written before clipforge listed its
+# files in a manifest is replaced only if it holds these alone (config.json among them).
+MODEL_MARKER = "config.json"
+MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json",
+               "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
+def save_clipforge(config: CLIPConfig, sd: StateDict, destination: str | Path,
+                   tokenizer: Any = None) -> Path:
     """Write clipforge's format: a directory with ``config.json`` and ``model.safetensors``
-    (whose metadata also carries the config, so the file alone is enough), or, when
-    ``destination`` ends in ``.safetensors``, that single file."""
+    (whose metadata also carries the config, so the file alone is enough) and, for a model
+    with a Hugging Face tokenizer (``config.tokenizer.kind == "hf"``), that tokenizer's files;
+    or, when ``destination`` ends in ``.safetensors``, that single file (OpenAI's tokenizer
+    only: the others' files need a directory)."""
     destination = Path(destination)
+    _check_tokenizer(config, tokenizer, destination)
     metadata = {"format": "pt", CONFIG_KEY: config.to_json()}
     if destination.suffix == ".safetensors":
         with atomic_file(destination) as tmp:
             save_file(_contiguous(sd), str(tmp), metadata=metadata)
         return destination
-    with atomic_directory(destination, marker="config.json") as tmp:
+    with atomic_directory(destination, MODEL_MARKER, MODEL_FILES) as tmp:
         save_file(_contiguous(sd), str(tmp / "model.safetensors"), metadata=metadata)
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(document, indent=2) + "\n")
+        if config.tokenizer.kind == "hf":
+            tokenizer.save(tmp)
     return destination
 
 
-def save_into_directory(config: CLIPConfig, sd: StateDict, directory: str | Path) -> Path:
+def _check_tokenizer(config: CLIPConfig, tokenizer: Any, destination: Path) -> None:
+    """A model whose tokenizer is a Hugging Face one is saved with its files, so they must be
+    at hand and the destination a directory."""
+    if config.tokenizer.kind != "hf":
+        return
+    if tokenizer is None or not hasattr(tokenizer, "save"):
+        raise ValueError(f"cannot save to {destination}: the model reads a Hugging Face "
+                         "tokenizer and none was given to copy its files from (save the model "
+                         "object clipforge loaded: it carries model.tokenizer)")
+    if destination.suffix == ".safetensors":
+        raise ValueError(f"cannot save to the single file {destination}: the model's tokenizer "
+                         "files need a directory; give a directory name")
+
+
+def save_into_directory(config: CLIPConfig, sd: StateDict, directory: str | Path,
+                        tokenizer: Any = None) -> Path:
     """Write clipforge's two model files into an existing folder that holds other things too
     (a training run's directory), each atomically.  The weights go first: their metadata carries
-    the config and readers trust it over ``config.json``, so the pair is never inconsistent."""
+    the config and readers trust it over ``config.json``, so the pair is never inconsistent.
+    A Hugging Face tokenizer's files are written first of all."""
     directory = Path(directory)
+    _check_tokenizer(config, tokenizer, directory)
+    if config.tokenizer.kind == "hf":
+        tokenizer.save(directory)
     with atomic_file(directory / "model.safetensors") as tmp:
         save_file(_contiguous(sd), str(tmp), metadata={"format": "pt",
                                                        CONFIG_KEY: config.to_json()})
@@ -153,15 +267,24 @@ def save_into_directory(config: CLIPConfig, sd: StateDict, directory: str | Path
     return directory
 
 
-def save_huggingface(config: CLIPConfig, sd: StateDict, destination: str | Path) -> Path:
-    """Write a directory that ``transformers.CLIPModel.from_pretrained`` and ``CLIPProcessor``
-    load: config, safetensors weights, image-processor and tokenizer files."""
-    hf_sd = to_hf_state_dict(sd)
-    with atomic_directory(destination, marker="config.json") as tmp:
+def save_huggingface(config: CLIPConfig, sd: StateDict, destination: str | Path,
+                     tokenizer: Any = None) -> Path:
+    """Write a directory that transformers loads as the model's own class (``CLIPModel``,
+    ``SiglipModel``, ``MetaClip2Model``, ``ChineseCLIPModel``, see
+    :func:`~clipforge.weights.huggingface.hf_format_of`) with its processor: config,
+    safetensors weights, image-processor and tokenizer files."""
+    destination = Path(destination)
+    _check_tokenizer(config, tokenizer, destination)
+    hf_sd = to_hf_state_dict(sd, hf_rules(hf_format_of(config)))
+    ids = _special_ids(tokenizer) if config.tokenizer.kind == "hf" else None
+    with atomic_directory(destination, MODEL_MARKER, MODEL_FILES) as tmp:
         save_file(_contiguous(hf_sd), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, ids), indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(preprocessor_to_hf(config), indent=2) + "\n")
+        if config.tokenizer.kind == "hf":
+            tokenizer.save(tmp)
+            return destination
         get_tokenizer().save_hf_vocabulary(tmp)
         special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}

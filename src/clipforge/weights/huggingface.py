@@ -1,188 +1,570 @@
-"""Hugging Face ``transformers.CLIPModel`` format, in and out (ViT image towers only).
+"""Hugging Face transformers directories, in and out: ``CLIPModel``, ``MetaClip2Model``,
+``SiglipModel`` (SigLIP and the fixed-resolution SigLIP 2 checkpoints) and
+``ChineseCLIPModel``.
 
-The mapping is the table in transformers' own conversion script: the fused ``in_proj`` of each
-attention is split into ``q_proj``/``k_proj``/``v_proj``, the projections are stored transposed as
-``nn.Linear`` weights, and the towers move under ``vision_model.``/``text_model.``.  transformers
-has no ResNet tower, so RN models cannot be written in this format.
+Each format is data: a table of renaming rules between transformers' parameter names and
+clipforge's (OpenAI's layout, extended for the families, see :mod:`clipforge.model`), and a
+reader and writer of its ``config.json``.  The rules come from transformers' own modelling
+code: each attention's separate ``q/k/v`` projections are clipforge's fused ``in_proj``, the
+output projections of CLIP-style towers are stored transposed, the towers sit under
+``vision_model.``/``text_model.``.  transformers has no ResNet tower, so RN models cannot be
+written in this format.
+
+A field that changes the computation and that clipforge does not implement (another
+``hidden_act``, ``vision_use_head: false``, a relative position embedding...) is an error naming
+it, never dropped.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..configs import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
-from .checkpoint import CheckpointError
+from ..configs import (
+    REQUIRED,
+    CLIPConfig,
+    PreprocessConfig,
+    TextConfig,
+    TokenizerConfig,
+    VisionConfig,
+    json_field,
+)
+from .checkpoint import CheckpointError, read_json_object
 
 StateDict = dict[str, torch.Tensor]
 
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_FIXED = {
-    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre": "vision_model.pre_layrnorm",  # sic, transformers' spelling
-    "visual.ln_post": "vision_model.post_layernorm",
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final": "text_model.final_layer_norm",
-    "logit_scale": "logit_scale",
-}
-_TRANSPOSED = {"visual.proj": "visual_projection.weight",
-               "text_projection": "text_projection.weight"}
-_TOWERS = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
-           "transformer.resblocks.": "text_model.encoder.layers."}
+# ------------------------------------------------------------------------ renaming rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``ours`` <-> ``theirs``.  Patterns may hold ``{n}`` (a block number) and ``{kind}``
+    (weight or bias); a pattern without ``{kind}`` also covers the tensors below it
+    (``visual.ln_post`` covers ``visual.ln_post.weight``).  ``theirs`` as three names: the
+    q, k and v projections that clipforge keeps fused along dimension 0.  ``transpose``: a
+    [in, out] matrix of ours stored as an ``nn.Linear`` weight.  ``scalar``: our 0-d tensor
+    stored with shape [1] (SigLIP's temperature and bias)."""
+
+    ours: str
+    theirs: str | tuple[str, str, str]
+    transpose: bool = False
+    scalar: bool = False
+
+    def pattern(self, side: str) -> list[re.Pattern]:
+        names = [self.ours] if side == "ours" else (
+            list(self.theirs) if isinstance(self.theirs, tuple) else [self.theirs])
+        return [_compile(name) for name in names]
+
+
+def _compile(name: str) -> re.Pattern:
+    regex = re.escape(name).replace(r"\{n\}", r"(?P<n>\d+)").replace(
+        r"\{kind\}", r"(?P<kind>weight|bias)")
+    return re.compile(regex + ("" if "{kind}" in name else r"(?P<rest>\..+)?") + "$")
+
+
+def _fill(name: str, match: re.Match) -> str:
+    groups = match.groupdict()
+    out = name.replace("{n}", groups.get("n") or "").replace("{kind}", groups.get("kind") or "")
+    return out + (groups.get("rest") or "")
+
+
+def _block(ours: str, theirs: str, table: dict[str, str | tuple[str, str, str]]
+           ) -> list[Rule]:
+    """Rules for the blocks ``ours{n}.`` <-> ``theirs{n}.`` from a within-block table."""
+    rules = []
+    for a, b in table.items():
+        other = (tuple(theirs + x for x in b) if isinstance(b, tuple) else theirs + b)
+        rules.append(Rule(ours + a, other))
+    return rules
+
+
+# Within-block names: CLIP-style pre-norm blocks (CLIP, SigLIP, MetaCLIP 2) and BERT's post-norm
+# layers (Chinese-CLIP's text tower; ln_1 follows the attention, ln_2 the MLP).
+_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2",
+               "attn.in_proj_{kind}": ("self_attn.q_proj.{kind}", "self_attn.k_proj.{kind}",
+                                       "self_attn.v_proj.{kind}"),
+               "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+               "mlp.c_proj": "mlp.fc2"}
+_BERT_BLOCK = {"attn.in_proj_{kind}": ("attention.self.query.{kind}", "attention.self.key.{kind}",
+                                       "attention.self.value.{kind}"),
+               "attn.out_proj": "attention.output.dense", "ln_1": "attention.output.LayerNorm",
+               "mlp.c_fc": "intermediate.dense", "mlp.c_proj": "output.dense",
+               "ln_2": "output.LayerNorm"}
+
+_CLIP_VISION = [
+    Rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
+    Rule("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    Rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    Rule("visual.ln_pre", "vision_model.pre_layrnorm"),  # sic, transformers' spelling
+    *_block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    Rule("visual.ln_post", "vision_model.post_layernorm"),
+    Rule("visual.proj", "visual_projection.weight", transpose=True),
+]
+_CLIP_TEXT = [
+    Rule("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    Rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    *_block("transformer.resblocks.{n}.", "text_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    Rule("ln_final", "text_model.final_layer_norm"),
+    Rule("text_projection", "text_projection.weight", transpose=True),
+]
+CLIP_RULES = [*_CLIP_VISION, *_CLIP_TEXT, Rule("logit_scale", "logit_scale")]
+
+SIGLIP_RULES = [
+    Rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
+    Rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    *_block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    Rule("visual.ln_post", "vision_model.post_layernorm"),
+    Rule("visual.attn_pool.probe", "vision_model.head.probe"),
+    Rule("visual.attn_pool.in_proj_{kind}", "vision_model.head.attention.in_proj_{kind}"),
+    Rule("visual.attn_pool.out_proj", "vision_model.head.attention.out_proj"),
+    Rule("visual.attn_pool.ln", "vision_model.head.layernorm"),
+    Rule("visual.attn_pool.mlp.c_fc", "vision_model.head.mlp.fc1"),
+    Rule("visual.attn_pool.mlp.c_proj", "vision_model.head.mlp.fc2"),
+    *[r for r in _CLIP_TEXT if r.ours != "text_projection"],
+    Rule("text_projection", "text_model.head"),
+    Rule("logit_scale", "logit_scale", scalar=True),
+    Rule("logit_bias", "logit_bias", scalar=True),
+]
+
+CHINESE_CLIP_RULES = [
+    *_CLIP_VISION,
+    Rule("token_embedding.weight", "text_model.embeddings.word_embeddings.weight"),
+    Rule("positional_embedding", "text_model.embeddings.position_embeddings.weight"),
+    Rule("token_type_embedding", "text_model.embeddings.token_type_embeddings.weight"),
+    Rule("ln_embed", "text_model.embeddings.LayerNorm"),
+    *_block("transformer.resblocks.{n}.", "text_model.encoder.layer.{n}.", _BERT_BLOCK),
+    Rule("text_projection", "text_projection.weight", transpose=True),
+    Rule("logit_scale", "logit_scale"),
+]
+
+# Buffers some transformers versions save; they hold no weights.
+_IGNORED = re.compile(r".*\.(position_ids|token_type_ids)$")
+
+
+def to_hf_state_dict(sd: StateDict, rules: list[Rule] = CLIP_RULES) -> StateDict:
+    """clipforge state dict -> transformers' names (tensors shared where not transposed)."""
+    if "visual.attnpool.positional_embedding" in sd:
+        raise ValueError("only ViT image towers can be written in Hugging Face format "
+                         "(transformers has no ResNet CLIP tower); use --to clipforge")
+    compiled = [(rule, rule.pattern("ours")[0]) for rule in rules]
+    out: StateDict = {}
+    for key, value in sd.items():
+        rule, match = _first_match(key, compiled)
+        if rule is None:
+            raise ValueError(f"no Hugging Face name for {key!r}")
+        if rule.transpose:
+            value = value.t().contiguous()
+        if rule.scalar:
+            value = value.reshape(1)
+        if isinstance(rule.theirs, tuple):
+            for name, part in zip(rule.theirs, value.chunk(3, dim=0)):
+                out[_fill(name, match)] = part.contiguous()
+        else:
+            out[_fill(rule.theirs, match)] = value
+    return out
+
+
+def from_hf_state_dict(hf: StateDict, rules: list[Rule] = CLIP_RULES) -> StateDict:
+    """transformers' state dict -> clipforge's names (the inverse of :func:`to_hf_state_dict`)."""
+    compiled = [(rule, pattern) for rule in rules for pattern in rule.pattern("theirs")]
+    out: StateDict = {}
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in hf.items():
+        if _IGNORED.match(key):
+            continue
+        rule, match = _first_match(key, compiled)
+        if rule is None:
+            raise CheckpointError(f"unexpected key {key!r} in a Hugging Face state dict")
+        ours = _fill(rule.ours, match)
+        if isinstance(rule.theirs, tuple):
+            part = next(i for i, name in enumerate(rule.theirs) if _compile(name).match(key))
+            pending.setdefault(ours, {})[part] = value
+            continue
+        if rule.scalar:
+            value = value.reshape(())
+        out[ours] = value.t().contiguous() if rule.transpose else value
+    for key, parts in pending.items():
+        if set(parts) != {0, 1, 2}:
+            missing = [name for i, name in enumerate("qkv") if i not in parts]
+            raise CheckpointError(f"{key}: missing its {', '.join(missing)} projection(s)")
+        out[key] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return out
+
+
+def _first_match(key: str, compiled: list[tuple[Rule, re.Pattern]]
+                 ) -> tuple[Rule | None, re.Match | None]:
+    for rule, pattern in compiled:
+        if match := pattern.match(key):
+            return rule, match
+    return None, None
+
+
+# ------------------------------------------------------------------------ config.json in
+
+
+_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh"}
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}
 
 
-def _rename_fixed(key: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if key == src or key.startswith(src + "."):
-            return dst + key[len(src):]
-    return None
+def _activation(tower: dict[str, Any], where: str, default: str) -> str:
+    act = json_field(tower, "hidden_act", where, "str", default)
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"{where}hidden_act {act!r} is not implemented (clipforge implements "
+                         f"{', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
 
 
-def to_hf_state_dict(sd: StateDict) -> StateDict:
-    """OpenAI-layout ViT state dict -> ``CLIPModel`` state dict (tensors shared, not copied)."""
-    if "visual.proj" not in sd:
-        raise ValueError("only ViT image towers can be written in Hugging Face format "
-                         "(transformers has no ResNet CLIP tower); use --to clipforge")
-    out: StateDict = {}
-    for key, value in sd.items():
-        if key in _TRANSPOSED:
-            out[_TRANSPOSED[key]] = value.t().contiguous()
-            continue
-        if (fixed := _rename_fixed(key, _FIXED)) is not None:
-            out[fixed] = value
-            continue
-        for src, dst in _TOWERS.items():
-            if key.startswith(src):
-                index, rest = key[len(src):].split(".", 1)
-                base = f"{dst}{index}."
-                if rest.startswith("attn.in_proj_"):
-                    kind = rest.rsplit("_", 1)[1]  # weight | bias
-                    for name, part in zip("qkv", value.chunk(3, dim=0)):
-                        out[f"{base}self_attn.{name}_proj.{kind}"] = part.contiguous()
-                else:
-                    out[base + (_rename_fixed(rest, _BLOCK) or rest)] = value
-                break
-        else:
-            raise ValueError(f"no Hugging Face name for {key!r}")
-    return out
+def _size(tower: dict[str, Any], key: str, where: str, default: Any = REQUIRED) -> int:
+    return json_field(tower, key, where, "positive int", default)
 
 
-def from_hf_state_dict(hf: StateDict) -> StateDict:
-    """``CLIPModel`` state dict -> OpenAI layout (the inverse of :func:`to_hf_state_dict`)."""
-    inverse_fixed = {v: k for k, v in _FIXED.items()}
-    inverse_block = {v: k for k, v in _BLOCK.items()}
-    inverse_transposed = {v: k for k, v in _TRANSPOSED.items()}
-    out: StateDict = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in hf.items():
-        if key.endswith("position_ids"):
-            continue  # an index buffer some transformers versions save
-        if (transposed := inverse_transposed.get(key)) is not None:
-            out[transposed] = value.t().contiguous()
-            continue
-        if (fixed := _rename_fixed(key, inverse_fixed)) is not None:
-            out[fixed] = value
-            continue
-        for dst, src in _TOWERS.items():
-            if key.startswith(src):
-                index, rest = key[len(src):].split(".", 1)
-                base = f"{dst}{index}."
-                if rest.startswith("self_attn.") and rest[10] in "qkv" and "_proj." in rest:
-                    kind = rest.rsplit(".", 1)[1]
-                    pending.setdefault(f"{base}attn.in_proj_{kind}", {})[rest[10]] = value
-                else:
-                    out[base + (_rename_fixed(rest, inverse_block) or rest)] = value
-                break
-        else:
-            raise CheckpointError(f"unexpected key {key!r} in a Hugging Face CLIPModel state dict")
-    for key, parts in pending.items():
-        if set(parts) != set("qkv"):
-            raise CheckpointError(f"{key}: missing {sorted(set('qkv') - set(parts))} projections")
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+def _eps(tower: dict[str, Any], where: str, default: float) -> float:
+    return float(json_field(tower, "layer_norm_eps", where, "number", default))
 
 
-def config_to_hf(config: CLIPConfig) -> dict[str, Any]:
-    """``config.json`` of a transformers ``CLIPModel``."""
-    v, t = config.vision, config.text
-    if not v.is_vit:
-        raise ValueError("Hugging Face CLIPModel has no ResNet image tower")
-    common = {"hidden_act": config.activation, "layer_norm_eps": 1e-5,
-              "projection_dim": config.embed_dim}
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": config.embed_dim,
-        "logit_scale_init_value": 2.6592,
-        "torch_dtype": "float32",
-        "text_config": {
-            **common, "model_type": "clip_text_model", "hidden_size": t.width,
-            "intermediate_size": t.mlp_width, "num_attention_heads": t.heads,
-            "num_hidden_layers": t.layers, "max_position_embeddings": t.context_length,
-            "vocab_size": t.vocab_size, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 1,
-        },
-        "vision_config": {
-            **common, "model_type": "clip_vision_model", "hidden_size": v.width,
-            "intermediate_size": v.mlp_width, "num_attention_heads": v.heads,
-            "num_hidden_layers": v.layers, "image_size": v.image_size,
-            "patch_size": v.patch_size, "num_channels": 3,
-        },
-    }
+def _require(tower: dict[str, Any], key: str, where: str, value: Any) -> None:
+    """A field whose only implemented value is ``value``."""
+    if key in tower and tower[key] != value:
+        raise ValueError(f"{where}{key} {tower[key]!r} is not implemented (clipforge "
+                         f"implements {value!r})")
 
 
-def preprocessor_to_hf(config: CLIPConfig) -> dict[str, Any]:
-    """``preprocessor_config.json`` for transformers' ``CLIPImageProcessor``."""
-    size, pre = config.image_size, config.preprocess
-    return {
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
-        "do_resize": True, "size": {"shortest_edge": size},
-        "resample": _RESAMPLE[pre.interpolation],
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(pre.mean), "image_std": list(pre.std), "do_convert_rgb": True,
-    }
+def _clip_vision(v: dict[str, Any], act: str | None = None, **family: Any) -> VisionConfig:
+    where = "vision_config."
+    _require(v, "num_channels", where, 3)
+    width = _size(v, "hidden_size", where)
+    return VisionConfig(
+        image_size=_size(v, "image_size", where, 224), width=width,
+        layers=_size(v, "num_hidden_layers", where), heads=_size(v, "num_attention_heads", where),
+        patch_size=_size(v, "patch_size", where, 32),
+        mlp_width=_size(v, "intermediate_size", where),
+        activation=act or _activation(v, where, "quick_gelu"), ln_eps=_eps(v, where, 1e-5),
+        **family)
+
+
+def _eos_pooling(t: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """transformers' CLIP text pooling: at the arg-max id when ``eos_token_id`` is the legacy
+    2 (or the largest id, where arg-max finds the same position), else at the first
+    ``eos_token_id``."""
+    eos = json_field(t, "eos_token_id", "text_config.", "int", 2)
+    if eos in (2, vocab - 1):
+        return {}
+    return {"pool": "eos", "eos_id": eos}
+
+
+def _clip(hf: dict[str, Any], family: str) -> CLIPConfig:
+    v = json_field(hf, "vision_config", "", "object")
+    t = json_field(hf, "text_config", "", "object")
+    where = "text_config."
+    vocab = _size(t, "vocab_size", where, 49408)
+    text = TextConfig(
+        width=_size(t, "hidden_size", where), layers=_size(t, "num_hidden_layers", where),
+        heads=_size(t, "num_attention_heads", where),
+        context_length=_size(t, "max_position_embeddings", where, 77), vocab_size=vocab,
+        mlp_width=_size(t, "intermediate_size", where),
+        activation=_activation(t, where, "quick_gelu"), ln_eps=_eps(t, where, 1e-5),
+        pad_id=json_field(t, "pad_token_id", where, "int", 1), **_eos_pooling(t, vocab))
+    vision = _clip_vision(v)
+    # OpenAI's vocabulary is clipforge's packaged BPE; another one comes as tokenizer files
+    tokenizer = TokenizerConfig() if vocab == 49408 else TokenizerConfig(kind="hf")
+    return CLIPConfig(json_field(hf, "projection_dim", "", "positive int", 512), vision, text,
+                      vision.activation, tokenizer=tokenizer, family=family)
+
+
+def _siglip(hf: dict[str, Any], family: str) -> CLIPConfig:
+    v = json_field(hf, "vision_config", "", "object", {})
+    t = json_field(hf, "text_config", "", "object", {})
+    if not json_field(v, "vision_use_head", "vision_config.", "bool", True):
+        raise ValueError("vision_config.vision_use_head false is not implemented (without its "
+                         "attention-pooling head the model has no image embedding)")
+    vision = VisionConfig(
+        image_size=_size(v, "image_size", "vision_config.", 224),
+        width=_size(v, "hidden_size", "vision_config.", 768),
+        layers=_size(v, "num_hidden_layers", "vision_config.", 12),
+        heads=_size(v, "num_attention_heads", "vision_config.", 12),
+        patch_size=_size(v, "patch_size", "vision_config.", 16),
+        mlp_width=_size(v, "intermediate_size", "vision_config.", 3072),
+        activation=_activation(v, "vision_config.", "gelu_pytorch_tanh"),
+        ln_eps=_eps(v, "vision_config.", 1e-6), patch_bias=True, class_token=False,
+        ln_pre=False, pool="map", proj="none")
+    _require(v, "num_channels", "vision_config.", 3)
+    where = "text_config."
+    width = _size(t, "hidden_size", where, 768)
+    text = TextConfig(
+        width=width, layers=_size(t, "num_hidden_layers", where, 12),
+        heads=_size(t, "num_attention_heads", where, 12),
+        context_length=_size(t, "max_position_embeddings", where, 64),
+        vocab_size=_size(t, "vocab_size", where, 32000),
+        mlp_width=_size(t, "intermediate_size", where, 3072),
+        activation=_activation(t, where, "gelu_pytorch_tanh"), ln_eps=_eps(t, where, 1e-6),
+        causal=False, pool="last", pad_id=json_field(t, "pad_token_id", where, "int", 1),
+        proj="linear")
+    embed_dim = _size(t, "projection_size", where, width)
+    if embed_dim != vision.width:
+        raise ValueError(f"text_config.projection_size {embed_dim} differs from "
+                         f"vision_config.hidden_size {vision.width}: the two embeddings must "
+                         "have one width")
+    return CLIPConfig(embed_dim, vision, text, vision.activation, logit_bias=True,
+                      probability="sigmoid", family=family,
+                      tokenizer=TokenizerConfig(kind="hf", clean="canonicalize"))
+
+
+def _chinese_clip(hf: dict[str, Any], family: str) -> CLIPConfig:
+    v = json_field(hf, "vision_config", "", "object")
+    t = json_field(hf, "text_config", "", "object")
+    where = "text_config."
+    _require(t, "position_embedding_type", where, "absolute")
+    positions = _size(t, "max_position_embeddings", where, 512)
+    text = TextConfig(
+        width=_size(t, "hidden_size", where), layers=_size(t, "num_hidden_layers", where),
+        heads=_size(t, "num_attention_heads", where), context_length=positions,
+        vocab_size=_size(t, "vocab_size", where), mlp_width=_size(t, "intermediate_size", where),
+        activation=_activation(t, where, "gelu"), ln_eps=_eps(t, where, 1e-12),
+        causal=False, norm="post", pool="first",
+        pad_id=json_field(t, "pad_token_id", where, "int", 0), mask_padding=True,
+        type_vocab_size=_size(t, "type_vocab_size", where, 2))
+    vision = _clip_vision(v)
+    return CLIPConfig(json_field(hf, "projection_dim", "", "positive int", 512), vision, text,
+                      vision.activation, family=family, tokenizer=TokenizerConfig(kind="hf"))
+
+
+# model_type -> (reader, renaming rules, family)
+_FORMATS: dict[str, tuple[Callable[[dict[str, Any], str], CLIPConfig], list[Rule], str]] = {
+    "clip": (_clip, CLIP_RULES, "clip"),
+    "metaclip_2": (_clip, CLIP_RULES, "metaclip2"),
+    "siglip": (_siglip, SIGLIP_RULES, "siglip"),
+    "chinese_clip": (_chinese_clip, CHINESE_CLIP_RULES, "chinese-clip"),
+}
+HF_MODEL_TYPES = tuple(_FORMATS)
+
+
+def hf_model_type(hf: dict[str, Any], source: str = "config.json") -> str:
+    model_type = hf.get("model_type", "clip")
+    if model_type == "siglip2":
+        raise CheckpointError(
+            f"{source}: model_type 'siglip2' (transformers' Siglip2Model, the variable-"
+            "resolution NaFlex SigLIP 2) is not implemented; the fixed-resolution SigLIP 2 "
+            "checkpoints (model_type 'siglip') are")
+    if model_type not in _FORMATS:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not implemented "
+                              f"(clipforge reads {', '.join(HF_MODEL_TYPES)})")
+    return model_type
+
+
+def hf_rules(model_type: str) -> list[Rule]:
+    return _FORMATS[model_type][1]
+
+
+def preprocess_from_hf(preprocessor: dict[str, Any] | None, image_size: int,
+                       source: str = "preprocessor_config.json",
+                       default: PreprocessConfig | None = None) -> PreprocessConfig:
+    """The resizing, cropping and normalisation of a transformers image-processor config.
+    ``size`` ``{"shortest_edge": S}`` (or a number) with a centre crop is CLIP's resize and
+    crop; ``{"height": S, "width": S}`` without a crop stretches the image (OpenCLIP's
+    "squash", SigLIP's).  Anything else that changes the pixels is an error naming it."""
+    default = default or PreprocessConfig()
+    if not preprocessor:
+        return default
+    inverse = {code: name for name, code in _RESAMPLE.items()}
+    try:
+        resample = json_field(preprocessor, "resample", "", "int", _RESAMPLE[
+            default.interpolation])
+        if resample not in inverse:
+            raise ValueError(f"resample {resample} is not implemented (clipforge resizes "
+                             f"bicubic (3) or bilinear (2))")
+        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if json_field(preprocessor, key, "", "bool", True) is not True:
+                raise ValueError(f"{key} false is not implemented")
+        factor = json_field(preprocessor, "rescale_factor", "", "number", 1 / 255)
+        if abs(factor - 1 / 255) > 1e-12:
+            raise ValueError(f"rescale_factor {factor} is not implemented (1/255)")
+        return PreprocessConfig(
+            mean=tuple(json_field(preprocessor, "image_mean", "", "3 numbers", default.mean)),
+            std=tuple(json_field(preprocessor, "image_std", "", "3 numbers", default.std)),
+            interpolation=inverse[resample],
+            resize_mode=_resize_mode(preprocessor, image_size, default.resize_mode))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}; fix the file or download it again") from None
+
+
+def _resize_mode(pre: dict[str, Any], image_size: int, default: str) -> str:
+    size = pre.get("size")
+    crop = json_field(pre, "do_center_crop", "", "bool", default == "shortest")
+    if size is None:
+        mode = default
+    elif isinstance(size, int) and not isinstance(size, bool) or (
+            isinstance(size, dict) and set(size) == {"shortest_edge"}):
+        edge = size if isinstance(size, int) else size["shortest_edge"]
+        if edge != image_size:
+            raise ValueError(f"size {edge} differs from the model's image_size {image_size}")
+        mode = "shortest"
+    elif isinstance(size, dict) and set(size) == {"height", "width"}:
+        if size["height"] != image_size or size["width"] != image_size:
+            raise ValueError(f"size {size} differs from the model's square image_size "
+                             f"{image_size}")
+        mode = "squash"
+    else:
+        raise ValueError(f"size {size!r} is not implemented")
+    if mode == "shortest" and not crop:
+        raise ValueError("do_center_crop false after a shortest-edge resize is not implemented")
+    if crop:
+        crop_size = pre.get("crop_size", image_size)
+        side = crop_size if isinstance(crop_size, int) else (
+            crop_size.get("height") if isinstance(crop_size, dict) else None)
+        if side != image_size or (isinstance(crop_size, dict)
+                                  and crop_size.get("width") != image_size):
+            raise ValueError(f"crop_size {crop_size!r} differs from the model's image_size "
+                             f"{image_size}")
+    return mode
+
+
+# clipforge's config fields as a config.json spells them, for messages.
+HF_FIELD_NAMES = {
+    "embed_dim": "projection_dim",
+    **{f"{tower}.{ours}": f"{tower}_config.{theirs}" for tower in ("vision", "text")
+       for ours, theirs in (("width", "hidden_size"), ("layers", "num_hidden_layers"),
+                            ("heads", "num_attention_heads"), ("mlp_width", "intermediate_size"))},
+    "vision.image_size": "vision_config.image_size",
+    "vision.patch_size": "vision_config.patch_size",
+    "text.context_length": "text_config.max_position_embeddings",
+    "text.vocab_size": "text_config.vocab_size",
+}
+
+
+def _hf_spelling(message: str) -> str:
+    """``message`` with clipforge's field names as config.json spells them."""
+    return re.sub(r"\b(?:vision|text)\.\w+|\bembed_dim\b",
+                  lambda m: HF_FIELD_NAMES.get(m.group(0), m.group(0)), message)
+
+
+# How each family's image processor defaults (what a missing preprocessor_config.json means).
+_DEFAULT_PREPROCESS = {"siglip": PreprocessConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                                  resize_mode="squash")}
 
 
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None,
-                   source: str = "config.json") -> CLIPConfig:
-    """A :class:`CLIPConfig` from a ``CLIPModel`` ``config.json`` (and its image processor)."""
+                   source: str = "config.json",
+                   preprocessor_source: str = "preprocessor_config.json") -> CLIPConfig:
+    """A :class:`CLIPConfig` from a transformers ``config.json`` (and its image processor).
+    A field of the wrong JSON type, or a value clipforge does not implement, is an error naming
+    the file and the field, never coerced or dropped."""
+    model_type = hf_model_type(hf, source)
+    reader, _, family = _FORMATS[model_type]
     try:
-        v, t = hf["vision_config"], hf["text_config"]
-        acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
-        if len(acts) != 1:
-            raise ValueError(f"{source}: towers use different activations {sorted(acts)}; "
-                             "clipforge models use one activation")
-        vision = VisionConfig(
-            image_size=v.get("image_size", 224), width=v["hidden_size"],
-            layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
-            patch_size=v.get("patch_size", 32), mlp_width=v["intermediate_size"],
-        )
-        text = TextConfig(
-            width=t["hidden_size"], layers=t["num_hidden_layers"],
-            heads=t["num_attention_heads"], context_length=t.get("max_position_embeddings", 77),
-            vocab_size=t.get("vocab_size", 49408), mlp_width=t["intermediate_size"],
-        )
-        pre = PreprocessConfig()
-        if preprocessor:
-            inverse = {code: name for name, code in _RESAMPLE.items()}
-            pre = PreprocessConfig(
-                mean=tuple(preprocessor.get("image_mean", pre.mean)),
-                std=tuple(preprocessor.get("image_std", pre.std)),
-                interpolation=inverse.get(preprocessor.get("resample", 3), "bicubic"),
-            )
-        return CLIPConfig(hf.get("projection_dim", 512), vision, text, acts.pop(), pre)
-    except KeyError as exc:
-        raise CheckpointError(f"{source} is not a CLIPModel config: {exc} is missing") from None
+        config = reader(hf, family)
+    except ValueError as exc:
+        raise CheckpointError(f"{source} is not a {model_type} config clipforge can read: "
+                              f"{_hf_spelling(str(exc))}. Fix the file or download it again"
+                              ) from None
+    preprocess = preprocess_from_hf(preprocessor, config.image_size, preprocessor_source,
+                                    _DEFAULT_PREPROCESS.get(model_type))
+    return _inherit_activation(config.replace(preprocess=preprocess))
+
+
+def _inherit_activation(config: CLIPConfig) -> CLIPConfig:
+    """Towers whose activation is the model's say so by leaving theirs unset (the canonical
+    form, which a config written by clipforge also has)."""
+    changes = {}
+    for name in ("vision", "text"):
+        tower = getattr(config, name)
+        if tower.activation == config.activation:
+            changes[name] = dataclasses.replace(tower, activation=None)
+    return config.replace(**changes)
 
 
 def read_hf_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The JSON object in ``path``, or None if there is no such file."""
+    return read_json_object(path) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------ config.json out
+
+
+def hf_format_of(config: CLIPConfig) -> str:
+    """The transformers model type that represents ``config`` exactly; a ValueError for a
+    model no transformers class computes (ResNet towers, OpenCLIP's XLM-RoBERTa towers)."""
+    v, t = config.vision, config.text
+    if not v.is_vit:
+        raise ValueError("Hugging Face has no ResNet CLIP tower; use --to clipforge")
+    if v.pool == "map" and not v.class_token and t.pool == "last" and t.proj == "linear":
+        return "siglip"
+    if t.norm == "post" and t.pool == "first" and t.type_vocab_size and t.position_offset == 0:
+        return "chinese_clip"
+    if t.norm == "pre" and t.causal and t.proj == "matrix" and v.pool == "token" and (
+            t.pool == "argmax" or t.pool == "eos"):
+        return "metaclip_2" if config.tokenizer.kind == "hf" else "clip"
+    raise ValueError("no transformers model class computes this model exactly (its text "
+                     f"tower pools by {t.pool!r} with a {t.proj!r} projection); use --to "
+                     "clipforge")
+
+
+def _common(tower: VisionConfig | TextConfig, act: str) -> dict[str, Any]:
+    names = {v: k for k, v in _ACTIVATIONS.items() if k != "gelu_new"}
+    return {"hidden_size": tower.width, "intermediate_size": tower.mlp_width,
+            "num_attention_heads": tower.heads, "num_hidden_layers": tower.layers,
+            "hidden_act": names[tower.activation or act], "layer_norm_eps": tower.ln_eps}
+
+
+def config_to_hf(config: CLIPConfig, tokenizer_ids: dict[str, int] | None = None
+                 ) -> dict[str, Any]:
+    """``config.json`` of the transformers model that computes ``config`` (see
+    :func:`hf_format_of`).  ``tokenizer_ids``: the special ids (bos, eos, pad) of a Hugging
+    Face tokenizer, recorded in the text config."""
+    model_type = hf_format_of(config)
+    v, t, act = config.vision, config.text, config.activation
+    ids = tokenizer_ids or {}
+    vision = {**_common(v, act), "image_size": v.image_size, "patch_size": v.patch_size,
+              "num_channels": 3}
+    text = {**_common(t, act), "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.positions, "pad_token_id": ids.get("pad", t.pad_id)}
+    top: dict[str, Any] = {"architectures": [_CLASSES[model_type]], "model_type": model_type,
+                           "torch_dtype": "float32"}
+    if model_type in ("clip", "metaclip_2"):
+        eos = t.eos_id if t.pool == "eos" else t.vocab_size - 1
+        text.update(bos_token_id=ids.get("bos", t.vocab_size - 2), eos_token_id=eos)
+        top.update(projection_dim=config.embed_dim, logit_scale_init_value=2.6592)
+    elif model_type == "siglip":
+        vision["vision_use_head"] = True
+        text["projection_size"] = config.embed_dim
+        text.update({k: ids[k2] for k, k2 in (("bos_token_id", "bos"), ("eos_token_id", "eos"))
+                     if k2 in ids})
+    else:  # chinese_clip
+        text.update(type_vocab_size=t.type_vocab_size, position_embedding_type="absolute")
+        top["projection_dim"] = config.embed_dim
+    return {**top, "text_config": {"model_type": f"{model_type}_text_model", **text},
+            "vision_config": {"model_type": f"{model_type}_vision_model", **vision}}
+
+
+_CLASSES = {"clip": "CLIPModel", "metaclip_2": "MetaClip2Model", "siglip": "SiglipModel",
+            "chinese_clip": "ChineseCLIPModel"}
+_PROCESSORS = {"clip": ("CLIPImageProcessor", "CLIPProcessor"),
+               "metaclip_2": ("CLIPImageProcessor", "CLIPProcessor"),
+               "siglip": ("SiglipImageProcessor", "SiglipProcessor"),
+               "chinese_clip": ("ChineseCLIPImageProcessor", "ChineseCLIPProcessor")}
+
+
+def preprocessor_to_hf(config: CLIPConfig) -> dict[str, Any]:
+    """``preprocessor_config.json`` of the model's transformers image processor."""
+    size, pre = config.image_size, config.preprocess
+    model_type = hf_format_of(config)
+    if pre.resize_mode == "longest":
+        raise ValueError("transformers' image processors have no longest-side resize with "
+                         "padding (OpenCLIP's resize_mode 'longest'); use --to clipforge")
+    image, processor = _PROCESSORS[model_type]
+    squash = pre.resize_mode == "squash"
+    return {
+        "image_processor_type": image, "processor_class": processor,
+        "do_resize": True,
+        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
+        "resample": _RESAMPLE[pre.interpolation],
+        "do_center_crop": not squash, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(pre.mean), "image_std": list(pre.std), "do_convert_rgb": True,
+    }

@@ -18,6 +18,8 @@ Archive layout (as written by torch 1.x-2.x)::
 from __future__ import annotations
 
 import collections
+import math
+import os
 import pickle
 import zipfile
 from os import PathLike
@@ -25,7 +27,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "is_torchscript_archive", "read_torchscript_state_dict"]
+__all__ = ["ArchiveError", "UnsafeCheckpointError", "check_zip_expansion",
+           "is_torchscript_archive", "read_torchscript_state_dict"]
+
+# How many bytes a checkpoint zip may expand to per byte of file, entry by entry and in all.
+# torch.save and torch.jit.save store entries uncompressed (ratio 1), so a legitimate archive
+# is far below this; a deflate bomb (a 1.5 MB file declaring 3.4 GB) is far above.
+MAX_ZIP_EXPANSION = 10.0
+ZIP_EXPANSION_ENV = "CLIPFORGE_MAX_ZIP_EXPANSION"
+# Expansion allowed on top of the ratio, so that a tiny archive of small, very compressible
+# entries (a re-zipped toy model) still reads.
+ZIP_EXPANSION_ALLOWANCE = 1 << 20
 
 # Top-level int attributes OpenAI's archives carry; openai/CLIP's ``build_model`` deletes
 # exactly these keys from the JIT state dict, so callers expect to find them there.
@@ -51,6 +63,46 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint's pickle asks for a global outside the allowlist (possible code execution)."""
+
+
+class ArchiveError(ValueError):
+    """A checkpoint zip is corrupt or hostile; the message names the file and what to do."""
+
+
+def max_zip_expansion() -> float:
+    """``MAX_ZIP_EXPANSION``, or the value of ``$CLIPFORGE_MAX_ZIP_EXPANSION``."""
+    raw = os.environ.get(ZIP_EXPANSION_ENV, "").strip()
+    if not raw:
+        return MAX_ZIP_EXPANSION
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{ZIP_EXPANSION_ENV}={raw!r}: expected a number >= 1 (bytes a "
+                         f"checkpoint zip may expand to per byte of file; default "
+                         f"{MAX_ZIP_EXPANSION:g})")
+    return value
+
+
+def check_zip_expansion(archive: zipfile.ZipFile, path: str) -> None:
+    """Raise :class:`ArchiveError` if any entry of ``archive``, or all of them together, would
+    expand to more than ``max_zip_expansion()`` times its compressed size (plus
+    ``ZIP_EXPANSION_ALLOWANCE``).  Uses the sizes the zip declares, before reading anything:
+    readers (Python's and torch's) allocate by those sizes and never produce more."""
+    ratio = max_zip_expansion()
+    advice = (f"checkpoints are stored uncompressed, so the file is corrupt or hostile: "
+              f"download it again (or raise {ZIP_EXPANSION_ENV}, now {ratio:g}, if you trust it)")
+    total = 0
+    for info in archive.infolist():
+        if info.file_size > ratio * info.compress_size + ZIP_EXPANSION_ALLOWANCE:
+            raise ArchiveError(f"{path}: zip entry {info.filename!r} expands from "
+                               f"{info.compress_size} to {info.file_size} bytes; {advice}")
+        total += info.file_size
+    size = os.stat(path).st_size
+    if total > ratio * size + ZIP_EXPANSION_ALLOWANCE:
+        raise ArchiveError(f"{path}: its zip entries expand to {total} bytes from a "
+                           f"{size}-byte file; {advice}")
 
 
 class _ScriptObject:
@@ -127,23 +179,34 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and len(pid) == 5
             and pid[0] == "storage"
             and isinstance(pid[1], torch.dtype)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
         ):
-            raise ValueError(f"{self._path}: unexpected storage reference {pid!r} in data.pkl")
+            raise ArchiveError(f"{self._path}: unexpected storage reference {repr(pid)[:200]} in "
+                               "data.pkl; the file is corrupt, re-download it")
         _, dtype, key, _location, numel = pid
         if key not in self._storages:
-            raw = self._archive.read(f"{self._prefix}data/{key}")
-            if len(raw) != numel * dtype.itemsize:
-                raise ValueError(
-                    f"{self._path}: storage {key!r} has {len(raw)} bytes, expected "
-                    f"{numel * dtype.itemsize}; the file is truncated or corrupt, re-download it"
-                )
-            # frombuffer rejects empty buffers; a bytearray keeps the tensor writable.
-            self._storages[key] = (
-                torch.frombuffer(bytearray(raw), dtype=dtype)
-                if raw
-                else torch.empty(0, dtype=dtype)
-            )
+            self._storages[key] = self._read_storage(key, dtype, numel)
         return self._storages[key]
+
+    def _read_storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """The entry's declared size is checked against the pickle's element count before the
+        entry is read, so neither can make the reader allocate more than the other states."""
+        name = f"{self._prefix}data/{key}"
+        try:
+            declared = self._archive.getinfo(name).file_size
+        except KeyError:
+            raise ArchiveError(f"{self._path}: storage {key!r} is missing from the archive; the "
+                               "file is truncated or corrupt, re-download it") from None
+        if declared != numel * dtype.itemsize:
+            raise ArchiveError(
+                f"{self._path}: storage {key!r} has {declared} bytes, expected "
+                f"{numel * dtype.itemsize}; the file is truncated or corrupt, re-download it"
+            )
+        raw = self._archive.read(name)
+        # frombuffer rejects empty buffers; a bytearray keeps the tensor writable.
+        return torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
 
 
 def _find_prefix(names: list[str]) -> str | None:
@@ -198,21 +261,26 @@ def read_torchscript_state_dict(path: str | PathLike[str]) -> dict[str, torch.Te
     The result matches ``torch.jit.load(path, map_location="cpu").state_dict()`` key for key
     (dtypes kept, e.g. float16), without executing anything from the file. Raises
     :class:`UnsafeCheckpointError` if the pickle references a non-allowlisted global, and
-    ``ValueError`` if the file is not a readable archive.
+    :class:`ArchiveError` (a ``ValueError``) if the file is not a readable archive or would
+    expand far beyond its size (:func:`check_zip_expansion`).
     """
     path_str = str(path)
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_expansion(archive, path_str)
             prefix = _find_prefix(archive.namelist())
             if prefix is None:
-                raise ValueError(f"{path_str}: not a TorchScript archive (no <top>/data.pkl)")
+                raise ArchiveError(f"{path_str}: not a TorchScript archive (no <top>/data.pkl)")
             root = _RestrictedUnpickler(archive, prefix, path_str).load()
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError) as exc:
-        raise ValueError(
-            f"{path_str}: the file is truncated or corrupt ({exc}); re-download it"
-        ) from exc
-    if isinstance(root, _ScriptObject):
+        if not isinstance(root, _ScriptObject):
+            raise ArchiveError(f"{path_str}: data.pkl does not hold a TorchScript module")
         state: dict[str, torch.Tensor] = {}
         _flatten(root, "", state)
         return state
-    raise ValueError(f"{path_str}: data.pkl does not hold a TorchScript module")
+    except (ArchiveError, UnsafeCheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # anything a damaged zip or pickle makes these steps raise
+        raise ArchiveError(
+            f"{path_str}: the file is truncated or corrupt ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); re-download it"
+        ) from exc
