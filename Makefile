@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	# OpenCLIP's zero-shot classifier builder, the peer of benchmarks/bench_zeroshot.py (loaded by
 	# file: the package itself needs torchvision).
 	$(PY) -m pip install --quiet --no-deps open_clip_torch==3.3.0
+	# timm: the image towers of OpenCLIP's SigLIP, PE and EVA models (model code only; the
+	# tests stand in for its torchvision imports, see tests/families.py).
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31
 	# CLIP_benchmark: its prompt data and metric functions are checked against ours (its model
 	# loaders need open_clip and torchvision, which the tests never import).
 	$(PY) -m pip install --quiet --no-deps clip_benchmark==1.6.2
