@@ -247,6 +247,27 @@ def test_offline_download_fails_at_once_with_instructions(hub_cache) -> None:
     assert "timm/vit_base_patch32_clip_224.openai" in str(err.value)
     with pytest.raises(WeightsUnavailableError, match="known tags: openai"):
         clipforge.create_model("ViT-B-32", weights="openia")
+    # OpenCLIP's names for the newer families resolve to their repositories too: the files
+    # bring the architecture, so the name needs no row of its own
+    for name, tag, repo in (("ViT-B-16-SigLIP", "webli", "timm/ViT-B-16-SigLIP"),
+                            ("ViT-H-14-378-quickgelu", "dfn5b", "apple/DFN5B-CLIP-ViT-H-14-378"),
+                            ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k",
+                             "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k")):
+        with pytest.raises(WeightsUnavailableError, match="local file or directory") as err:
+            clipforge.create_model(name, weights=tag)
+        assert repo in str(err.value)
+
+
+def test_pretrained_table_names_repositories_and_published_figures() -> None:
+    from clipforge.weights.pretrained import PRETRAINED
+
+    assert PRETRAINED["ViT-B-32"]["openai"].imagenet == 63.3
+    assert PRETRAINED["ViT-B-32"]["openai"].activation == "quick_gelu"
+    assert PRETRAINED["ViT-H-14-378-quickgelu"]["dfn5b"].imagenet == 84.4
+    assert PRETRAINED["ViT-gopt-16-SigLIP2-384"]["webli"].imagenet == 85.0
+    assert PRETRAINED["ViT-B-16-SigLIP"]["webli"].activation is None  # its files say
+    repos = [p.repo for tags in PRETRAINED.values() for p in tags.values()]
+    assert all("/" in r and " " not in r for r in repos) and len(repos) > 100
 
 
 def test_laion_style_repository_with_both_layouts(tiny_vit, tmp_path) -> None:

@@ -55,22 +55,24 @@ def _resolve(name_or_path: str | Path, weights: str | Path | None, activation: s
         snapshot = download(repo)
         config, sd = read_weights(snapshot, activation)
         return _Resolved(config, sd, spec, snapshot)
+    if weights is not None and not Path(weights).exists():
+        # a published tag or hf-hub:org/repo: the downloaded files bring their own config, so
+        # the name needs no row of its own (OpenCLIP's SigLIP and DFN names, for example)
+        repo, tag_activation = resolve(spec, str(weights))
+        snapshot = download(repo)
+        file_config, sd = read_weights(snapshot, activation or tag_activation)
+        return _Resolved(file_config, sd, f"{spec} {weights}", snapshot)
     config = get_config(spec)
     if activation:
         config = config.replace(activation=activation)
     if weights is None:
         return _Resolved(config, None, "random initialisation")
-    if Path(weights).exists():
-        # The name gives the architecture; the activation is what the file records (QuickGELU
-        # for a bare state dict) unless the caller says otherwise: never the name's row.
-        file_config, sd = read_weights(weights, activation)
-        return _Resolved(config.replace(activation=file_config.activation,
-                                        preprocess=file_config.preprocess),
-                         sd, str(weights), _directory_of(weights))
-    repo, tag_activation = resolve(spec, str(weights))
-    snapshot = download(repo)
-    file_config, sd = read_weights(snapshot, activation or tag_activation)
-    return _Resolved(file_config, sd, f"{spec} {weights}", snapshot)
+    # The name gives the architecture; the activation is what the file records (QuickGELU for
+    # a bare state dict) unless the caller says otherwise: never the name's row.
+    file_config, sd = read_weights(weights, activation)
+    return _Resolved(config.replace(activation=file_config.activation,
+                                    preprocess=file_config.preprocess),
+                     sd, str(weights), _directory_of(weights))
 
 
 def load_checked(model: CLIP, sd: StateDict, source: str) -> None:

@@ -1,8 +1,9 @@
 """Known published weights and their download through huggingface_hub.
 
 Each tag names a Hugging Face Hub repository holding OpenCLIP-format files (the repositories
-OpenCLIP itself uses, including the ``timm/*.openai`` mirrors of OpenAI's checkpoints) and the
-activation those weights were trained with.  Downloads land in the usual Hugging Face cache; when
+OpenCLIP itself uses, including the ``timm/*.openai`` mirrors of OpenAI's checkpoints), the
+activation those weights were trained with and their published ImageNet zero-shot accuracy
+(``pretrained.tsv``).  Downloads land in the usual Hugging Face cache; when
 the network is unavailable the error says how to pass a local file instead.
 """
 
@@ -12,6 +13,7 @@ import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -19,35 +21,29 @@ from .checkpoint import CheckpointError
 
 @dataclass(frozen=True)
 class Pretrained:
+    """A published set of weights: its Hub repository (OpenCLIP-format files), the activation
+    its towers were trained with where the repository's own config may not say it
+    (QuickGELU for OpenAI's weights and their mirrors; None: the files decide) and its
+    published ImageNet-1k zero-shot top-1 (%), where OpenCLIP's results table gives one."""
+
     repo: str
-    activation: str
+    activation: str | None
+    imagenet: float | None = None
 
 
-def _openai(repo: str) -> Pretrained:
-    return Pretrained(repo, "quick_gelu")
+def _read_table() -> dict[str, dict[str, Pretrained]]:
+    """The rows of ``pretrained.tsv`` (data beside this module), by architecture and tag."""
+    table: dict[str, dict[str, Pretrained]] = {}
+    text = resources.files(__package__).joinpath("pretrained.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    for name, tag, repo, activation, imagenet in rows[1:]:
+        table.setdefault(name, {})[tag] = Pretrained(
+            repo, None if activation == "-" else activation,
+            None if imagenet == "-" else float(imagenet))
+    return table
 
 
-def _laion(repo: str) -> Pretrained:
-    return Pretrained(repo, "gelu")
-
-
-PRETRAINED: dict[str, dict[str, Pretrained]] = {
-    "RN50": {"openai": _openai("timm/resnet50_clip.openai")},
-    "RN101": {"openai": _openai("timm/resnet101_clip.openai")},
-    "RN50x4": {"openai": _openai("timm/resnet50x4_clip.openai")},
-    "RN50x16": {"openai": _openai("timm/resnet50x16_clip.openai")},
-    "RN50x64": {"openai": _openai("timm/resnet50x64_clip.openai")},
-    "ViT-B-32": {"openai": _openai("timm/vit_base_patch32_clip_224.openai"),
-                 "laion2b_s34b_b79k": _laion("laion/CLIP-ViT-B-32-laion2B-s34B-b79K")},
-    "ViT-B-16": {"openai": _openai("timm/vit_base_patch16_clip_224.openai"),
-                 "laion2b_s34b_b88k": _laion("laion/CLIP-ViT-B-16-laion2B-s34B-b88K")},
-    "ViT-L-14": {"openai": _openai("timm/vit_large_patch14_clip_224.openai"),
-                 "laion2b_s32b_b82k": _laion("laion/CLIP-ViT-L-14-laion2B-s32B-b82K")},
-    "ViT-L-14-336": {"openai": _openai("timm/vit_large_patch14_clip_336.openai")},
-    "ViT-H-14": {"laion2b_s32b_b79k": _laion("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")},
-    "ViT-g-14": {"laion2b_s34b_b88k": _laion("laion/CLIP-ViT-g-14-laion2B-s34B-b88K")},
-    "ViT-bigG-14": {"laion2b_s39b_b160k": _laion("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")},
-}
+PRETRAINED: dict[str, dict[str, Pretrained]] = _read_table()
 
 HUB_PREFIX = "hf-hub:"
 # Tried in order; the first present in the repository is used (safetensors first: no pickle).
