@@ -308,3 +308,35 @@ def test_quick_gelu_as_silu_is_the_same_function(tiny: clipforge.CLIP) -> None:
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(folded.encode_text(tokens), tiny.encode_text(tokens),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["tiny-siglip", "tiny-bert", "tiny-xlmr"])
+def family(request: pytest.FixtureRequest) -> clipforge.CLIP:
+    """The families' towers (MAP head, bidirectional and post-norm text towers, mean pooling,
+    biased and MLP projections, a logit bias) with random weights."""
+    torch.manual_seed(0)
+    return perturb(clipforge.create_model(request.param), seed=3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_families_close_to_float32(family: clipforge.CLIP, precision: str) -> None:
+    pixels = torch.randn(4, 3, family.config.image_size, family.config.image_size,
+                         generator=torch.Generator().manual_seed(1))
+    tokens = family.tokenizer(TEXTS)
+    image32, text32 = _embed(family, pixels, tokens)
+    model = apply_precision(copy.deepcopy(family), precision)
+    image, text = _embed(model, pixels, tokens)
+    for got, want in ((image, image32), (text, text32)):
+        assert got.dtype == torch.float32
+        assert F.cosine_similarity(got, want, dim=-1).min() > MIN_COSINE[precision]
+        assert not torch.equal(got, want)
+    # the final projections, the temperature and the bias stay float32
+    kept = [model.logit_scale, *model.text_projection.parameters()] if isinstance(
+        model.text_projection, nn.Module) else [model.logit_scale, model.text_projection]
+    if model.logit_bias is not None:
+        kept.append(model.logit_bias)
+    assert all(p.dtype == torch.float32 for p in kept)
+    with torch.inference_mode():
+        logits, _ = model(pixels, tokens)
+        want, _ = family(pixels, tokens)
+    assert (model.probabilities(logits) - family.probabilities(want)).abs().max() < 0.05

@@ -426,6 +426,25 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
     "small-vit": _clip(128, _vit(64, 192, 4, 8, heads=3), _text(128, 4, heads=2)),
     "tiny-vit": _clip(64, _vit(32, 64, 2, 8, heads=4), _text(64, 2, heads=4)),
     "tiny-rn": _clip(64, _resnet(64, 8, (1, 1, 1, 1)), _text(64, 2, heads=4)),
+    # The families' towers at test size, with OpenAI's packaged tokenizer so that they need no
+    # files: what every command and precision is tested with.  (Real checkpoints of these
+    # families bring their own tokenizer files.)
+    "tiny-siglip": CLIPConfig(
+        64, dataclasses.replace(_vit(32, 64, 2, 8, heads=4), activation="gelu_tanh",
+                                ln_eps=1e-6, patch_bias=True, class_token=False, ln_pre=False,
+                                pool="map", proj="none"),
+        dataclasses.replace(_text(64, 2, heads=4), context_length=16, activation="gelu_tanh",
+                            ln_eps=1e-6, causal=False, pool="last", proj="linear"),
+        "gelu_tanh", PreprocessConfig((0.5,) * 3, (0.5,) * 3, resize_mode="squash"),
+        logit_bias=True, probability="sigmoid", family="siglip"),
+    "tiny-bert": _clip(64, _vit(32, 64, 2, 8, heads=4), dataclasses.replace(
+        _text(64, 2, heads=4), context_length=32, activation="gelu", ln_eps=1e-12, causal=False,
+        norm="post", pool="first", mask_padding=True, type_vocab_size=2),
+        ).replace(family="chinese-clip"),
+    "tiny-xlmr": _clip(64, _vit(32, 64, 2, 8, heads=4), dataclasses.replace(
+        _text(64, 2, heads=4), context_length=32, activation="gelu", causal=False, norm="post",
+        pool="mean", mask_padding=True, type_vocab_size=1, position_offset=1, proj="mlp"),
+        "gelu").replace(family="xlm-roberta"),
 }
 
 

@@ -102,18 +102,30 @@ def apply_precision(model: CLIP, precision: str) -> CLIP:
 
 
 # ------------------------------------------------------------------------------------ bf16
+def _final_projections(model: CLIP) -> list[nn.Module | nn.Parameter]:
+    """What maps pooled features to the embedding, in every family: the text projection (a
+    matrix, a biased linear layer or OpenCLIP's MLP), the image projection (absent in SigLIP,
+    whose attention-pooling head ends the tower) and the ResNet attention pool's output."""
+    finals: list[nn.Module | nn.Parameter] = []
+    for projection in (model.text_projection, getattr(model.visual, "proj", None)):
+        if projection is not None:
+            finals.append(projection)
+    finals += [m.c_proj for m in model.modules() if isinstance(m, AttentionPool2d)]
+    return finals
+
+
 def _float32_parameters(model: CLIP) -> set[int]:
     """Parameters kept float32 in a bf16 model: layer norms (which compute in float32 anyway,
     so bf16 copies would only be converted back on every call), the final projections (the
-    embedding is not rounded at the end) and the temperature."""
-    keep = [model.text_projection, model.logit_scale]
-    if hasattr(model.visual, "proj"):
-        keep.append(model.visual.proj)
+    embedding is not rounded at the end), the temperature and the logit bias."""
+    keep: list[nn.Parameter] = [model.logit_scale]
+    if model.logit_bias is not None:
+        keep.append(model.logit_bias)
+    for final in _final_projections(model):
+        keep += [final] if isinstance(final, nn.Parameter) else list(final.parameters())
     for module in model.modules():
         if isinstance(module, LayerNorm):
             keep += list(module.parameters())
-        if isinstance(module, AttentionPool2d):
-            keep += list(module.c_proj.parameters())
     return {id(p) for p in keep}
 
 
@@ -226,14 +238,15 @@ class ProjectedAttention(Attention):
 
 
 def _replace_linears(model: CLIP, linear: type[Int8Linear]) -> None:
-    """Every linear layer of the transformers and the attention pool, and the attentions'
-    fused q/k/v projections, as ``linear``; not the attention pool's output projection (a
-    final projection, kept float32)."""
+    """Every linear layer of the transformers and the attention pools, and the attentions'
+    fused q/k/v projections, as ``linear``; not the final projections (kept float32, see
+    :func:`_final_projections`)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Attention) and not isinstance(child, ProjectedAttention):
                 setattr(parent, name, ProjectedAttention(child, linear))
-    keep = {id(m.c_proj) for m in model.modules() if isinstance(m, AttentionPool2d)}
+    keep = {id(m) for final in _final_projections(model) if isinstance(final, nn.Module)
+            for m in final.modules()}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and id(child) not in keep:
