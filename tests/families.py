@@ -129,6 +129,22 @@ def gemma_tokenizer(directory: Path) -> Path:
     return out
 
 
+def siglip2_tokenizer(directory: Path, context_length: int | None = None) -> Path:
+    """Gemma's tokenizer as the google/siglip2-* repositories ship it (transformers' SigLIP 2
+    conversion): no ``<bos>``, ``<eos>`` appended, padded on the right, ``input_ids`` only
+    (big_vision's ``tok(bos='no', eos='sticky')``).  ``context_length``: its
+    ``model_max_length`` (unset: transformers' "no limit")."""
+    from transformers import GemmaTokenizer
+
+    extra = {} if context_length is None else {"model_max_length": context_length}
+    tok = GemmaTokenizer.from_pretrained(gemma_tokenizer(directory), add_bos_token=False,
+                                         add_eos_token=True, padding_side="right",
+                                         model_input_names=["input_ids"], **extra)
+    out = directory / "siglip2-tok"
+    tok.save_pretrained(out)
+    return out
+
+
 # ----------------------------------------------------------------------------- open_clip
 
 

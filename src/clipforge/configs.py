@@ -10,8 +10,12 @@ The families differ from OpenAI's CLIP by fields here, never by classes: SigLIP 
 a class token pooled by an attention head (``VisionConfig.pool="map"``) beside a bidirectional
 text tower pooled at its last position, with a logit bias and sigmoid probabilities;
 Chinese-CLIP's and XLM-RoBERTa's text towers are post-norm BERT stacks (``TextConfig.norm``)
-with a padding mask; MetaCLIP 2 pools at its end-of-sequence id.  Fields added for those
-families are left out of an OpenAI-style config's JSON, which reads as it always did.
+with a padding mask; MetaCLIP 2 pools at its end-of-sequence id.  Meta's PE-Core image towers add
+2D rotary position encoding (``VisionConfig.rope``) and an attention-pooling head with its own
+head count; EVA02's add rotary encoding, SwiGLU MLPs (``mlp_gated`` with ``silu``) and layer
+norms inside the attention and the MLP (``attn_norm``, ``mlp_norm``); EVA02-E normalises each
+residual branch's output (``norm="res_post"``).  Fields added for those families are left out
+of an OpenAI-style config's JSON, which reads as it always did.
 
 The activation is part of the config on purpose: OpenAI's weights were trained with QuickGELU and
 LAION's large models with exact GELU, and mixing them up silently costs accuracy.
@@ -26,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh", "silu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,10 +122,11 @@ def _literal_choices(hint: Any) -> tuple | None:
 class TokenizerConfig:
     """Which tokenizer a model's text tower reads: OpenAI's byte-level BPE (packaged), or the
     Hugging Face tokenizer files that come with the weights (``hf``), cleaned before
-    tokenizing as OpenCLIP cleans them (``clean``, see clipforge.text.hf)."""
+    tokenizing as OpenCLIP cleans them, or lower-cased as big_vision did for SigLIP 2
+    (``clean``, see clipforge.text.hf)."""
 
     kind: Literal["openai", "hf"] = "openai"
-    clean: Literal["none", "canonicalize", "whitespace", "lower"] = "none"
+    clean: Literal["none", "canonicalize", "whitespace", "lower", "ascii_lower"] = "none"
     strip_sep: bool = False
 
     def __post_init__(self) -> None:
@@ -150,7 +155,19 @@ class VisionConfig:
     class_token: bool = True
     ln_pre: bool = True
     pool: Literal["token", "map"] = "token"
-    proj: Literal["matrix", "none"] = "matrix"
+    proj: Literal["matrix", "linear", "none"] = "matrix"  # linear: biased (timm's head)
+    # timm's Eva towers (PE-Core, EVA02; see clipforge.model.transformer and .rope)
+    norm: Literal["pre", "res_post"] = "pre"  # res_post: x + ln(f(x)) (EVA02-E)
+    mlp_gated: bool = False  # act(x W_gate) * (x W_value): SwiGLU with activation silu
+    attn_norm: bool = False  # layer norm of the attention's heads before out_proj (sub-LN)
+    mlp_norm: bool = False  # layer norm of the MLP's hidden layer
+    rope: bool = False  # 2D rotary position encoding of the patch tokens' queries and keys
+    rope_theta: float = 10000.0
+    rope_grid: int = 0  # the grid the positions are scaled to (timm's ref_feat_shape); 0: none
+    rope_offset: int = 0  # added to each patch's row and column index
+    rope_indexing: Literal["ij", "xy"] = "ij"  # xy: (column, row) coordinates, as PE's
+    pool_heads: int = 0  # attention-pooling head's heads (0: the tower's)
+    pool_mlp_width: int = 0  # its MLP's hidden width (0: the tower's mlp_width)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):  # as JSON spells a ResNet's tuple
@@ -169,14 +186,42 @@ class VisionConfig:
     def _check_vit(self) -> None:
         _positive_int(self.patch_size, "vision.patch_size")
         _positive_int(self.layers, "vision.layers")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of "
+        # patches need not tile the image: the pixels past the last whole patch are unused, as
+        # in timm and transformers (ViT-SO400M-14-SigLIP-384: 27 patches of 14 in 384)
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is smaller than "
                              f"vision.patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"vision.width {self.width} is not divisible by vision.heads "
                              f"{self.heads}")
+        self._check_rope()
+        if self.pool != "map" and (unused := self.changed(("pool_heads", "pool_mlp_width"))):
+            raise ValueError(f"vision.{unused[0]} needs vision.pool 'map'")
+        if self.pool_heads and self.width % self.pool_heads:
+            raise ValueError(f"vision.width {self.width} is not divisible by vision.pool_heads "
+                             f"{self.pool_heads}")
+
+    def _check_rope(self) -> None:
+        """Rotary encoding turns each pair of a head's channels by an angle of one axis: a
+        head width that is not a multiple of 4 leaves channels no axis covers."""
+        if not self.rope:
+            if unused := self.changed(ROPE_FIELDS[1:]):
+                raise ValueError(f"vision.{unused[0]} needs vision.rope")
+            return
+        head = self.width // self.heads
+        if head % 4:
+            raise ValueError(f"vision.rope needs a head width divisible by 4, got {head} "
+                             f"(vision.width / vision.heads)")
+
+    def changed(self, names: tuple[str, ...]) -> list[str]:
+        """Those of ``names`` that differ from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [name for name in names if getattr(self, name) != defaults[name]]
 
     def _check_resnet(self) -> None:
+        if unused := self.changed(VIT_FIELDS):
+            raise ValueError(f"vision.{unused[0]} applies to a ViT (with patch_size), not to a "
+                             "ResNet")
         if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
             raise ValueError(f"vision.layers of a ResNet (no patch_size) must be 4 block counts, "
                              f"got {self.layers!r}")
@@ -353,6 +398,11 @@ def _check_keys(data: Mapping[str, Any], klass: type, prefix: str) -> None:
                          f"{', '.join(prefix + f.name for f in fields)}")
 
 
+# VisionConfig fields of rotary position encoding, and those only a ViT has (PE-Core, EVA)
+ROPE_FIELDS = ("rope", "rope_theta", "rope_grid", "rope_offset", "rope_indexing")
+VIT_FIELDS = ("norm", "mlp_gated", "attn_norm", "mlp_norm", *ROPE_FIELDS, "pool_heads",
+              "pool_mlp_width")
+
 _SECTIONS: dict[str, type] = {"vision": VisionConfig, "text": TextConfig,
                                "preprocess": PreprocessConfig, "tokenizer": TokenizerConfig}
 
@@ -360,7 +410,7 @@ _SECTIONS: dict[str, type] = {"vision": VisionConfig, "text": TextConfig,
 _FAMILY_DEFAULTS: dict[str, Any] = {
     **{f"vision.{f.name}": f.default for f in dataclasses.fields(VisionConfig)
        if f.name in ("activation", "ln_eps", "patch_bias", "class_token", "ln_pre", "pool",
-                     "proj")},
+                     "proj", *VIT_FIELDS)},
     **{f"text.{f.name}": f.default for f in dataclasses.fields(TextConfig)
        if f.name in ("activation", "ln_eps", "causal", "norm", "pool", "eos_id", "pad_id",
                      "mask_padding", "type_vocab_size", "position_offset", "max_positions",
@@ -445,6 +495,21 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
         _text(64, 2, heads=4), context_length=32, activation="gelu", causal=False, norm="post",
         pool="mean", mask_padding=True, type_vocab_size=1, position_offset=1, proj="mlp"),
         "gelu").replace(family="xlm-roberta"),
+    # PE-Core's image tower: rotary (column, row) positions + 1 scaled to a 6x6 grid, a class
+    # token, an attention-pooling head with fewer heads than the tower, timm's biased head
+    "tiny-pe": CLIPConfig(
+        64, dataclasses.replace(_vit(32, 64, 2, 8, heads=4), pool="map", pool_heads=2,
+                                proj="linear", rope=True, rope_grid=6, rope_offset=1,
+                                rope_indexing="xy"),
+        dataclasses.replace(_text(64, 2, heads=4), context_length=32), "gelu",
+        PreprocessConfig((0.5,) * 3, (0.5,) * 3, "bilinear", resize_mode="squash"),
+        family="pe-core"),
+    # EVA02's: SwiGLU with a norm on its hidden layer, a norm inside the attention, rotary
+    # positions scaled to a 16x16 grid, no ln_pre, timm's biased head
+    "tiny-eva02": _clip(64, dataclasses.replace(
+        _vit(32, 64, 2, 8, heads=4, mlp_width=170), activation="silu", ln_eps=1e-6,
+        patch_bias=True, ln_pre=False, mlp_gated=True, attn_norm=True, mlp_norm=True, rope=True,
+        rope_grid=16, proj="linear"), _text(64, 2, heads=4), "gelu").replace(family="eva02"),
 }
 
 

@@ -1,32 +1,34 @@
-"""Batched embedding of image files and texts, skipping and reporting what cannot be read.
+"""Batched embedding of image files, PIL images and texts, skipping and reporting what cannot
+be read: the one embedding path of clipforge (the command line, evaluation, plots, scoring
+and search embed through it).
 
-Images are decoded and preprocessed in DataLoader workers while the model runs; texts are sorted
-by token length so each batch runs only as far as its longest text, then returned in input order.
+Images are decoded and preprocessed in DataLoader workers while the model runs; texts are
+tokenized by the model's own tokenizer and sorted by token length so each batch runs only as far
+as its longest text, then returned in input order.  Any :class:`~clipforge.encoder.Encoder`
+runs here: the PyTorch model or an ONNX export.
 
 :func:`embed_image_batches` is the one image loop: any dataset whose items are
-``(tag, pixels or None, reason)`` goes through it (image files here, the evaluation sets of
-:mod:`clipforge.evaluation.datasets`, folders, CSV rows and webdataset streams alike), so every
-caller skips and reports unreadable items the same way.
+``(tag, pixels or None, reason)`` goes through it (image files and PIL images here, the
+evaluation sets of :mod:`clipforge.evaluation.datasets`, folders, CSV rows and webdataset
+streams alike), so every caller skips and reports unreadable items the same way.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .image import Preprocess
-from .model import CLIP
-from .text import ContextLengthError, get_tokenizer
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+from .encoder import Encoder
+from .reading import BadItem, open_image_file
+from .text import ContextLengthError
 
 
 @dataclass
@@ -47,43 +49,8 @@ class ImageBatch(NamedTuple):
     failures: list[tuple[Any, str]]
 
 
-def printable_name(name: str) -> str:
-    """A file name as valid UTF-8 text, for tables and messages: a name that is not UTF-8
-    (``os.fsdecode`` gives lone surrogates for its bytes) shows them as ``\\xNN``."""
-    try:
-        return name.encode("utf-8").decode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return os.fsencode(name).decode("utf-8", "backslashreplace")
-        except UnicodeError:  # a surrogate no file system would give
-            return name.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def name_bytes_hex(name: str) -> str:
-    """The exact bytes of a file name that is not UTF-8, in hex (``bytes.fromhex`` and
-    ``os.fsdecode`` give the name back); "" for a name :func:`printable_name` shows as it is."""
-    try:
-        name.encode("utf-8")
-        return ""
-    except UnicodeEncodeError:
-        return os.fsencode(name).hex()
-
-
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and image files (by suffix) found recursively in given directories.
-    Whatever is listed is opened by :func:`~clipforge.data.sources.open_image_file` only if it
-    is a regular file: a FIFO named ``x.jpg`` is skipped and reported, never waited on."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(item)
-    return paths
-
-
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, fast_decode: bool = False):
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, fast_decode: bool = False):
         self.paths, self.preprocess = list(paths), preprocess
         self.draft = preprocess.image_size if fast_decode else None
 
@@ -91,13 +58,27 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        from .data.sources import BadItem, open_image_file
-
         path = self.paths[index]
         try:
             return index, self.preprocess(open_image_file(path, self.draft)), ""
         except (BadItem, ValueError, OSError) as exc:
             return index, None, f"cannot read image {path}: {exc}"
+
+
+class _Pictures(Dataset):
+    """Images already in memory; one the transform cannot take is reported, not raised."""
+
+    def __init__(self, images: Sequence[Image.Image], preprocess: Callable):
+        self.images, self.preprocess = list(images), preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, self.preprocess(self.images[index]), ""
+        except (ValueError, OSError) as exc:
+            return index, None, f"cannot use image {index}: {exc}"
 
 
 def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> list:
@@ -108,7 +89,7 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-def embed_image_batches(model: CLIP, dataset: Dataset, batch_size: int = 32,
+def embed_image_batches(model: Encoder, dataset: Dataset, batch_size: int = 32,
                         num_workers: int = 0, progress: bool = True,
                         desc: str = "images") -> Iterator[ImageBatch]:
     """Run the image tower over ``dataset``, one :class:`ImageBatch` at a time.
@@ -140,7 +121,21 @@ def embed_image_batches(model: CLIP, dataset: Dataset, batch_size: int = 32,
             yield ImageBatch([tag for tag, _ in good], vectors, failures)
 
 
-def embed_images(model: CLIP, paths: Sequence[str | Path], batch_size: int = 32,
+def _collect(model: Encoder, dataset: Dataset, names: Sequence[str], batch_size: int,
+             num_workers: int, progress: bool) -> Embeddings:
+    """Every batch of :func:`embed_image_batches` over an indexed dataset, as
+    :class:`Embeddings` identified by ``names[index]``."""
+    vectors, ids, failures = [], [], []
+    for batch in embed_image_batches(model, dataset, batch_size, num_workers, progress):
+        vectors.append(batch.vectors)
+        ids += [names[i] for i in batch.tags]
+        failures += [(names[i], reason) for i, reason in batch.failures]
+    dim = model.config.embed_dim
+    return Embeddings(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+                      ids, failures)
+
+
+def embed_images(model: Encoder, paths: Sequence[str | Path], batch_size: int = 32,
                  num_workers: int = 0, progress: bool = True,
                  fast_decode: bool = False) -> Embeddings:
     """Embed image files; unreadable ones are listed in ``failures`` and the run goes on.
@@ -149,36 +144,52 @@ def embed_images(model: CLIP, paths: Sequence[str | Path], batch_size: int = 32,
     the model's input): several times faster for camera-size photos, with embeddings within
     1e-5 cosine of the exact path in our measurements (docs/benchmarks.md)."""
     paths = [Path(p) for p in paths]
-    vectors, ids, failures = [], [], []
     dataset = _ImageFiles(paths, model.preprocess, fast_decode)
-    for batch in embed_image_batches(model, dataset, batch_size, num_workers, progress):
-        vectors.append(batch.vectors)
-        ids += [str(paths[i]) for i in batch.tags]
-        failures += [(str(paths[i]), reason) for i, reason in batch.failures]
-    dim = model.config.embed_dim
-    return Embeddings(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
-                      ids, failures)
+    return _collect(model, dataset, [str(p) for p in paths], batch_size, num_workers, progress)
 
 
-@torch.inference_mode()
-def embed_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, truncate: bool = False,
-                progress: bool = True) -> Embeddings:
-    """Embed texts in input order; over-long ones are skipped and reported unless ``truncate``."""
-    tokenizer = get_tokenizer()
-    context = model.context_length
+def embed_pictures(model: Encoder, images: Sequence[Image.Image], batch_size: int = 32,
+                   progress: bool = False) -> Embeddings:
+    """Embed PIL images (ids ``"0"``, ``"1"``... in input order); one the model's transform
+    cannot take is listed in ``failures``."""
+    dataset = _Pictures(images, model.preprocess)
+    return _collect(model, dataset, [str(i) for i in range(len(dataset))], batch_size, 0,
+                    progress)
+
+
+def _tokenize_each(tokenizer: Callable, texts: Sequence[str], truncate: bool
+                   ) -> tuple[list[int], torch.Tensor | None, list[tuple[str, str]]]:
+    """``tokenizer``'s ids of the texts it accepts, as (their positions, [N, context] ids or
+    None if none, ``(position, reason)`` for the over-long ones)."""
     rows, ids, failures = [], [], []
     for i, text in enumerate(texts):
         try:
-            rows.append(tokenizer(text, context_length=context, truncate=truncate)[0])
+            rows.append(tokenizer(text, truncate=truncate)[0])
             ids.append(i)
         except ContextLengthError as exc:  # tokenized alone, the text is "text 0" there
             failures.append((str(i), str(exc).replace("text 0 ", f"text {i} ", 1)))
-    if not rows:
+    return ids, torch.stack(rows) if rows else None, failures
+
+
+def token_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per row, the position after its last token that is not padding."""
+    positions = torch.arange(1, tokens.shape[1] + 1)
+    return ((tokens != pad_id) * positions).amax(dim=-1)
+
+
+@torch.inference_mode()
+def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 256,
+                truncate: bool = False, progress: bool = True) -> Embeddings:
+    """Embed texts in input order with the model's tokenizer; over-long ones are skipped and
+    reported unless ``truncate``."""
+    tokenizer = model.tokenizer
+    ids, tokens, failures = _tokenize_each(tokenizer, texts, truncate)
+    if tokens is None:
         return Embeddings(np.zeros((0, model.config.embed_dim), np.float32), [], failures)
-    tokens = torch.stack(rows)
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # similar lengths batch together
-    out = torch.empty(len(rows), model.config.embed_dim)
-    for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="texts",
+    # similar lengths batch together
+    order = torch.argsort(token_lengths(tokens, tokenizer.pad_id), stable=True)
+    out = torch.empty(len(ids), model.config.embed_dim)
+    for start in tqdm(range(0, len(ids), batch_size), disable=not progress, desc="texts",
                       unit="batch"):
         index = order[start:start + batch_size]
         out[index] = model.encode_text(tokens[index].to(model.device)).float().cpu()

@@ -145,9 +145,9 @@ def _quick_gelu_as_silu(model: CLIP) -> None:
     first layer by 1.702 and its second layer's weight by 1 / 1.702 (in float32, before any
     rounding, so the rounded weights are as close as before) and run SiLU, one fused pass
     over the hidden activations instead of three.  Per-channel int8 scales absorb the factors
-    exactly."""
+    exactly.  Not in a gated MLP, whose first layer also makes the value."""
     for mlp in model.modules():
-        if isinstance(mlp, MLP) and isinstance(mlp.gelu, QuickGELU):
+        if isinstance(mlp, MLP) and isinstance(mlp.gelu, QuickGELU) and not mlp.gated:
             mlp.c_fc.weight.mul_(QUICK_GELU_SCALE)
             mlp.c_fc.bias.mul_(QUICK_GELU_SCALE)
             mlp.c_proj.weight.div_(QUICK_GELU_SCALE)
@@ -231,6 +231,7 @@ class ProjectedAttention(Attention):
         nn.Module.__init__(self)
         self.heads = attention.heads
         self.in_proj = linear(attention.in_proj_weight, attention.in_proj_bias)
+        self.ln_inner = attention.ln_inner
         self.out_proj = linear.from_linear(attention.out_proj)
 
     def _in_proj(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 CLIP_benchmark needs three things from a model type: a model with ``encode_image(pixels)`` and
 ``encode_text(tokens)``, the image transform, and a tokenizer that maps a list of strings to a
-tensor of ids.  A clipforge ``CLIP`` has both encoders, ``model.preprocess`` is the transform,
-and the tokenizer is :func:`clipforge.tokenize` with ``truncate=True`` (CLIP_benchmark hands it
-captions of any length, as OpenCLIP's tokenizer accepts them).
+tensor of ids.  A clipforge model has both encoders, ``model.preprocess`` is the transform, and
+the tokenizer is the model's own (``model.tokenizer``) with ``truncate=True`` (CLIP_benchmark
+hands it captions of any length, as OpenCLIP's tokenizer accepts them).
 
 Register the loader, then use CLIP_benchmark as usual::
 
@@ -20,6 +20,7 @@ or, in Python::
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -28,15 +29,8 @@ from typing import Any
 import torch
 
 from ..factory import create_model
-from ..text import tokenize
 
 MODEL_TYPE = "clipforge"
-
-
-def tokenizer(texts: str | list[str]) -> torch.Tensor:
-    """CLIP_benchmark's tokenizer contract: strings in, [N, 77] ids out, never an error for a
-    long caption (it is cut, keeping the end-of-text token)."""
-    return tokenize(texts, truncate=True)
 
 
 def load_clipforge(model_name: str = "ViT-B-32", pretrained: str | None = "openai",
@@ -51,7 +45,9 @@ def load_clipforge(model_name: str = "ViT-B-32", pretrained: str | None = "opena
     """
     del cache_dir
     model = create_model(model_name, weights=pretrained or None, device=str(device))
-    return model, model.preprocess, tokenizer
+    # CLIP_benchmark's tokenizer contract: strings in, ids out, never an error for a long
+    # caption (it is cut, keeping the end-of-text token)
+    return model, model.preprocess, functools.partial(model.tokenizer, truncate=True)
 
 
 def register(models_module: ModuleType) -> None:

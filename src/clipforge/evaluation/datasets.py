@@ -39,9 +39,9 @@ number of workers.
 
 Items that cannot be used at all are split in two kinds.  A defect of one item (an unreadable
 or missing image, a missing label or caption, a corrupt shard) is skipped and listed as
-``(item, reason)``, with the reasons of :mod:`clipforge.data.sources`.  A contradiction between
+``(item, reason)``, with the reasons of :mod:`clipforge.reading`.  A contradiction between
 the data and its description (a label outside the class list, an unknown class name) raises
-:class:`~clipforge.data.sources.DataError` naming the item: every accuracy computed past it
+:class:`~clipforge.reading.DataError` naming the item: every accuracy computed past it
 would be wrong.
 """
 
@@ -60,7 +60,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..data.sources import (
+from ..data.sources import FolderCaptions
+from ..encoder import Encoder
+from ..inference import embed_image_batches, embed_texts
+from ..reading import (
     EMPTY_CAPTION,
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -69,7 +72,6 @@ from ..data.sources import (
     UNREADABLE_IMAGE,
     BadItem,
     DataError,
-    FolderCaptions,
     Sample,
     expand_shards,
     is_shard_spec,
@@ -79,8 +81,6 @@ from ..data.sources import (
     read_table,
     read_utf8,
 )
-from ..inference import embed_image_batches, embed_texts
-from ..model import CLIP
 
 log = logging.getLogger(__name__)
 
@@ -791,7 +791,7 @@ class RetrievalEmbeddings:
         return iter((self.image_vectors, self.text_vectors, self.text_to_image, self.failures))
 
 
-def _embed(model: CLIP, name: str, images: Images, skipped: list[tuple[str, str]],
+def _embed(model: Encoder, name: str, images: Images, skipped: list[tuple[str, str]],
            batch_size: int, num_workers: int, progress: bool
            ) -> tuple[list[Tag], np.ndarray, list[tuple[str, str]]]:
     """Tags and vectors of the images that worked, and every failure, in dataset order."""
@@ -817,7 +817,7 @@ def _embed(model: CLIP, name: str, images: Images, skipped: list[tuple[str, str]
     return [tags[i] for i in order], vectors, failures
 
 
-def embed_classification(model: CLIP, data: ClassificationData, *, batch_size: int = 64,
+def embed_classification(model: Encoder, data: ClassificationData, *, batch_size: int = 64,
                          num_workers: int = 0, progress: bool = True
                          ) -> ClassificationEmbeddings:
     """Embed a labelled set's images (decoded and preprocessed in ``num_workers`` DataLoader
@@ -830,7 +830,7 @@ def embed_classification(model: CLIP, data: ClassificationData, *, batch_size: i
     return ClassificationEmbeddings(vectors, targets, failures, [t.name for t in tags])
 
 
-def embed_retrieval(model: CLIP, data: RetrievalData, *, batch_size: int = 64,
+def embed_retrieval(model: Encoder, data: RetrievalData, *, batch_size: int = 64,
                     text_batch_size: int = 256, num_workers: int = 0, progress: bool = True
                     ) -> RetrievalEmbeddings:
     """Embed a captioned set: its images (as :func:`embed_classification`), then the captions

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..encoder import Encoder
 from ..fileio import atomic_file
 from ..image import load_image
-from ..inference import embed_images, embed_texts
-from ..model import CLIP
+from ..inference import embed_images, embed_pictures, embed_texts
 
 ImageLike = str | Path | Image.Image
 FORMATS = {".png": "png", ".svg": "svg"}
@@ -58,24 +58,15 @@ def _label(image: ImageLike) -> str:
     return Path(image).name if isinstance(image, str | Path) else ""
 
 
-@torch.inference_mode()
-def _embed_pil(model: CLIP, images: Sequence[Image.Image], batch_size: int) -> np.ndarray:
-    out = [np.zeros((0, model.config.embed_dim), np.float32)]
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([model.preprocess(im) for im in images[start:start + batch_size]])
-        out.append(model.encode_image(pixels.to(model.device), normalize=True).float().cpu()
-                   .numpy())
-    return np.concatenate(out)
-
-
-def similarity_matrix(model: CLIP, images: Sequence[ImageLike], texts: Sequence[str], *,
+def similarity_matrix(model: Encoder, images: Sequence[ImageLike], texts: Sequence[str], *,
                       truncate: bool = False, batch_size: int = 32, num_workers: int = 0,
                       progress: bool = False) -> Similarity:
     """Cosine similarities [texts, images] of normalised CLIP embeddings, as the notebook's
     ``text_features @ image_features.T``.
 
-    Files go through :func:`~clipforge.inference.embed_images`, so an unreadable one is skipped
-    and reported instead of stopping the plot; texts go through
+    Files go through :func:`~clipforge.inference.embed_images` (PIL images through
+    :func:`~clipforge.inference.embed_pictures`), so an unreadable one is skipped and reported
+    instead of stopping the plot; texts go through
     :func:`~clipforge.inference.embed_texts`, so an over-long one is skipped and reported, or cut
     to the context length when ``truncate`` is set.  Order is kept among the survivors.
     """
@@ -84,25 +75,27 @@ def similarity_matrix(model: CLIP, images: Sequence[ImageLike], texts: Sequence[
     pictures = [im for im in images if isinstance(im, Image.Image)]
     embedded = embed_images(model, files, batch_size=batch_size, num_workers=num_workers,
                             progress=progress)
-    failed = {name for name, _ in embedded.failures}
-    good_files = [f for f in files if str(Path(f)) not in failed]
-    assert len(good_files) == len(embedded.vectors), "embed_images lost track of its inputs"
-    file_vectors = iter(embedded.vectors)
-    pil_vectors = iter(_embed_pil(model, pictures, batch_size))
-    kept, vectors = [], []
+    in_memory = embed_pictures(model, pictures, batch_size=batch_size)
+    file_vectors = dict(zip(embedded.ids, embedded.vectors, strict=True))
+    picture_vectors = dict(zip(in_memory.ids, in_memory.vectors, strict=True))
+    kept, vectors, n_pictures = [], [], 0
     for im in images:
-        if isinstance(im, Image.Image):
+        if isinstance(im, Image.Image):  # embed_pictures names them by position: "0", "1"...
+            vector = picture_vectors.get(str(n_pictures))
+            n_pictures += 1
+        else:
+            vector = file_vectors.get(str(Path(im)))
+        if vector is not None:
             kept.append(im)
-            vectors.append(next(pil_vectors))
-        elif str(Path(im)) not in failed:
-            kept.append(im)
-            vectors.append(next(file_vectors))
+            vectors.append(vector)
+    skipped_pictures = [(f"image {i}", reason) for i, reason in in_memory.failures]
     text_result = embed_texts(model, texts, truncate=truncate, progress=progress)
     kept_texts = [texts[int(i)] for i in text_result.ids]
     skipped_texts = [(texts[int(i)], reason) for i, reason in text_result.failures]
     image_matrix = np.stack(vectors) if vectors else np.zeros((0, model.config.embed_dim))
     matrix = (text_result.vectors @ image_matrix.T).astype(np.float32)
-    return Similarity(matrix, kept, kept_texts, list(embedded.failures), skipped_texts)
+    return Similarity(matrix, kept, kept_texts, list(embedded.failures) + skipped_pictures,
+                      skipped_texts)
 
 
 def _square_thumbnail(image: ImageLike, size: int = 160) -> np.ndarray:
@@ -133,7 +126,7 @@ def _save(fig, destination: str | Path, fmt: str, dpi: int) -> None:
 
 
 def plot_similarity(images: Sequence[ImageLike], texts: Sequence[str],
-                    similarity: np.ndarray | torch.Tensor | CLIP, destination: str | Path, *,
+                    similarity: np.ndarray | torch.Tensor | Encoder, destination: str | Path, *,
                     truncate: bool = False, batch_size: int = 32, num_workers: int = 0,
                     progress: bool = False, title: str | None = TITLE,
                     vmin: float | None = None, vmax: float | None = None,
@@ -141,13 +134,14 @@ def plot_similarity(images: Sequence[ImageLike], texts: Sequence[str],
     """Draw the [texts, images] cosine-similarity matrix to ``destination`` (.png or .svg).
 
     ``similarity`` is either the matrix itself (``len(texts)`` rows, ``len(images)`` columns) or
-    a CLIP model, in which case it is computed with :func:`similarity_matrix`: unreadable files
-    and over-long texts are then left out of the picture and listed in the result.  ``vmin`` and
-    ``vmax`` fix the colour scale (the notebook used 0.1 to 0.3 for trained OpenAI models); by
-    default it spans the values drawn.  Returns what was drawn.
+    a model (any :class:`~clipforge.encoder.Encoder`), in which case it is computed with
+    :func:`similarity_matrix`: unreadable files and over-long texts are then left out of the
+    picture and listed in the result.  ``vmin`` and ``vmax`` fix the colour scale (the notebook
+    used 0.1 to 0.3 for trained OpenAI models); by default it spans the values drawn.  Returns
+    what was drawn.
     """
     fmt = _format_of(destination)
-    if isinstance(similarity, CLIP):
+    if isinstance(similarity, Encoder):
         result = similarity_matrix(similarity, images, texts, truncate=truncate,
                                    batch_size=batch_size, num_workers=num_workers,
                                    progress=progress)

@@ -25,8 +25,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..inference import embed_images, embed_texts, find_images
-from ..model import CLIP
+from ..encoder import Encoder
+from ..inference import embed_images, embed_texts
+from ..reading import find_images
 from ..text import ContextLengthError
 
 PREFIX = "A photo depicts "  # Hessel et al.'s prompt before every candidate and reference
@@ -68,7 +69,7 @@ class PairScores:
                     zip(self.images, self.captions, self.scores, strict=True))]
 
 
-def rank_images(model: CLIP, prompt: str, image_paths: Sequence[str | Path],
+def rank_images(model: Encoder, prompt: str, image_paths: Sequence[str | Path],
                 batch_size: int = 32, *, truncate: bool = False, num_workers: int = 0,
                 progress: bool = False) -> Ranking:
     """Order images (files, or folders searched for image files) by cosine similarity to
@@ -97,7 +98,7 @@ class _Embedded:
     """Unit embeddings of distinct images and (prefixed) texts, each embedded once: a COCO image
     has five captions, and the same reference can serve many candidates."""
 
-    def __init__(self, model: CLIP, image_paths: Sequence[str | Path], texts: Sequence[str],
+    def __init__(self, model: Encoder, image_paths: Sequence[str | Path], texts: Sequence[str],
                  truncate: bool, batch_size: int, num_workers: int, progress: bool):
         paths = list(dict.fromkeys(str(Path(p)) for p in image_paths))
         images = embed_images(model, paths, batch_size=batch_size, num_workers=num_workers,
@@ -124,7 +125,7 @@ def _clip_s(w: float, image: np.ndarray, text: np.ndarray) -> float:
     return w * max(float(image @ text), 0.0)
 
 
-def clip_score(model: CLIP, image_paths: Sequence[str | Path], captions: Sequence[str],
+def clip_score(model: Encoder, image_paths: Sequence[str | Path], captions: Sequence[str],
                w: float = 2.5, batch_size: int = 64, *, prefix: str = PREFIX,
                truncate: bool = False, num_workers: int = 0,
                progress: bool = False) -> PairScores:
@@ -149,7 +150,7 @@ def clip_score(model: CLIP, image_paths: Sequence[str | Path], captions: Sequenc
     return PairScores(images, list(captions), scores, skipped)
 
 
-def ref_clip_score(model: CLIP, image_paths: Sequence[str | Path], captions: Sequence[str],
+def ref_clip_score(model: Encoder, image_paths: Sequence[str | Path], captions: Sequence[str],
                    references: Sequence[Sequence[str]], w: float = 2.5, batch_size: int = 64,
                    *, prefix: str = PREFIX, truncate: bool = False, num_workers: int = 0,
                    progress: bool = False) -> tuple[PairScores, PairScores]:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import CLIPConfig
+from ..image import Preprocess
+from ..text import load_tokenizer
 from . import text as tower
 from .transformer import LayerNorm, Transformer
 from .vision import build_vision_tower
@@ -39,14 +41,17 @@ class CLIP(nn.Module):
         self.ln_embed = LayerNorm(text.width, eps=text.ln_eps) if post_norm else None
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_width,
                                        text.activation or config.activation, text.ln_eps,
-                                       norm_first=not post_norm)
+                                       text.norm)
         self.ln_final = None if post_norm else LayerNorm(text.width, eps=text.ln_eps)
         self.text_projection = tower.make_projection(text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.zeros(())) if config.logit_bias else None
-        self.preprocess: Callable | None = None  # set by clipforge.create_model
-        # The model's own tokenizer (texts -> ids), set by clipforge.create_model
-        self.tokenizer: Callable | None = None
+        # Its image transform and its tokenizer (texts -> ids): those the config names, replaced
+        # by clipforge.create_model with the loaded files' own (a Hugging Face tokenizer needs
+        # those files: None until then)
+        self.preprocess: Callable | None = Preprocess.from_config(config)
+        self.tokenizer: Callable | None = (load_tokenizer(config)
+                                           if config.tokenizer.kind == "openai" else None)
         # How to load these weights again ({"model": ..., "weights": ...}), set by create_model.
         self.origin: dict[str, str | None] | None = None
         # "fp32", or "bf16" / "int8" for an inference model made by clipforge.precision, which

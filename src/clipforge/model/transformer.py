@@ -7,7 +7,11 @@ OpenAI and OpenCLIP state dicts load without renaming.  Attention goes through
 What differs between families is data, not classes: the activation, the layer-norm epsilon,
 causal or bidirectional attention, a padding mask, and where the norms sit.  CLIP and SigLIP
 blocks normalise before each residual branch (pre-norm); BERT and XLM-RoBERTa text towers (the
-Chinese and multilingual families) normalise after each residual sum (post-norm).
+Chinese and multilingual families) normalise after each residual sum (post-norm); EVA02-E
+normalises each branch's output before adding it (``res_post``).  timm's Eva towers (PE-Core,
+EVA02) add, as options of the same blocks: rotary position encoding of queries and keys
+(:mod:`.rope`), a gated MLP (SwiGLU), and layer norms inside the attention (``ln_inner``, before
+its output projection) and the MLP (``mlp.ln``, on the hidden layer), with OpenCLIP's names.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .linear import Linear, PacksWeights
+from .rope import Rope, rotate
 
 QUICK_GELU_SCALE = 1.702
 
@@ -35,14 +40,16 @@ class QuickGELU(nn.Module):
 
 def make_activation(name: str) -> nn.Module:
     """``quick_gelu`` (OpenAI's weights), ``gelu`` (exact, erf: LAION's, BERT's),
-    ``gelu_tanh`` (the tanh approximation: SigLIP's)."""
+    ``gelu_tanh`` (the tanh approximation: SigLIP's), ``silu`` (the gate of EVA02's SwiGLU)."""
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
     if name == "gelu_tanh":
         return nn.GELU(approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}; choose quick_gelu, gelu or gelu_tanh")
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation {name!r}; choose quick_gelu, gelu, gelu_tanh or silu")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -59,13 +66,15 @@ class Attention(PacksWeights):
     """Multi-head self-attention with a fused q/k/v projection (nn.MultiheadAttention's layout).
     Its projections pack their weights for CPU inference (:mod:`clipforge.model.linear`)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, inner_norm: bool = False, eps: float = 1e-5):
         super().__init__()
         if width % heads:
             raise ValueError(f"attention width {width} is not divisible by {heads} heads")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        # EVA02's sub-LN: the heads' output normalised before the output projection
+        self.ln_inner = LayerNorm(width, eps=eps) if inner_norm else None
         self.out_proj = Linear(width, width)
 
     def _in_proj(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +90,23 @@ class Attention(PacksWeights):
 
     def _out(self, heads: torch.Tensor) -> torch.Tensor:
         n, _, length, _ = heads.shape
-        return self.out_proj(heads.transpose(1, 2).reshape(n, length, -1))
+        return self._project(heads.transpose(1, 2).reshape(n, length, -1))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, side by side [..., width], through the output projection."""
+        if self.ln_inner is not None:
+            x = self.ln_inner(x)
+        return self.out_proj(x)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         """``mask``: boolean [N, 1, 1, L], True where a key may be attended (padding masked);
-        never given together with ``causal`` (causal towers pool before their padding)."""
+        never given together with ``causal`` (causal towers pool before their padding).
+        ``rope``: the rotary tables of the last tokens (the patches), whose queries and keys
+        are turned; the tokens before them (a class token) are not."""
         q, k, v = self._qkv(x)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                         is_causal=causal))
 
@@ -118,40 +137,67 @@ class Attention(PacksWeights):
         if keep is not None:
             out_s = out_s[keep]
         out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-        return self._out(out_p), self.out_proj(out_s)
+        return self._out(out_p), self._project(out_s)
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str):
+    """``c_proj(act(c_fc(x)))``; gated (``gated``, SwiGLU with ``silu``): ``c_fc`` makes the
+    gate and the value in one product, ``[gate; value]`` along its outputs, and the hidden
+    layer is ``act(gate) * value``.  ``norm``: a layer norm on the hidden layer (EVA02's
+    sub-LN, OpenCLIP's ``scale_fc``)."""
+
+    def __init__(self, width: int, hidden: int, activation: str, gated: bool = False,
+                 norm: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.c_fc = Linear(width, hidden)
+        self.gated = gated
+        self.c_fc = Linear(width, 2 * hidden if gated else hidden)
         self.gelu = make_activation(activation)
+        self.ln = LayerNorm(hidden, eps=eps) if norm else None
         self.c_proj = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        if self.gated:
+            gate, value = self.c_fc(x).chunk(2, dim=-1)
+            x = self.gelu(gate) * value
+        else:
+            x = self.gelu(self.c_fc(x))
+        if self.ln is not None:
+            x = self.ln(x)
+        return self.c_proj(x)
+
+
+# Where a block's norms sit: before each branch (CLIP), after each residual sum (BERT), or on
+# each branch's output before it is added (EVA02-E)
+NORMS = ("pre", "post", "res_post")
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Attention and MLP, each a residual branch.  Pre-norm (``norm_first``, CLIP, SigLIP):
-    ``x + f(ln(x))``.  Post-norm (BERT, XLM-RoBERTa): ``ln(x + f(x))``, ``ln_1`` after the
-    attention and ``ln_2`` after the MLP."""
+    """Attention and MLP, each a residual branch.  ``norm`` "pre" (CLIP, SigLIP, PE, EVA02):
+    ``x + f(ln(x))``.  "post" (BERT, XLM-RoBERTa): ``ln(x + f(x))``, ``ln_1`` after the
+    attention and ``ln_2`` after the MLP.  "res_post" (EVA02-E): ``x + ln(f(x))``.
+    ``gated``, ``attn_norm`` and ``mlp_norm``: see :class:`MLP` and :class:`Attention`."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, activation: str,
-                 eps: float = 1e-5, norm_first: bool = True):
+                 eps: float = 1e-5, norm: str = "pre", *, gated: bool = False,
+                 attn_norm: bool = False, mlp_norm: bool = False):
         super().__init__()
-        self.norm_first = norm_first
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm placement {norm!r}; choose one of {', '.join(NORMS)}")
+        self.norm = norm
         self.ln_1 = LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, attn_norm, eps)
         self.ln_2 = LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, mlp_width, activation)
+        self.mlp = MLP(width, mlp_width, activation, gated, mlp_norm, eps)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.norm_first:
-            x = self.ln_1(x + self.attn(x, causal=causal, mask=mask))
+                mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
+        if self.norm == "post":
+            x = self.ln_1(x + self.attn(x, causal=causal, mask=mask, rope=rope))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
+        if self.norm == "res_post":
+            x = x + self.ln_1(self.attn(x, causal=causal, mask=mask, rope=rope))
+            return x + self.ln_2(self.mlp(x))
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask, rope=rope)
         return x + self.mlp(self.ln_2(x))
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
@@ -169,22 +215,24 @@ class Transformer(nn.Module):
     """A stack of residual attention blocks on [batch, tokens, width] tensors."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: str,
-                 eps: float = 1e-5, norm_first: bool = True):
+                 eps: float = 1e-5, norm: str = "pre", **block: bool):
+        """``block``: the options of :class:`ResidualAttentionBlock` (gated, attn_norm,
+        mlp_norm)."""
         super().__init__()
         self.width = width
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_width, activation, eps, norm_first)
+            ResidualAttentionBlock(width, heads, mlp_width, activation, eps, norm, **block)
             for _ in range(layers)
         )
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, causal: bool = False,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, mask, use_reentrant=False)
+                x = checkpoint(block, x, causal, mask, rope, use_reentrant=False)
             else:
-                x = block(x, causal=causal, mask=mask)
+                x = block(x, causal=causal, mask=mask, rope=rope)
         return x
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import VisionConfig
+from . import text as tower
 from .linear import Linear, PacksWeights
+from .rope import Rope, keep_rows, rope_tables
 from .transformer import MLP, LayerNorm, Transformer
 
 
@@ -24,13 +26,14 @@ class VisionTransformer(nn.Module):
     then ``ln_post`` on the class token and ``x @ proj``.  SigLIP (config data, not another
     class): a biased patch convolution, no class token, no ``ln_pre``, ``ln_post`` on every
     token, then a multi-head attention-pooling head (:class:`MAPHead`) and no projection.
+    timm's Eva towers (PE-Core, EVA02) add rotary position encoding (computed per call from
+    the config, :mod:`.rope`), the block options of :class:`~.transformer.Transformer`, a head
+    with its own head count, and a biased projection (``proj`` "linear", timm's ``head``).
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str):
         super().__init__()
         width, patch = cfg.width, cfg.patch_size
-        if cfg.image_size % patch:
-            raise ValueError(f"image size {cfg.image_size} is not a multiple of patch {patch}")
         activation = cfg.activation or activation
         self.image_size = cfg.image_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=cfg.patch_bias)
@@ -42,29 +45,42 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(tokens, width))
         self.ln_pre = LayerNorm(width, eps=cfg.ln_eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, activation,
-                                       cfg.ln_eps)
+                                       cfg.ln_eps, cfg.norm, gated=cfg.mlp_gated,
+                                       attn_norm=cfg.attn_norm, mlp_norm=cfg.mlp_norm)
+        # rope_tables' arguments (the tables are derived, not weights: made per call)
+        self.rope = ((grid, width // cfg.heads, cfg.rope_theta, cfg.rope_grid, cfg.rope_offset,
+                      cfg.rope_indexing) if cfg.rope else None)
         self.ln_post = LayerNorm(width, eps=cfg.ln_eps)
-        self.attn_pool = (MAPHead(width, cfg.heads, cfg.mlp_width, activation, cfg.ln_eps)
+        self.attn_pool = (MAPHead(width, cfg.pool_heads or cfg.heads,
+                                  cfg.pool_mlp_width or cfg.mlp_width, activation, cfg.ln_eps)
                           if cfg.pool == "map" else None)
-        self.proj = (nn.Parameter(scale * torch.randn(width, embed_dim)) if cfg.proj == "matrix"
-                     else None)
+        self.proj: nn.Parameter | nn.Module | None = None
+        if cfg.proj == "matrix":
+            self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        elif cfg.proj == "linear":
+            self.proj = Linear(width, embed_dim)
         self.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped while training
 
     @property
     def output_dtype(self) -> torch.dtype:
         """The dtype the pooled features are projected in: the projection's (float32 also in a
         bf16 model, see clipforge.precision), or ``ln_post``'s without a projection."""
-        return (self.proj if self.proj is not None else self.ln_post.weight).dtype
+        return tower.projection_dtype(self.proj, self.ln_post.weight.dtype)
 
-    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+    def _drop_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep a random subset of patch tokens (always the class token): FLIP (Li et al. 2023)
-        trains on 50-75% fewer tokens for nearly the same accuracy."""
+        trains on 50-75% fewer tokens for nearly the same accuracy.  Returns the tokens and
+        the kept patches' numbers [batch, kept] (for their rotary tables)."""
         first = int(self.class_embedding is not None)
         keep = max(1, int(round((x.shape[1] - first) * (1 - self.patch_dropout))))
         scores = torch.rand(x.shape[0], x.shape[1] - first, device=x.device)
-        index = scores.topk(keep, dim=-1).indices + first
-        patches = x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
-        return torch.cat([x[:, :first], patches], dim=1)
+        index = scores.topk(keep, dim=-1).indices
+        patches = x.gather(1, (index + first)[..., None].expand(-1, -1, x.shape[2]))
+        return torch.cat([x[:, :first], patches], dim=1), index
+
+    def rope_tables(self, device: torch.device) -> Rope | None:
+        """The rotary tables of every patch (None without rotary encoding)."""
+        return None if self.rope is None else rope_tables(*self.rope, device=device)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] pixels -> [N, tokens, width]: the transformer's output, before
@@ -80,9 +96,11 @@ class VisionTransformer(nn.Module):
                 f"{tuple(pixels.shape[-2:])}: use the model's preprocess transform"
             )
         x = x + self.positional_embedding.to(x.dtype)
+        rope = self.rope_tables(x.device)
         if self.training and self.patch_dropout > 0:
-            x = self._drop_patches(x)
-        return self.transformer(self.ln_pre(x))
+            x, kept = self._drop_patches(x)
+            rope = None if rope is None else keep_rows(rope, kept)
+        return self.transformer(self.ln_pre(x), rope=rope)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.tokens(pixels)
@@ -92,10 +110,12 @@ class VisionTransformer(nn.Module):
             # ln_post and the projection run in the projection's dtype: float32 also in a
             # bf16 model (clipforge.precision), so the embedding is not rounded at the end
             pooled = self.ln_post(x[:, 0].to(self.output_dtype))
-        return pooled if self.proj is None else pooled @ self.proj
+        return tower.project(pooled, self.proj)
 
     def init_weights(self) -> None:
         self.transformer.init_weights()
+        if isinstance(self.proj, nn.Module):
+            tower.init_projection(self.proj, self.proj.in_features)
         if self.attn_pool is not None:
             self.attn_pool.init_weights()
 

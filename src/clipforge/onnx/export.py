@@ -146,6 +146,26 @@ def _check(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+# The text layout TextEncoder reproduces (OpenAI's): causal, pre-norm, pooled at the arg-max
+# end token, projected by a matrix, with OpenAI's BPE.  Other families' text towers are not
+# exported yet: exporting them with this graph would give wrong embeddings without a word.
+OPENAI_TEXT_LAYOUT = {"causal": True, "norm": "pre", "pool": "argmax", "mask_padding": False,
+                      "type_vocab_size": 0, "position_offset": 0, "proj": "matrix"}
+
+
+def check_exportable(model: CLIP) -> None:
+    """Raise :class:`OnnxExportError` naming what the text graph cannot reproduce."""
+    text = model.config.text
+    other = [f"text.{k}={getattr(text, k)!r}" for k, v in OPENAI_TEXT_LAYOUT.items()
+             if getattr(text, k) != v]
+    if model.config.tokenizer.kind != "openai":
+        other.append(f"tokenizer.kind={model.config.tokenizer.kind!r}")
+    if other:
+        raise OnnxExportError(
+            f"ONNX export covers OpenAI-layout text towers so far, and this model "
+            f"({model.config.family}) has {', '.join(other)}; run it with the PyTorch backend")
+
+
 def _example_ids(context: int, sot: int, eot: int, seed: int) -> list[torch.Tensor]:
     """Token batches that exercise the text graph: short texts of mixed length padded to the
     full context, and a batch whose longest text fills the whole context."""
@@ -255,14 +275,15 @@ def export_onnx(model: CLIP, out_dir: str | Path, *, opset: int | None = None,
     [batch, embed_dim], ``model.encode_image`` unnormalised.  ``text_encoder.onnx``:
     ``input_ids`` int64 [batch, length] (``clipforge.tokenize`` ids, any length from 1 to the
     context) -> ``text_embeds`` float32 [batch, embed_dim], ``model.encode_text``.  Batch is
-    dynamic on both.  ``clipforge_onnx.json`` records the config, fingerprint, logit scale,
-    preprocessing and tokenizer, and each file's size and sha256; the BPE vocabulary and its
+    dynamic on both.  ``clipforge_onnx.json`` records the config, fingerprint, logit scale and
+    bias, preprocessing and tokenizer, and each file's size and sha256; the BPE vocabulary and its
     licence are copied beside them.  ``quantize="int8"`` adds ``*_int8.onnx`` (dynamic int8
     quantisation of the matrix products, see :func:`clipforge.onnx.quantize.quantize_export`).
 
     The graphs are checked with ``onnx.checker`` and, with ``verify``, run in onnxruntime and
     compared with the PyTorch model (:class:`OnnxExportError` if they differ beyond float32
-    round-off).  The directory is written atomically (an existing export there is replaced);
+    round-off).  Text towers other than OpenAI's layout are refused (:func:`check_exportable`).
+    The directory is written atomically (an existing export there is replaced);
     returns its path.
     """
     if quantize not in (None, "int8"):
@@ -272,6 +293,7 @@ def export_onnx(model: CLIP, out_dir: str | Path, *, opset: int | None = None,
         raise ValueError(f"this model was converted to {precision} for inference; export the "
                          "float32 model (create_model(..., precision='fp32')) and pass "
                          "quantize='int8' for an int8 graph")
+    check_exportable(model)
     fingerprint = weights_fingerprint(model)
     traced = _float32_cpu_eval(model)
     was_training = traced.training
@@ -330,6 +352,8 @@ def _manifest(model: CLIP, fingerprint: str, opsets: set[int],
         "context_length": context,
         "logit_scale": logit_scale,
         "logit_scale_exp": float(np.exp(logit_scale)),
+        "logit_bias": (None if model.logit_bias is None
+                       else float(model.logit_bias.detach().float())),
         "fingerprint": fingerprint,
         "source": dict(model.origin) if model.origin else None,
         "image_encoder": _graph_record(

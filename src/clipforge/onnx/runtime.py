@@ -1,10 +1,11 @@
 """Run an exported CLIP with onnxruntime, with or without PyTorch.
 
-:class:`OnnxCLIP` has the inference interface of :class:`clipforge.CLIP`: ``encode_image``,
-``encode_text``, ``encode_text_with_prefix``, ``config``, ``context_length``, ``preprocess``,
-``logit_scale``, ``device``, ``origin``, plus ``fingerprint``. So clipforge's embedding loops,
-search index and zero-shot code take it in place of the PyTorch model. Torch tensors in give
-torch tensors out; numpy arrays in give numpy arrays out.
+:class:`OnnxCLIP` is a :class:`clipforge.Encoder`, as :class:`clipforge.CLIP` is:
+``encode_image``, ``encode_text``, ``preprocess``, ``tokenizer``, ``context_length``,
+``logit_scale``, ``logit_bias``, ``logits``, ``probabilities``, ``config``, ``device``, plus
+``origin`` and ``fingerprint``. So clipforge's embedding loops, search index and zero-shot code
+take it in place of the PyTorch model (``clipforge.create_model(DIR, backend="onnx")`` loads
+it). Torch tensors in give torch tensors out; numpy arrays in give numpy arrays out.
 
 Why no torch: a deployment that only embeds should not have to ship PyTorch (hundreds of
 megabytes, seconds to import). This module imports numpy, PIL, onnxruntime and clipforge's
@@ -100,7 +101,8 @@ def _session(path: Path, options: Any, providers: list[str]) -> Any:
 
 
 class OnnxCLIP:
-    """An exported CLIP (see :func:`clipforge.onnx.export_onnx`) run by onnxruntime.
+    """An exported CLIP (see :func:`clipforge.onnx.export_onnx`) run by onnxruntime: a
+    :class:`clipforge.Encoder`.
 
     ``variant``: "fp32" (equal to PyTorch to float32 round-off) or "int8" (if the export has
     it).  ``threads``: intra-op threads (default: the CPUs available).  ``array_type``: what
@@ -110,6 +112,9 @@ class OnnxCLIP:
     """
 
     device = "cpu"
+    # The graph has no prefix cache: zero-shot prompts run whole (encode_text_with_prefix
+    # only prepends the prefix).
+    shares_prefixes = False
 
     def __init__(self, path: str | Path, *, variant: str = "fp32", threads: int | None = None,
                  array_type: ArrayType = "auto", verify: bool = True,
@@ -135,6 +140,7 @@ class OnnxCLIP:
         except (KeyError, TypeError, ValueError) as exc:
             raise OnnxLoadError(f"{self.path / 'clipforge_onnx.json'} is incomplete or "
                                 f"invalid: {exc!r}") from None
+        self._logit_bias = _logit_bias(manifest, self.config)
         self.variant = variant
         self.context_length = self.config.text.context_length
         self.embed_dim = self.config.embed_dim
@@ -175,10 +181,29 @@ class OnnxCLIP:
         return value
 
     @property
+    def logit_bias(self) -> Any:
+        """The learned logit bias (a 0-d float32 tensor or array) of a sigmoid-loss model
+        (SigLIP), as ``CLIP.logit_bias``; None for a softmax model."""
+        if self._logit_bias is None:
+            return None
+        value = np.array(self._logit_bias, dtype=np.float32)
+        if self.array_type == "torch":
+            import torch
+
+            return torch.from_numpy(value)
+        return value
+
+    @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer over the export's own copy of the BPE vocabulary."""
+        """The tokenizer over the export's own copy of the BPE vocabulary, padding to the
+        model's context."""
+        if self.config.tokenizer.kind != "openai":
+            raise OnnxLoadError(
+                f"{self.path} is an export of a model with a Hugging Face tokenizer "
+                f"({self.config.family}); the ONNX runtime reads only OpenAI's BPE so far: run "
+                "this model with the PyTorch backend")
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self._vocab)
+            self._tokenizer = Tokenizer(self._vocab, context_length=self.context_length)
         return self._tokenizer
 
     def eval(self) -> OnnxCLIP:
@@ -242,11 +267,32 @@ class OnnxCLIP:
         return self._output(_to_numpy(self.encode_text(ids), np.float32), normalize,
                             like=suffixes)
 
+    def logits(self, image: Any, text: Any) -> Any:
+        """[N_img, N_txt] logits of unit embeddings: ``exp(logit_scale) * cos (+ logit_bias)``,
+        as ``CLIP.logits``."""
+        a, b = _to_numpy(image, np.float32), _to_numpy(text, np.float32)
+        logits = np.float32(np.exp(self._logit_scale)) * a @ b.T
+        if self._logit_bias is not None:
+            logits = logits + np.float32(self._logit_bias)
+        return self._wrap(logits, like=image)
+
+    def probabilities(self, logits: Any) -> Any:
+        """A softmax over the texts, or an independent sigmoid per pair for a sigmoid-loss
+        model (``config.probability``), as ``CLIP.probabilities``."""
+        x = _to_numpy(logits, np.float32)
+        if self.config.probability == "sigmoid":
+            probs = 1 / (1 + np.exp(-x))
+        else:
+            shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+            probs = shifted / shifted.sum(axis=-1, keepdims=True)
+        return self._wrap(probs.astype(np.float32), like=logits)
+
     def __call__(self, images: Any, tokens: Any) -> tuple[Any, Any]:
-        """Scaled cosine similarities: (logits_per_image [N_img, N_txt], logits_per_text)."""
+        """Scaled cosine similarities (plus the bias of a SigLIP model):
+        (logits_per_image [N_img, N_txt], logits_per_text)."""
         image = _to_numpy(self.encode_image(images, normalize=True), np.float32)
         text = _to_numpy(self.encode_text(tokens, normalize=True), np.float32)
-        logits = np.float32(np.exp(self._logit_scale)) * image @ text.T
+        logits = _to_numpy(self.logits(image, text), np.float32)
         return self._wrap(logits, like=images), self._wrap(logits.T.copy(), like=images)
 
     def _output(self, out: np.ndarray, normalize: bool, like: Any) -> Any:
@@ -257,6 +303,18 @@ class OnnxCLIP:
         if _is_torch(like):
             return sys.modules["torch"].from_numpy(out)
         return out
+
+
+def _logit_bias(manifest: dict[str, Any], config: CLIPConfig) -> float | None:
+    """The export's logit bias: None for a softmax model; an export of a model with a bias that
+    does not record it cannot give its logits."""
+    if not config.logit_bias:
+        return None
+    value = manifest.get("logit_bias")
+    if not isinstance(value, int | float):
+        raise OnnxLoadError("the manifest records no logit_bias for a model that has one "
+                            "(an export by an older clipforge); export the model again")
+    return float(value)
 
 
 def load_onnx(path: str | Path, **options: Any) -> OnnxCLIP:

@@ -28,10 +28,10 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ..data.sources import BadItem
+from ..encoder import Encoder
 from ..fileio import atomic_file
 from ..inference import ImageBatch, embed_image_batches
-from ..model import CLIP
+from ..reading import BadItem
 from ..weights.fingerprint import weights_fingerprint
 from .sources import Entry, read_entry_image, scan_source
 from .store import (
@@ -67,11 +67,28 @@ class IndexMismatchError(ValueError):
     """Embeddings from one model were about to meet embeddings from another."""
 
 
+def recorded_origin(info: dict[str, str]) -> dict[str, Any] | None:
+    """How to load the model that built an index (``model.origin``, see
+    :func:`clipforge.factory.load_origin`), from its recorded info; None if it records none.
+    Indexes record it as JSON; older ones as two strings, "None" for no weights."""
+    if info.get("origin"):
+        try:
+            origin = json.loads(info["origin"])
+        except json.JSONDecodeError:
+            origin = None
+        return origin if isinstance(origin, dict) and isinstance(origin.get("model"), str) \
+            else None
+    model, weights = info.get("model"), info.get("weights")
+    if model in (None, "", "None"):
+        return None
+    return {"model": model, "weights": None if weights in (None, "", "None") else weights}
+
+
 def mismatch_message(directory: Path, info: dict[str, str], fingerprint: str,
                      action: str) -> str:
-    made_with = info.get("model") or "an unrecorded model"
-    weights = f" with weights {info['weights']}" if info.get("weights") not in (None, "None") \
-        else ""
+    origin = recorded_origin(info) or {}
+    made_with = origin.get("model") or "an unrecorded model"
+    weights = f" with weights {origin['weights']}" if origin.get("weights") else ""
     return (f"the index {directory} was built with {made_with}{weights} (weights fingerprint "
             f"{info.get('fingerprint')}); the model given has fingerprint {fingerprint}, so its "
             f"embeddings are not comparable. To {action}, use the index's own model (leave out "
@@ -154,7 +171,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def build_index(source: str | Path, out: str | Path, model: CLIP, *, batch_size: int = 32,
+def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_size: int = 32,
                 num_workers: int = 0, ann: str | None = None,
                 ann_params: dict[str, Any] | None = None, progress: bool = True,
                 image_key: str = "filepath", caption_key: str = "title",
@@ -233,8 +250,9 @@ def build_index(source: str | Path, out: str | Path, model: CLIP, *, batch_size:
         report.failures = store.failures()
     elif rank == 0:
         counts = store.commit(entries, staging_files(out), {
-            "format_version": FORMAT_VERSION, "model": origin.get("model"),
-            "weights": origin.get("weights"), "fingerprint": fingerprint,
+            "format_version": FORMAT_VERSION, "origin": json_text(origin) if origin else "",
+            "model": origin.get("model") or "", "weights": origin.get("weights") or "",
+            "fingerprint": fingerprint,
             "embed_dim": model.config.embed_dim, "ann": kind,
             "ann_params": json.dumps(ann_params or {}), "source": str(source)})
         clear_staging(out)

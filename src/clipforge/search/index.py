@@ -1,7 +1,9 @@
 """Querying an index: by text, by image, or both mixed, for the command line and the server.
 
-A :class:`SearchIndex` holds the model that built the index (checked by weights fingerprint)
-and an in-memory snapshot of one committed generation: ids, float16 vectors and the faiss
+A :class:`SearchIndex` holds the model that built the index (checked by weights fingerprint;
+when none is given, the origin the index records is loaded again with
+:func:`clipforge.factory.load_origin`) and an in-memory snapshot of one committed generation:
+ids, float16 vectors and the faiss
 structure.  :meth:`SearchIndex.refresh` swaps in a newer generation whole, so a server answering
 while ``clipforge index build`` runs beside it serves the old state or the new one, never a mix.
 It is safe to share between threads: model calls are serialised by a lock, and each thread gets
@@ -33,12 +35,14 @@ import torch
 from PIL import Image
 
 from ..configs import ARCHITECTURES
-from ..data.sources import BadItem
-from ..model import CLIP
-from ..onnx.manifest import MANIFEST
-from ..text import get_tokenizer
+from ..encoder import Encoder
+from ..evaluation.zeroshot import ZeroShotClassifier
+from ..factory import load_origin
+from ..inference import embed_pictures, embed_texts
+from ..reading import BadItem
+from ..text import ContextLengthError
 from ..weights.fingerprint import weights_fingerprint
-from .build import IndexMismatchError, ann_path, mismatch_message
+from .build import IndexMismatchError, ann_path, mismatch_message, recorded_origin
 from .sources import read_entry_image
 from .store import DB_NAME, IndexFormatError, Store
 from .vectors import VectorIndex
@@ -82,25 +86,24 @@ class _State:
 class SearchIndex:
     """An index opened for search; build one with :func:`clipforge.search.build_index`."""
 
-    def __init__(self, path: str | Path, model: CLIP, info: dict[str, str]):
+    def __init__(self, path: str | Path, model: Encoder, info: dict[str, str]):
         self.path = Path(path)
         self.model = model
         self._info = info
-        self._tokenizer = get_tokenizer()
         self._model_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._local = threading.local()
         self._state = self._load()
 
     @classmethod
-    def open(cls, path: str | Path, model: CLIP | None = None, *,
-             device: str | torch.device = "cpu") -> SearchIndex:
-        """Open the index at ``path`` with ``model``, or the model the index records.
+    def open(cls, path: str | Path, model: Encoder | None = None, *,
+             device: str | torch.device = "cpu", precision: str = "fp32") -> SearchIndex:
+        """Open the index at ``path`` with ``model``, or else the model the index records,
+        loaded on ``device`` at ``precision`` (any precision of the same weights answers the
+        same index).
 
         Raises :class:`IndexMismatchError` when ``model`` has other weights than the index's.
         """
-        from ..factory import create_model
-
         store = Store(path)
         try:
             info = store.info()
@@ -110,21 +113,7 @@ class SearchIndex:
             raise IndexFormatError(f"{path} has no finished build yet; run `clipforge index "
                                    f"build SOURCE --out {path}` to completion")
         if model is None:
-            name, weights = info.get("model"), info.get("weights")
-            weights = None if weights in (None, "None") else weights
-            if not name or name == "None":
-                raise IndexMismatchError(f"{path} does not record how to load its model; "
-                                         "pass the model that built it")
-            if weights is None and name in ARCHITECTURES:
-                raise IndexMismatchError(
-                    f"{path} was built with a randomly initialised {name}, which cannot be "
-                    "loaded again; save the model to a file and build the index from that file")
-            if (Path(name) / MANIFEST).is_file():  # built by an ONNX export
-                from ..onnx import load_onnx
-
-                model = load_onnx(name)
-            else:
-                model = create_model(name, weights=weights, device=device)
+            model = load_origin(_reloadable(Path(path), info), device=device, precision=precision)
         fingerprint = weights_fingerprint(model)
         if fingerprint != info["fingerprint"]:
             raise IndexMismatchError(mismatch_message(Path(path), info, fingerprint,
@@ -224,8 +213,9 @@ class SearchIndex:
     def info(self) -> dict[str, Any]:
         """Model, weights, fingerprint, item count, generation and search structure."""
         state = self._state
-        return {"path": str(self.path), "model": self._info.get("model"),
-                "weights": self._info.get("weights"), "fingerprint": self._info["fingerprint"],
+        origin = recorded_origin(self._info) or {}
+        return {"path": str(self.path), "model": origin.get("model"),
+                "weights": origin.get("weights"), "fingerprint": self._info["fingerprint"],
                 "embed_dim": self.model.config.embed_dim, "count": len(state.vectors),
                 "generation": state.generation, "ann": self._info.get("ann", "flat"),
                 "searching": state.vectors.kind}
@@ -234,17 +224,20 @@ class SearchIndex:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm float32 embeddings; an over-long text raises ContextLengthError."""
-        tokens = self._tokenizer(list(texts), context_length=self.model.context_length)
-        with self._model_lock, torch.inference_mode():
-            out = self.model.encode_text(tokens.to(self.model.device))
-        return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
+        with self._model_lock:
+            result = embed_texts(self.model, list(texts), progress=False)
+        if result.failures:
+            raise ContextLengthError(result.failures[0][1])
+        return result.vectors
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
-        """The unit-norm float32 embedding of one image."""
-        pixels = self.model.preprocess(image)[None].to(self.model.device)
-        with self._model_lock, torch.inference_mode():
-            out = self.model.encode_image(pixels)
-        return torch.nn.functional.normalize(out.float(), dim=-1)[0].cpu().numpy()
+        """The unit-norm float32 embedding of one image (ValueError if the model's transform
+        cannot take it)."""
+        with self._model_lock:
+            result = embed_pictures(self.model, [image])
+        if result.failures:
+            raise ValueError(result.failures[0][1])
+        return result.vectors[0]
 
     def query_vector(self, text: str | None = None, image: Image.Image | None = None,
                      text_weight: float = 1.0, image_weight: float = 1.0) -> np.ndarray:
@@ -267,14 +260,17 @@ class SearchIndex:
 
     def classify(self, image: Image.Image, labels: Sequence[str],
                  template: str = "a photo of a {}.") -> list[tuple[str, float]]:
-        """Zero-shot probabilities of ``labels`` for ``image``, most likely first."""
+        """Zero-shot probabilities of ``labels`` for ``image``, most likely first: a softmax
+        over the labels, or a sigmoid per label for a sigmoid-loss model (SigLIP), as
+        :class:`~clipforge.evaluation.zeroshot.ZeroShotClassifier` gives them."""
         if len(labels) < 2:
             raise ValueError("give at least two labels")
         if "{}" not in template:
             raise ValueError(f"template {template!r} has no '{{}}' for the label")
-        texts = self.embed_texts([template.format(label) for label in labels])
-        scale = float(self.model.logit_scale.detach().exp())
-        probs = torch.from_numpy(scale * texts @ self.embed_image(image)).softmax(0).numpy()
+        vector = self.embed_image(image)
+        with self._model_lock:
+            classifier = ZeroShotClassifier.build(self.model, labels, [template])
+        probs = classifier.predict_proba(torch.from_numpy(vector)[None])[0].numpy()
         order = np.argsort(-probs, kind="stable")
         return [(labels[i], float(probs[i])) for i in order]
 
@@ -369,6 +365,19 @@ class SearchIndex:
             return read_entry_image(row["path"], row["member"], row["offset"], row["length"])
         except BadItem as exc:
             raise OSError(f"{row['key']}: {exc}") from None
+
+
+def _reloadable(path: Path, info: dict[str, str]) -> dict[str, Any]:
+    """The origin the index records, if its model can be loaded again."""
+    origin = recorded_origin(info)
+    if origin is None:
+        raise IndexMismatchError(f"{path} does not record how to load its model; pass the "
+                                 "model that built it")
+    if origin.get("weights") is None and origin["model"] in ARCHITECTURES:
+        raise IndexMismatchError(
+            f"{path} was built with a randomly initialised {origin['model']}, which cannot be "
+            "loaded again; save the model to a file and build the index from that file")
+    return origin
 
 
 def _collapse(vectors: VectorIndex, ids: np.ndarray, scores: np.ndarray, limit: float

@@ -66,7 +66,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..image.transform import ImageLoadError, check_aspect_ratio
-from ..inference import printable_name
+from ..reading import printable_name
 from .html import render_thumbnail
 from .index import MAX_K, IndexUnavailableError
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.sources import (
+from ..image.transform import open_regular_file
+from ..reading import (
+    IMAGE_SUFFIXES,
     BadItem,
     DataError,
     expand_shards,
@@ -29,8 +31,6 @@ from ..data.sources import (
     read_rows,
     read_utf8,
 )
-from ..image.transform import open_regular_file
-from ..inference import IMAGE_SUFFIXES
 
 _SHARD_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -84,7 +84,7 @@ def scan_table(table: Path, image_key: str = "filepath", caption_key: str = "tit
     """Rows of a CSV/TSV with a header: an image path column, an optional caption column, and
     any other columns kept as metadata.  Relative paths resolve against the table's folder.
     Rows whose file is missing are skipped here and reported by the build as missing.  (Read
-    with :func:`~clipforge.data.sources.read_rows`, as training reads tables: the same parse
+    with :func:`~clipforge.reading.read_rows`, as training reads tables: the same parse
     errors, named by line.)"""
     columns, rows = read_rows(table, separator)
     columns = columns or []
@@ -169,7 +169,7 @@ def read_entry_image(path: str, member: str | None = None, offset: int | None = 
 
     A shard member is read by the byte span the scan recorded (one seek, not a walk through
     the tar's headers), which is why a rewritten shard is always re-scanned.  ``draft``: decode
-    JPEGs at a reduced scale, no smaller than this (see :func:`clipforge.data.sources._decode`).
+    JPEGs at a reduced scale, no smaller than this (see :func:`clipforge.reading.open_image_file`).
     """
     if member is None:
         return open_image_file(path, draft)

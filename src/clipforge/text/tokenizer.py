@@ -71,6 +71,7 @@ class Tokenizer:
 
     def __init__(self, vocab_path: str | Path | None = None, context_length: int = 77):
         self.context_length = context_length
+        self.vocab_path = vocab_path
         path = Path(vocab_path) if vocab_path else resources.files(__package__) / VOCAB_FILE
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -99,6 +100,11 @@ class Tokenizer:
         other = copy.copy(self)
         other.context_length = context_length
         return other
+
+    def __reduce__(self) -> tuple:
+        """Pickled by reference (the vocabulary file and the context length), not as its
+        tables: DataLoader workers that tokenize captions then build (or share) their own."""
+        return _rebuild, (self.vocab_path, self.context_length)
 
     def _bpe_uncached(self, token: str) -> tuple[str, ...]:
         if token in (SOT, EOT):
@@ -187,6 +193,12 @@ class Tokenizer:
             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8"
         )
         return [vocab_file, merges_file]
+
+
+def _rebuild(vocab_path: str | Path | None, context_length: int) -> Tokenizer:
+    """A pickled :class:`Tokenizer` again (the packaged vocabulary is loaded once per process)."""
+    base = get_tokenizer() if vocab_path is None else Tokenizer(vocab_path)
+    return base.with_context_length(context_length)
 
 
 @functools.lru_cache(maxsize=1)

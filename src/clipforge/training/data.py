@@ -1,7 +1,8 @@
 """Batches for training, each a pure function of (seed, step): the key to exact resume.
 
 Sample ``i`` of the run (counting over all steps and ranks) is read from the source, augmented
-with randomness drawn from (seed, i) and tokenized.  Step ``s`` on rank ``r`` of ``W`` takes
+with randomness drawn from (seed, i) and tokenized by the model's own tokenizer (which DataLoader
+workers receive pickled).  Step ``s`` on rank ``r`` of ``W`` takes
 samples ``s*B + r*B/W ... s*B + (r+1)*B/W - 1`` of a global batch ``B``: ranks never share a
 sample, DataLoader workers split batches, and resuming at step ``s`` reads exactly what an
 uninterrupted run would have read.  A finite source is walked through a fresh permutation per
@@ -17,16 +18,16 @@ and continues with exactly the samples an uninterrupted run would have read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from ..data.sources import Sample, StreamShare
+from ..data.sources import StreamShare
 from ..image.augment import TrainTransform
-from ..text import get_tokenizer
+from ..reading import Sample
 
 MAX_REPLACEMENTS = 16
 
@@ -42,10 +43,10 @@ def as_sample(item: Any, key: str) -> Sample:
 class TrainingSamples(Dataset):
     """Map-style: global sample index -> (pixels, tokens, skipped-item reasons)."""
 
-    def __init__(self, source: Dataset, transform: TrainTransform, context_length: int,
+    def __init__(self, source: Dataset, transform: TrainTransform, tokenizer: Callable,
                  seed: int):
         self.source, self.transform = source, transform
-        self.context_length, self.seed = context_length, seed
+        self.tokenizer, self.seed = tokenizer, seed
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:  # indices are unbounded; the sampler decides how many
@@ -72,8 +73,7 @@ class TrainingSamples(Dataset):
             if sample.error is None and sample.image is not None and sample.caption:
                 rng = np.random.default_rng([self.seed, index, attempt])
                 pixels = self.transform(sample.image, rng)
-                tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
-                                         truncate=True)[0]
+                tokens = self.tokenizer(sample.caption, truncate=True)[0]
                 return pixels, tokens, skipped, None
             skipped.append(sample.error or f"{sample.key}: empty caption")
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable samples around index "
@@ -108,11 +108,11 @@ class StreamingSamples(IterableDataset):
     recorded for it; augmentation randomness comes from (seed, rank, stream, position).
     """
 
-    def __init__(self, source: IterableDataset, transform: TrainTransform, context_length: int,
+    def __init__(self, source: IterableDataset, transform: TrainTransform, tokenizer: Callable,
                  seed: int, rank: int, world_size: int, first_step: int = 0,
                  positions: dict[int, int] | None = None):
         self.source, self.transform = source, transform
-        self.context_length, self.seed = context_length, seed
+        self.tokenizer, self.seed = tokenizer, seed
         self.rank, self.world_size = rank, world_size
         self.first_step, self.positions = first_step, dict(positions or {})
 
@@ -131,8 +131,7 @@ class StreamingSamples(IterableDataset):
                 skipped.append(sample.error or f"{sample.key}: empty caption")
                 continue
             rng = np.random.default_rng([self.seed, self.rank, stream, position])
-            tokens = get_tokenizer()(sample.caption, context_length=self.context_length,
-                                     truncate=True)[0]
+            tokens = self.tokenizer(sample.caption, truncate=True)[0]
             yield self.transform(sample.image, rng), tokens, skipped, (stream, position)
             skipped = []
 
@@ -147,20 +146,21 @@ def collate(batch: list[Item]) -> Item:
             where[-1])
 
 
-def build_loader(source: Dataset, transform: TrainTransform, context_length: int, seed: int,
+def build_loader(source: Dataset, transform: TrainTransform, tokenizer: Callable, seed: int,
                  start_step: int, total_steps: int, global_batch: int, rank: int,
                  world_size: int, workers: int,
                  stream_positions: dict[int, int] | None = None) -> DataLoader:
-    """This rank's batches from ``start_step`` on.  ``stream_positions`` (streamed sources):
-    how far each of this rank's streams had read at ``start_step``, from the checkpoint."""
+    """This rank's batches from ``start_step`` on, captions tokenized by ``tokenizer`` (the
+    model's: texts -> [N, context] ids).  ``stream_positions`` (streamed sources): how far each
+    of this rank's streams had read at ``start_step``, from the checkpoint."""
     # A private generator: creating the loader must not consume the global random state, which
     # the checkpoint restores for the model (patch dropout).
     common = dict(num_workers=workers, collate_fn=collate, generator=torch.Generator(),
                   persistent_workers=False, prefetch_factor=4 if workers else None)
     if isinstance(source, IterableDataset):
-        stream = StreamingSamples(source, transform, context_length, seed, rank, world_size,
+        stream = StreamingSamples(source, transform, tokenizer, seed, rank, world_size,
                                   start_step, stream_positions)
         return DataLoader(stream, batch_size=global_batch // world_size, **common)
-    samples = TrainingSamples(source, transform, context_length, seed)
+    samples = TrainingSamples(source, transform, tokenizer, seed)
     sampler = StepBatches(start_step, total_steps, global_batch, rank, world_size)
     return DataLoader(samples, batch_sampler=sampler, **common)

@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +23,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..configs import ACTIVATIONS
-from ..data.sources import REASONS, check_readable, open_source, skip_reason
+from ..data.sources import check_readable, open_source
 from ..data.synthetic import SyntheticCaptions
 from ..factory import create_model
 from ..fileio import atomic_file
 from ..image.augment import TrainTransform
 from ..loss import LOGIT_SCALE_MAX
+from ..reading import REASONS, skip_reason
 from ..weights.formats import save_into_directory
 from .checkpoint import (
     load_checkpoint,
@@ -39,6 +37,13 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
     set_random_state,
+)
+from .config import (
+    BUILTIN_DATA,
+    RESUME_FREE,
+    TrainConfig,
+    option_name,
+    setting_names,
 )
 from .data import build_loader
 from .distributed import (
@@ -49,12 +54,10 @@ from .distributed import (
     sum_counts,
 )
 from .gradcache import gradcache_backward
-from .objective import LOSSES, Objective
+from .objective import Objective
 from .optim import build_optimizer, cosine_schedule
 
 log = logging.getLogger("clipforge.train")
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def native_bf16(device: str) -> bool:
@@ -65,96 +68,6 @@ def native_bf16(device: str) -> bool:
     checks = [getattr(torch.cpu, name, None) for name in
               ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
-BUILTIN_DATA = "builtin"
-
-
-@dataclass
-class TrainConfig:
-    output: Path
-    data: str = BUILTIN_DATA
-    model: str = "small-rn"
-    weights: str | None = None
-    activation: str | None = None
-    steps: int = 450
-    batch_size: int = 256
-    micro_batch: int | None = None
-    lr: float = 1e-3
-    warmup: int = 40
-    weight_decay: float = 0.2
-    grad_clip: float | None = 1.0
-    loss: str = "clip"
-    precision: str = "auto"
-    patch_dropout: float = 0.0
-    grad_checkpointing: bool = False
-    lock_image: bool = False
-    lock_text: bool = False
-    workers: int = 1
-    seed: int = 0
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    resume_override: tuple[str, ...] = ()
-    log_every: int = 10
-    eval_every: int = 0
-    tensorboard: bool = False
-    device: str = "cpu"
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    progress: bool = True
-
-    def validate(self) -> None:
-        problems = []
-        if self.loss not in LOSSES:
-            problems.append(f"--loss {self.loss!r}: choose {', '.join(LOSSES)}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
-        if self.precision == "fp16" and not self.device.startswith("cuda"):
-            problems.append("--precision fp16 needs a CUDA device (use bf16 on CPU)")
-        if self.activation is not None and self.activation not in ACTIVATIONS:
-            problems.append(f"--activation {self.activation!r}: choose {', '.join(ACTIVATIONS)}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive")
-        if self.micro_batch is not None and not 0 < self.micro_batch:
-            problems.append("--micro-batch must be positive")
-        if not 0 <= self.patch_dropout < 1:
-            problems.append("--patch-dropout must be in [0, 1)")
-        if self.lock_image and self.lock_text:
-            problems.append("--lock-image and --lock-text together leave nothing to train")
-        checked = [f for f in self.__dataclass_fields__ if f not in RESUME_FREE]
-        for name in setting_names(self.resume_override):
-            if name not in self.__dataclass_fields__:  # a free setting needs no override
-                problems.append(f"--resume-override: unknown setting {_option(name)[2:]!r}; "
-                                f"choose from {', '.join(_option(f)[2:] for f in checked)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in
-                dataclasses.asdict(self).items()}
-
-
-# Settings a resumed run may change freely: they decide where and how fast the run computes
-# and what it logs or keeps, not what it computes (device, --micro-batch and
-# --grad-checkpointing give the same steps up to float round-off).  Every other setting (data,
-# model, steps, batch size, learning rate and schedule, loss, precision, seed, ...) shapes the
-# result: a resume that changes one is refused unless --resume-override names it.  New
-# settings are checked unless added here.
-RESUME_FREE = frozenset({
-    "output", "resume", "resume_override", "workers", "log_every", "eval_every", "tensorboard",
-    "progress", "checkpoint_every", "keep_checkpoints", "device", "micro_batch",
-    "grad_checkpointing"})
-
-
-def setting_names(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"batch-size,lr"`` (or a list of names) -> ``("batch_size", "lr")``: the field names
-    of the settings ``--resume-override`` accepts, spelled as options or as fields."""
-    items = text.split(",") if isinstance(text, str) else list(text or ())
-    return tuple(item.strip().lstrip("-").replace("-", "_") for item in items if item.strip())
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _shown(value: Any) -> str:
@@ -176,15 +89,15 @@ def check_resume_settings(config: TrainConfig, saved: dict[str, Any] | None,
     accepted = set(setting_names(config.resume_override))
     refused = [name for name in changed if name not in accepted]
     if refused:
-        changes = ", ".join(f"{_option(n)} {_shown(saved[n])} -> {_shown(current[n])}"
+        changes = ", ".join(f"{option_name(n)} {_shown(saved[n])} -> {_shown(current[n])}"
                             for n in refused)
         raise ValueError(
             f"--resume {checkpoint} would continue that run with other settings: {changes}; "
             "give the run's own values to continue it, or accept the change with "
-            f"--resume-override {','.join(_option(n)[2:] for n in refused)}")
+            f"--resume-override {','.join(option_name(n)[2:] for n in refused)}")
     for name in changed:
         log.warning("resuming with %s %s (the run had %s): accepted by --resume-override",
-                    _option(name), _shown(current[name]), _shown(saved[name]))
+                    option_name(name), _shown(current[name]), _shown(saved[name]))
 
 
 def _load_resume(config: TrainConfig, checkpoint: Path) -> dict[str, Any]:
@@ -328,7 +241,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     source = _open_data(config, model.config.image_size)
     transform = TrainTransform.from_config(model.config)
     positions = _stream_positions(data_state, ranks, config.workers)
-    loader = build_loader(source, transform, model.context_length, config.seed, start_step,
+    loader = build_loader(source, transform, model.tokenizer, config.seed, start_step,
                           config.steps, config.batch_size, ranks.rank, ranks.world_size,
                           config.workers, positions)
     metrics = MetricsLog(output / "metrics.jsonl", start_step, config.tensorboard) \

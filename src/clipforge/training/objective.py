@@ -11,8 +11,7 @@ from torch import nn
 
 from ..loss import SigLipLoss, clip_loss, clip_loss_chunked, upcast
 from ..model import CLIP
-
-LOSSES = ("clip", "siglip")
+from .config import LOSSES
 
 
 class Objective(nn.Module):

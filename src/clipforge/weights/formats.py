@@ -1,19 +1,21 @@
 """Which format a path is in, and reading/writing each.
 
 In: a clipforge directory or ``.safetensors`` file (config inside), a Hugging Face ``CLIPModel``
-directory, an OpenCLIP hub directory (``open_clip_config.json``), or a bare OpenAI/OpenCLIP
-checkpoint (architecture inferred from shapes).  Out: clipforge's format or Hugging Face's.
+directory, an OpenCLIP hub directory (``open_clip_config.json``, read by :mod:`.open_clip`), or
+a bare OpenAI/OpenCLIP checkpoint (architecture inferred from shapes).  Out: clipforge's format
+or Hugging Face's.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from ..configs import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig, json_field
+from ..configs import CLIPConfig, json_field
 from ..fileio import atomic_directory, atomic_file
 from ..text import get_tokenizer
 from .checkpoint import CheckpointError, StateDict, parse_json_object, read_checkpoint
@@ -30,6 +32,7 @@ from .huggingface import (
     to_hf_state_dict,
 )
 from .infer import check_config_fits, infer_config
+from .open_clip import read_open_clip
 
 FORMAT = "clipforge"
 FORMAT_VERSION = 1
@@ -38,8 +41,27 @@ WEIGHTS_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_mo
                  "open_clip_pytorch_model.bin")
 
 
+@dataclass(frozen=True)
+class ReadModel:
+    """What a checkpoint holds: its config, its tensors (OpenAI layout) and the folder holding
+    the model's other files, its tokenizer's among them (None for a single file).  That folder
+    is not always the weights': an OpenCLIP config may name a tokenizer elsewhere."""
+
+    config: CLIPConfig
+    sd: StateDict
+    files: Path | None
+
+
 def read_weights(path: str | Path, activation: str | None = None) -> tuple[CLIPConfig, StateDict]:
-    """(config, OpenAI-layout state dict) of a checkpoint file or model directory.
+    """(config, OpenAI-layout state dict) of a checkpoint file or model directory (see
+    :func:`read_model`)."""
+    found = read_model(path, activation)
+    return found.config, found.sd
+
+
+def read_model(path: str | Path, activation: str | None = None) -> ReadModel:
+    """Config, OpenAI-layout state dict and files folder of a checkpoint file or model
+    directory.
 
     ``activation`` overrides the file's; files that record none use QuickGELU unless given.
     A config read from a file (not inferred from the shapes) is checked against the tensors'
@@ -59,13 +81,15 @@ def read_weights(path: str | Path, activation: str | None = None) -> tuple[CLIPC
             f"{path} holds Hugging Face CLIPModel weights without their config.json: "
             "pass the directory that contains both"
         )
-    return infer_config(sd, activation, source=str(path)), sd
+    return ReadModel(infer_config(sd, activation, source=str(path)), sd, None)
 
 
 def _checked(config: CLIPConfig, sd: StateDict, source: str, weights: Path,
-             names: dict[str, str] | None = None) -> tuple[CLIPConfig, StateDict]:
+             names: dict[str, str] | None = None, files: Path | None = None) -> ReadModel:
+    """The config checked against the tensors' shapes; ``files`` defaults to the weights'
+    folder when the weights come in one (a directory's file)."""
     check_config_fits(config, sd, source, str(weights), names)
-    return config, sd
+    return ReadModel(config, sd, files)
 
 
 def _native_config(data: str | dict[str, Any], activation: str | None,
@@ -94,7 +118,7 @@ def _weights_file(directory: Path) -> Path:
         f"{directory} holds no weights file (looked for {', '.join(WEIGHTS_FILES)})")
 
 
-def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig, StateDict]:
+def _read_directory(directory: Path, activation: str | None) -> ReadModel:
     """Read a model directory.  The tensors' key layout, not which config files happen to be
     present, decides how to read it: LAION's hub repositories hold both an OpenCLIP config with
     OpenCLIP weights and a transformers config, and only one of them may be downloaded."""
@@ -105,26 +129,36 @@ def _read_directory(directory: Path, activation: str | None) -> tuple[CLIPConfig
     if CONFIG_KEY in metadata:  # written with the weights: authoritative
         source = f"{weights} (its {CONFIG_KEY} metadata)"
         return _checked(_native_config(metadata[CONFIG_KEY], activation, source), sd, source,
-                        weights)
+                        weights, files=directory)
     if config_json is not None and config_json.get("format") == FORMAT:
         return _checked(_clipforge_json(config_json, activation, str(config_path)), sd,
-                        str(config_path), weights)
+                        str(config_path), weights, files=directory)
     if is_hf_layout(sd):
-        if not (config_json and "vision_config" in config_json):
-            raise CheckpointError(f"{weights} holds Hugging Face CLIPModel weights but "
-                                  f"{directory} has no CLIPModel config.json beside them")
-        preprocessor = directory / "preprocessor_config.json"
-        config = config_from_hf(config_json, read_hf_json(preprocessor),
-                                source=str(config_path), preprocessor_source=str(preprocessor))
-        rules = hf_rules(hf_model_type(config_json, str(config_path)))
-        return _checked(config.replace(activation=activation) if activation else config,
-                        _from_hf(sd, weights, rules), str(config_path), weights, HF_FIELD_NAMES)
+        return _read_hf(directory, config_json, sd, weights, activation)
     open_clip_path = directory / "open_clip_config.json"
     if (open_clip_json := read_hf_json(open_clip_path)) is not None:
-        config = config_from_open_clip(open_clip_json, sd, activation, str(weights),
-                                       config_source=str(open_clip_path))
-        return _checked(config, sd, str(open_clip_path), weights)
-    return infer_config(sd, activation, source=str(weights)), sd
+        found = read_open_clip(open_clip_json, sd, directory, activation, str(weights),
+                               str(open_clip_path))
+        return _checked(found.config, found.sd, str(open_clip_path), weights, found.names,
+                        found.tokenizer_files)
+    return ReadModel(infer_config(sd, activation, source=str(weights)), sd, directory)
+
+
+def _read_hf(directory: Path, config_json: dict[str, Any] | None, sd: StateDict, weights: Path,
+             activation: str | None) -> ReadModel:
+    """A transformers directory (config.json, preprocessor_config.json, tokenizer files)."""
+    config_path = directory / "config.json"
+    if not (config_json and "vision_config" in config_json):
+        raise CheckpointError(f"{weights} holds Hugging Face CLIPModel weights but "
+                              f"{directory} has no CLIPModel config.json beside them")
+    preprocessor = directory / "preprocessor_config.json"
+    config = config_from_hf(config_json, read_hf_json(preprocessor),
+                            source=str(config_path), preprocessor_source=str(preprocessor),
+                            directory=directory)
+    rules = hf_rules(hf_model_type(config_json, str(config_path)))
+    return _checked(config.replace(activation=activation) if activation else config,
+                    _from_hf(sd, weights, rules), str(config_path), weights, HF_FIELD_NAMES,
+                    directory)
 
 
 def _from_hf(sd: StateDict, weights: Path, rules: list) -> StateDict:
@@ -153,44 +187,6 @@ def _clipforge_json(document: dict[str, Any], activation: str | None,
         raise CheckpointError(f"{source} has format_version {version}, written by a newer "
                               f"clipforge (this one reads {FORMAT_VERSION}); upgrade clipforge")
     return _native_config(model, activation, source)
-
-
-def config_from_open_clip(data: dict[str, Any], sd: StateDict, activation: str | None,
-                          source: str, config_source: str = "open_clip_config.json"
-                          ) -> CLIPConfig:
-    """Read OpenCLIP's ``open_clip_config.json`` (model_cfg + preprocess_cfg).  Sizes come from
-    the tensors (``source``); head widths, activation and preprocessing from the file, each
-    field checked for its JSON type (errors name ``config_source``)."""
-    shapes = infer_config(sd, activation or "quick_gelu", source)
-    try:
-        cfg = json_field(data, "model_cfg", "", "object", {})
-        pre = json_field(data, "preprocess_cfg", "", "object", {})
-        v = json_field(cfg, "vision_cfg", "model_cfg.", "object", {})
-        t = json_field(cfg, "text_cfg", "model_cfg.", "object", {})
-        vision = shapes.vision
-        if vision.is_vit:
-            head_width = json_field(v, "head_width", "model_cfg.vision_cfg.", "positive int", 64)
-            if vision.width % head_width:
-                raise ValueError(f"model_cfg.vision_cfg.head_width {head_width} does not divide "
-                                 f"the image tower's width {vision.width}")
-            vision = VisionConfig(vision.image_size, vision.width, vision.layers,
-                                  vision.width // head_width, vision.patch_size,
-                                  vision.mlp_width)
-        text = TextConfig(shapes.text.width, shapes.text.layers,
-                          json_field(t, "heads", "model_cfg.text_cfg.", "positive int", 8),
-                          shapes.text.context_length, shapes.text.vocab_size,
-                          shapes.text.mlp_width)
-        default = PreprocessConfig()
-        preprocess = PreprocessConfig(
-            tuple(json_field(pre, "mean", "preprocess_cfg.", "3 numbers", default.mean)),
-            tuple(json_field(pre, "std", "preprocess_cfg.", "3 numbers", default.std)),
-            json_field(pre, "interpolation", "preprocess_cfg.", "str", "bicubic"))
-        quick = json_field(cfg, "quick_gelu", "model_cfg.", "bool", False)
-        act = activation or ("quick_gelu" if quick else "gelu")
-        return CLIPConfig(shapes.embed_dim, vision, text, act, preprocess)
-    except ValueError as exc:
-        raise CheckpointError(f"{config_source}: {exc}; fix the file or download it again"
-                              ) from None
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:

@@ -10,6 +10,11 @@ output projections of CLIP-style towers are stored transposed, the towers sit un
 ``vision_model.``/``text_model.``.  transformers has no ResNet tower, so RN models cannot be
 written in this format.
 
+A directory's other files complete its config.json as transformers reads them: the image
+processor's settings (``processor_config.json``'s ``image_processor``, where transformers 5
+writes them, else ``preprocessor_config.json``) and the tokenizer files (which tokenizer, its
+padding id and its length: :class:`TokenizerFiles`).
+
 A field that changes the computation and that clipforge does not implement (another
 ``hidden_act``, ``vision_use_head: false``, a relative position embedding...) is an error naming
 it, never dropped.
@@ -28,6 +33,7 @@ import torch
 
 from ..configs import (
     REQUIRED,
+    VIT_FIELDS,
     CLIPConfig,
     PreprocessConfig,
     TextConfig,
@@ -35,6 +41,7 @@ from ..configs import (
     VisionConfig,
     json_field,
 )
+from ..text.hf import VOCABULARY_FILES, TokenizerFilesError, load_hf_tokenizer
 from .checkpoint import CheckpointError, read_json_object
 
 StateDict = dict[str, torch.Tensor]
@@ -249,36 +256,104 @@ def _clip_vision(v: dict[str, Any], act: str | None = None, **family: Any) -> Vi
         **family)
 
 
-def _eos_pooling(t: dict[str, Any], vocab: int) -> dict[str, Any]:
-    """transformers' CLIP text pooling: at the arg-max id when ``eos_token_id`` is the legacy
-    2 (or the largest id, where arg-max finds the same position), else at the first
-    ``eos_token_id``."""
-    eos = json_field(t, "eos_token_id", "text_config.", "int", 2)
-    if eos in (2, vocab - 1):
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What a transformers directory's config.json leaves to the tokenizer files beside it:
+    which tokenizer the model reads (SigLIP 2 is a SiglipModel with Gemma's tokenizer), the
+    padding id its texts are padded with (config.json's ``pad_token_id`` is not read by
+    SigLIP's or Chinese-CLIP's modelling code and is stale in some repositories: SigLIP 2's says
+    1 where Gemma pads with 0), and the text length it truncates at (a BERT tower's 512
+    positions are more than Chinese-CLIP was trained with)."""
+
+    directory: Path | None = None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def read(cls, directory: Path | None) -> TokenizerFiles:
+        settings = read_hf_json(directory / "tokenizer_config.json") if directory else None
+        return cls(directory, settings or {})
+
+    @property
+    def tokenizer_class(self) -> str | None:
+        name = self.settings.get("tokenizer_class")
+        return name.removesuffix("Fast") if isinstance(name, str) else None
+
+    @property
+    def max_length(self) -> int | None:
+        """``model_max_length``, unless absent or transformers' "no limit" (about 1e30)."""
+        value = self.settings.get("model_max_length")
+        return value if isinstance(value, int) and 0 < value < 10**9 else None
+
+    def pad_id(self, default: int) -> int:
+        """The padding id of the tokenizer (``default`` without tokenizer files: loading the
+        model then fails on them, naming what is missing)."""
+        if self.directory is None or not any(
+                (self.directory / name).is_file() for name in VOCABULARY_FILES):
+            return default
+        pad = load_hf_tokenizer(self.directory).pad_token_id
+        return default if pad is None else int(pad)
+
+
+def _stated_pad_id(t: dict[str, Any], default: int) -> int:
+    """config.json's ``pad_token_id`` (absent or null: ``default``)."""
+    if t.get("pad_token_id") is None:
+        return default
+    return json_field(t, "pad_token_id", "text_config.", "int")
+
+
+def _eos_pooling(t: dict[str, Any], vocab: int, legacy: bool) -> dict[str, Any]:
+    """transformers' pooling of CLIP-style text towers: at the first ``eos_token_id``, except
+    that ``CLIPModel`` (``legacy``) pools at the arg-max id when ``eos_token_id`` is 2 (its
+    configs before transformers PR 24773).  CLIPModel's eos that is the largest id (OpenAI's
+    end of text) is read as the arg-max, the same position, OpenAI's layout, whose prefix
+    sharing then applies.  ``MetaClip2Model`` always pools at the first ``eos_token_id`` (2 in
+    XLM-V)."""
+    eos = json_field(t, "eos_token_id", "text_config.", "int", 2 if legacy else REQUIRED)
+    if legacy and eos in (2, vocab - 1):
         return {}
+    if not 0 <= eos < vocab:
+        raise ValueError(f"text_config.eos_token_id {eos} is not an id of the vocabulary "
+                         f"(0..{vocab - 1})")
     return {"pool": "eos", "eos_id": eos}
 
 
-def _clip(hf: dict[str, Any], family: str) -> CLIPConfig:
+def _clip_tokenizer(vocab: int, tokenizer: TokenizerFiles) -> TokenizerConfig:
+    """OpenAI's vocabulary (49,408 ids, read by a CLIPTokenizer or with no tokenizer files) is
+    clipforge's packaged BPE; any other comes as the tokenizer files beside the weights."""
+    if vocab == 49408 and tokenizer.tokenizer_class in (None, "CLIPTokenizer"):
+        return TokenizerConfig()
+    return TokenizerConfig(kind="hf")
+
+
+def _clip(hf: dict[str, Any], family: str, tokenizer: TokenizerFiles,
+          legacy_eos: bool = True) -> CLIPConfig:
     v = json_field(hf, "vision_config", "", "object")
     t = json_field(hf, "text_config", "", "object")
     where = "text_config."
     vocab = _size(t, "vocab_size", where, 49408)
+    kind = _clip_tokenizer(vocab, tokenizer)
+    pad = _stated_pad_id(t, 1)
+    if kind.kind == "hf":
+        pad = tokenizer.pad_id(pad)
     text = TextConfig(
         width=_size(t, "hidden_size", where), layers=_size(t, "num_hidden_layers", where),
         heads=_size(t, "num_attention_heads", where),
         context_length=_size(t, "max_position_embeddings", where, 77), vocab_size=vocab,
         mlp_width=_size(t, "intermediate_size", where),
         activation=_activation(t, where, "quick_gelu"), ln_eps=_eps(t, where, 1e-5),
-        pad_id=json_field(t, "pad_token_id", where, "int", 1), **_eos_pooling(t, vocab))
+        pad_id=pad, **_eos_pooling(t, vocab, legacy_eos))
     vision = _clip_vision(v)
-    # OpenAI's vocabulary is clipforge's packaged BPE; another one comes as tokenizer files
-    tokenizer = TokenizerConfig() if vocab == 49408 else TokenizerConfig(kind="hf")
     return CLIPConfig(json_field(hf, "projection_dim", "", "positive int", 512), vision, text,
-                      vision.activation, tokenizer=tokenizer, family=family)
+                      vision.activation, tokenizer=kind, family=family)
 
 
-def _siglip(hf: dict[str, Any], family: str) -> CLIPConfig:
+def _metaclip_2(hf: dict[str, Any], family: str, tokenizer: TokenizerFiles) -> CLIPConfig:
+    return _clip(hf, family, tokenizer, legacy_eos=False)
+
+
+def _siglip(hf: dict[str, Any], family: str, tokenizer: TokenizerFiles) -> CLIPConfig:
+    """SigLIP, and SigLIP 2 at fixed resolution (the same SiglipModel, with Gemma's tokenizer,
+    whose text big_vision lower-cased, ASCII letters only, where SigLIP's is canonicalised)."""
     v = json_field(hf, "vision_config", "", "object", {})
     t = json_field(hf, "text_config", "", "object", {})
     if not json_field(v, "vision_use_head", "vision_config.", "bool", True):
@@ -304,41 +379,57 @@ def _siglip(hf: dict[str, Any], family: str) -> CLIPConfig:
         vocab_size=_size(t, "vocab_size", where, 32000),
         mlp_width=_size(t, "intermediate_size", where, 3072),
         activation=_activation(t, where, "gelu_pytorch_tanh"), ln_eps=_eps(t, where, 1e-6),
-        causal=False, pool="last", pad_id=json_field(t, "pad_token_id", where, "int", 1),
-        proj="linear")
+        causal=False, pool="last", pad_id=tokenizer.pad_id(_stated_pad_id(t, 1)), proj="linear")
     embed_dim = _size(t, "projection_size", where, width)
     if embed_dim != vision.width:
         raise ValueError(f"text_config.projection_size {embed_dim} differs from "
                          f"vision_config.hidden_size {vision.width}: the two embeddings must "
                          "have one width")
+    family, cleaning = siglip_text(tokenizer, family)
     return CLIPConfig(embed_dim, vision, text, vision.activation, logit_bias=True,
                       probability="sigmoid", family=family,
-                      tokenizer=TokenizerConfig(kind="hf", clean="canonicalize"))
+                      tokenizer=TokenizerConfig(kind="hf", clean=cleaning))
 
 
-def _chinese_clip(hf: dict[str, Any], family: str) -> CLIPConfig:
+def siglip_text(tokenizer: TokenizerFiles, family: str = "siglip") -> tuple[str, str]:
+    """(family, text cleaning) of a SigLIP-style model, from its tokenizer files, wherever the
+    weights come from: what each was trained with.  SigLIP's SentencePiece text was
+    canonicalised (punctuation removed, lower case: big_vision, transformers' SiglipTokenizer,
+    OpenCLIP); SigLIP 2's Gemma text was only lower-cased, ASCII letters only (big_vision's
+    ``lower`` op).  OpenCLIP's SigLIP 2 configs ask for ``canonicalize`` instead, which differs
+    for text with punctuation or non-ASCII capitals: clipforge follows the training."""
+    if (tokenizer.tokenizer_class or "").startswith("Gemma"):
+        return "siglip2", "ascii_lower"
+    return family, "canonicalize"
+
+
+def _chinese_clip(hf: dict[str, Any], family: str, tokenizer: TokenizerFiles) -> CLIPConfig:
+    """Chinese-CLIP: a BERT text tower read at the tokenizer's length (Chinese-CLIP was trained
+    at 52 tokens of BERT's 512 positions), or at all its positions if the tokenizer sets none."""
     v = json_field(hf, "vision_config", "", "object")
     t = json_field(hf, "text_config", "", "object")
     where = "text_config."
     _require(t, "position_embedding_type", where, "absolute")
     positions = _size(t, "max_position_embeddings", where, 512)
+    context = min(tokenizer.max_length or positions, positions)
     text = TextConfig(
         width=_size(t, "hidden_size", where), layers=_size(t, "num_hidden_layers", where),
-        heads=_size(t, "num_attention_heads", where), context_length=positions,
+        heads=_size(t, "num_attention_heads", where), context_length=context,
+        max_positions=positions if context < positions else 0,
         vocab_size=_size(t, "vocab_size", where), mlp_width=_size(t, "intermediate_size", where),
         activation=_activation(t, where, "gelu"), ln_eps=_eps(t, where, 1e-12),
-        causal=False, norm="post", pool="first",
-        pad_id=json_field(t, "pad_token_id", where, "int", 0), mask_padding=True,
-        type_vocab_size=_size(t, "type_vocab_size", where, 2))
+        causal=False, norm="post", pool="first", pad_id=tokenizer.pad_id(_stated_pad_id(t, 0)),
+        mask_padding=True, type_vocab_size=_size(t, "type_vocab_size", where, 2))
     vision = _clip_vision(v)
     return CLIPConfig(json_field(hf, "projection_dim", "", "positive int", 512), vision, text,
                       vision.activation, family=family, tokenizer=TokenizerConfig(kind="hf"))
 
 
+Reader = Callable[[dict[str, Any], str, TokenizerFiles], CLIPConfig]
 # model_type -> (reader, renaming rules, family)
-_FORMATS: dict[str, tuple[Callable[[dict[str, Any], str], CLIPConfig], list[Rule], str]] = {
+_FORMATS: dict[str, tuple[Reader, list[Rule], str]] = {
     "clip": (_clip, CLIP_RULES, "clip"),
-    "metaclip_2": (_clip, CLIP_RULES, "metaclip2"),
+    "metaclip_2": (_metaclip_2, CLIP_RULES, "metaclip2"),
     "siglip": (_siglip, SIGLIP_RULES, "siglip"),
     "chinese_clip": (_chinese_clip, CHINESE_CLIP_RULES, "chinese-clip"),
 }
@@ -380,7 +471,10 @@ def preprocess_from_hf(preprocessor: dict[str, Any] | None, image_size: int,
             raise ValueError(f"resample {resample} is not implemented (clipforge resizes "
                              f"bicubic (3) or bilinear (2))")
         for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-            if json_field(preprocessor, key, "", "bool", True) is not True:
+            # null: the processor's default (true for these; for do_convert_rgb, transformers
+            # 4's "convert when needed", which on RGB images is the same)
+            if preprocessor.get(key) is not None and not json_field(preprocessor, key, "",
+                                                                     "bool"):
                 raise ValueError(f"{key} false is not implemented")
         factor = json_field(preprocessor, "rescale_factor", "", "number", 1 / 255)
         if abs(factor - 1 / 255) > 1e-12:
@@ -451,14 +545,22 @@ _DEFAULT_PREPROCESS = {"siglip": PreprocessConfig((0.5, 0.5, 0.5), (0.5, 0.5, 0.
 
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None,
                    source: str = "config.json",
-                   preprocessor_source: str = "preprocessor_config.json") -> CLIPConfig:
+                   preprocessor_source: str = "preprocessor_config.json",
+                   directory: Path | None = None) -> CLIPConfig:
     """A :class:`CLIPConfig` from a transformers ``config.json`` (and its image processor).
     A field of the wrong JSON type, or a value clipforge does not implement, is an error naming
-    the file and the field, never coerced or dropped."""
+    the file and the field, never coerced or dropped.  ``directory``: the model directory, whose
+    tokenizer files (see :class:`TokenizerFiles`) and ``processor_config.json`` are read too
+    (transformers 5 writes a processor's image settings there, and reads them first)."""
     model_type = hf_model_type(hf, source)
     reader, _, family = _FORMATS[model_type]
+    if directory is not None:
+        preprocessor, preprocessor_source = _image_processor(directory, preprocessor,
+                                                             preprocessor_source)
     try:
-        config = reader(hf, family)
+        config = reader(hf, family, TokenizerFiles.read(directory))
+    except TokenizerFilesError:
+        raise
     except ValueError as exc:
         raise CheckpointError(f"{source} is not a {model_type} config clipforge can read: "
                               f"{_hf_spelling(str(exc))}. Fix the file or download it again"
@@ -466,6 +568,22 @@ def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None,
     preprocess = preprocess_from_hf(preprocessor, config.image_size, preprocessor_source,
                                     _DEFAULT_PREPROCESS.get(model_type))
     return _inherit_activation(config.replace(preprocess=preprocess))
+
+
+def _image_processor(directory: Path, preprocessor: dict[str, Any] | None, source: str
+                     ) -> tuple[dict[str, Any] | None, str]:
+    """The image processor's settings as transformers finds them: the ``image_processor``
+    object of ``processor_config.json`` if there is one, else ``preprocessor_config.json``."""
+    path = directory / "processor_config.json"
+    processor = read_hf_json(path)
+    if processor is not None and "image_processor" in processor:
+        try:
+            nested = json_field(processor, "image_processor", "", "object")
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}; fix the file or download it again"
+                                  ) from None
+        return nested, f"{path} (its image_processor)"
+    return preprocessor, source
 
 
 def _inherit_activation(config: CLIPConfig) -> CLIPConfig:
@@ -493,16 +611,31 @@ def hf_format_of(config: CLIPConfig) -> str:
     v, t = config.vision, config.text
     if not v.is_vit:
         raise ValueError("Hugging Face has no ResNet CLIP tower; use --to clipforge")
+    if eva := [*v.changed(VIT_FIELDS), *(["proj"] if v.proj == "linear" else [])]:
+        raise ValueError(f"no transformers model class computes this image tower (vision.{eva[0]} "
+                         f"{getattr(v, eva[0])!r}: a timm Eva tower); use --to clipforge")
     if v.pool == "map" and not v.class_token and t.pool == "last" and t.proj == "linear":
         return "siglip"
     if t.norm == "post" and t.pool == "first" and t.type_vocab_size and t.position_offset == 0:
         return "chinese_clip"
     if t.norm == "pre" and t.causal and t.proj == "matrix" and v.pool == "token" and (
             t.pool == "argmax" or t.pool == "eos"):
-        return "metaclip_2" if config.tokenizer.kind == "hf" else "clip"
+        return _clip_model_type(config)
     raise ValueError("no transformers model class computes this model exactly (its text "
                      f"tower pools by {t.pool!r} with a {t.proj!r} projection); use --to "
                      "clipforge")
+
+
+def _clip_model_type(config: CLIPConfig) -> str:
+    """``CLIPModel`` or ``MetaClip2Model``, which differ only in pooling: CLIPModel pools at the
+    arg-max id when its eos_token_id is 2 (and at the first eos_token_id otherwise),
+    MetaClip2Model always at the first eos_token_id.  So an eos of 2 (XLM-V's) needs
+    MetaClip2Model, the arg-max needs CLIPModel, and any other eos is computed by both: then the
+    recorded family picks the class it came from (a label only: the computation is the same)."""
+    t = config.text
+    if t.pool == "eos" and (t.eos_id == 2 or config.family == "metaclip2"):
+        return "metaclip_2"
+    return "clip"
 
 
 def _common(tower: VisionConfig | TextConfig, act: str) -> dict[str, Any]:
@@ -515,19 +648,20 @@ def _common(tower: VisionConfig | TextConfig, act: str) -> dict[str, Any]:
 def config_to_hf(config: CLIPConfig, tokenizer_ids: dict[str, int] | None = None
                  ) -> dict[str, Any]:
     """``config.json`` of the transformers model that computes ``config`` (see
-    :func:`hf_format_of`).  ``tokenizer_ids``: the special ids (bos, eos, pad) of a Hugging
-    Face tokenizer, recorded in the text config."""
+    :func:`hf_format_of`).  ``tokenizer_ids``: the special ids (bos, eos) of a Hugging Face
+    tokenizer, recorded in the text config where they do not change the computation (the
+    padding id is the model's, which is its tokenizer's)."""
     model_type = hf_format_of(config)
     v, t, act = config.vision, config.text, config.activation
     ids = tokenizer_ids or {}
     vision = {**_common(v, act), "image_size": v.image_size, "patch_size": v.patch_size,
               "num_channels": 3}
     text = {**_common(t, act), "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.positions, "pad_token_id": ids.get("pad", t.pad_id)}
+            "max_position_embeddings": t.positions, "pad_token_id": t.pad_id}
     top: dict[str, Any] = {"architectures": [_CLASSES[model_type]], "model_type": model_type,
                            "torch_dtype": "float32"}
     if model_type in ("clip", "metaclip_2"):
-        eos = t.eos_id if t.pool == "eos" else t.vocab_size - 1
+        eos = t.eos_id if t.pool == "eos" else _argmax_eos(config)
         text.update(bos_token_id=ids.get("bos", t.vocab_size - 2), eos_token_id=eos)
         top.update(projection_dim=config.embed_dim, logit_scale_init_value=2.6592)
     elif model_type == "siglip":
@@ -540,6 +674,13 @@ def config_to_hf(config: CLIPConfig, tokenizer_ids: dict[str, int] | None = None
         top["projection_dim"] = config.embed_dim
     return {**top, "text_config": {"model_type": f"{model_type}_text_model", **text},
             "vision_config": {"model_type": f"{model_type}_vision_model", **vision}}
+
+
+def _argmax_eos(config: CLIPConfig) -> int:
+    """The ``eos_token_id`` that makes CLIPModel pool at the arg-max id: OpenAI's end of text
+    (the largest id, which its tokenizer always writes, so the first eos is the arg-max), or,
+    with another vocabulary, 2, which CLIPModel reads as "arg-max" whatever the texts hold."""
+    return config.text.vocab_size - 1 if config.tokenizer.kind == "openai" else 2
 
 
 _CLASSES = {"clip": "CLIPModel", "metaclip_2": "MetaClip2Model", "siglip": "SiglipModel",

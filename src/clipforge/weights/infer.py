@@ -182,7 +182,7 @@ def _vision_claims(v: VisionConfig, sd: StateDict) -> list[Claim]:
              _dim(sd, "visual.conv1.weight", -1), "visual.conv1.weight"),
             ("vision.layers", v.layers, v.layers, _count_blocks(sd, blocks),
              f"blocks {blocks}N"),
-            ("vision.mlp_width", v.mlp_width, v.mlp_width,
+            ("vision.mlp_width", v.mlp_width, v.mlp_width * (2 if v.mlp_gated else 1),
              _dim(sd, blocks + "0.mlp.c_fc.weight", 0), blocks + "0.mlp.c_fc.weight"),
             ("vision.image_size", v.image_size,
              _positions(v.image_size, v.patch_size, v.class_token), _dim(sd, grid, 0),

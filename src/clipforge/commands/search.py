@@ -1,4 +1,10 @@
-"""``clipforge index build|info``, ``clipforge search`` and ``clipforge serve``."""
+"""``clipforge index build|info``, ``clipforge search`` and ``clipforge serve``
+(:mod:`clipforge.search`).
+
+Without ``--model``, an index is searched, served and updated with the model it records (its
+origin, loaded again by :func:`clipforge.factory.load_origin` at the ``--device`` and
+``--precision`` given); a new index is built with ViT-B-32.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +17,29 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..cli import FAST_DECODE_HELP, _add_model_options, _load, _model
+from ..factory import create_model, load_origin
 from ..fileio import DiskFullError, is_disk_full
 from ..image import ImageLoadError, load_image
-from ..inference import printable_name
-from .build import build_index
-from .store import Store
-from .vectors import ANN_KINDS
+from ..reading import printable_name
+from ..search.build import build_index, recorded_origin
+from ..search.index import SearchIndex
+from ..search.store import Store
+from ..search.vectors import ANN_KINDS
+from .options import (
+    DEFAULT_MODEL,
+    FAST_DECODE_HELP,
+    add_model_options,
+    load_model,
+    model_arguments,
+)
 
 INDEX_KEPT = ("the index keeps its last committed state and the batches already embedded: "
               "free some space and run the build again")
 
 
-def _index_model(args: argparse.Namespace):
-    """The model the user named, else None: the index's own (or the default for a new one)."""
-    if args.model is None:
-        return None
-    return _model(args)
+def _named_model(args: argparse.Namespace):
+    """The model the user named, else None: the index's own."""
+    return None if args.model is None else load_model(args)
 
 
 def _recorded(index: Path) -> dict[str, str]:
@@ -53,18 +65,18 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
-    from ..cli import DEFAULT_MODEL
+def _build_model(args: argparse.Namespace, device: str):
+    """--model, else the model the index records, else the default model for a new index;
+    on ``device`` (this rank's, under torchrun)."""
+    origin = recorded_origin(_recorded(args.out))
+    if args.model is None and origin is not None:
+        return load_origin(origin, device=device, precision=args.precision)
+    name = args.model or DEFAULT_MODEL
+    return create_model(name, **{**model_arguments(args, name), "device": device})
 
-    info = _recorded(args.out)
-    if args.model is not None:
-        model = _load(args.model, args.weights, args.activation, device, args.precision,
-                      args.backend)
-    elif info.get("model") not in (None, "None"):
-        weights = None if info.get("weights") in (None, "None") else info["weights"]
-        model = _load(info["model"], weights, args.activation, device, args.precision)
-    else:
-        model = _load(DEFAULT_MODEL, args.weights, args.activation, device, args.precision)
+
+def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
+    model = _build_model(args, device)
     params = {k: v for k, v in (("nlist", args.nlist), ("m", args.pq_m),
                                 ("nprobe", args.nprobe)) if v is not None}
     try:
@@ -116,11 +128,10 @@ def _query_image(path: str | None) -> Image.Image | None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .index import SearchIndex
-
     if args.query is None and args.image is None:
         raise SystemExit('error: give a text query ("a dog on a beach") and/or --image FILE')
-    index = SearchIndex.open(args.index, _index_model(args), device=args.device)
+    index = SearchIndex.open(args.index, _named_model(args), device=args.device,
+                             precision=args.precision)
     hits = index.search(text=args.query, image=_query_image(args.image),
                         text_weight=args.text_weight, image_weight=args.image_weight, k=args.k,
                         threshold=args.threshold, collapse=args.collapse)
@@ -131,7 +142,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         for hit in hits:
             print(f"{hit.score:.4f}\t{printable_name(str(hit.path))}")
     if args.html:
-        from .html import write_contact_sheet
+        from ..search.html import write_contact_sheet
 
         title = " + ".join(q for q in (args.query, args.image and f"image {args.image}") if q)
         write_contact_sheet(index, hits, args.html, title=title)
@@ -140,8 +151,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .index import SearchIndex
-    from .server import MAX_PIXELS, ServerLimits, listen, serve
+    from ..search.server import MAX_PIXELS, ServerLimits, listen, serve
 
     # Options left out keep the server's defaults (the constants in clipforge.search.server).
     limits = {k: getattr(args, k) for k in ("header_timeout", "body_timeout", "keep_alive",
@@ -156,7 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              f"largest upload allowed ({MAX_PIXELS / 1e6:g} megapixels)")
     sockets = listen(args.host, args.port)  # a taken port is reported before the model loads
     try:
-        index = SearchIndex.open(args.index, _index_model(args), device=args.device)
+        index = SearchIndex.open(args.index, _named_model(args), device=args.device,
+                                 precision=args.precision)
         serve(index, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
               limits=ServerLimits(**limits), sockets=sockets, **options)
     finally:
@@ -194,12 +205,11 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    _add_model_options(p, default=None, default_help="the model that built the index; "
-                       "ViT-B-32 for a new one")
+    add_model_options(p, default=None, default_help="the model that built the index; "
+                      "ViT-B-32 for a new one")
 
 
-def add_search_commands(sub: argparse._SubParsersAction) -> dict:
-    """Add the search commands to the top-level parser; returns name -> function."""
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build or inspect a semantic search index")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="index a folder, CSV/TSV or shards (incremental, "
@@ -224,8 +234,10 @@ def add_search_commands(sub: argparse._SubParsersAction) -> dict:
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.add_argument("--no-progress", action="store_true")
     _model_options(b)
+    b.set_defaults(handler=cmd_index_build)
     i = isub.add_parser("info", help="what an index holds and which model made it")
     i.add_argument("index", type=Path)
+    i.set_defaults(handler=cmd_index_info)
 
     p = sub.add_parser("search", help="query an index by text and/or image")
     p.add_argument("index", type=Path)
@@ -240,6 +252,7 @@ def add_search_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--html", type=Path, help="also write a contact sheet of the results")
     p.add_argument("--json", action="store_true")
     _model_options(p)
+    p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("serve", help="HTTP API and web page for an index (FastAPI)")
     p.add_argument("index", type=Path)
@@ -263,8 +276,4 @@ def add_search_commands(sub: argparse._SubParsersAction) -> dict:
                    "of uploaded images decoded at once; an upload that finds none free within "
                    "2 s gets 503 with Retry-After (default 100)")
     _model_options(p)
-
-    def index_command(args: argparse.Namespace) -> int:
-        return {"build": cmd_index_build, "info": cmd_index_info}[args.index_command](args)
-
-    return {"index": index_command, "search": cmd_search, "serve": cmd_serve}
+    p.set_defaults(handler=cmd_serve)

@@ -1,0 +1,87 @@
+"""``clipforge embed``: normalised image and text embeddings as .npy files, with .csv ids."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_directory
+from ..inference import embed_images, embed_texts
+from ..reading import find_images, name_bytes_hex, printable_name
+from .options import FAST_DECODE_HELP, add_model_options, load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="write normalised image/text embeddings (.npy + .csv ids)")
+    p.add_argument("--images", nargs="+", help="image files or directories")
+    p.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of "
+                   "skipping them")
+    add_model_options(p)
+    p.set_defaults(handler=run)
+
+
+def _write_table(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _read_texts(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        return [line.rstrip("\n") for line in
+                Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: cannot read --texts {path}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.images and not args.texts:
+        raise SystemExit("error: give --images and/or --texts")
+    texts = _read_texts(args.texts)
+    paths = find_images(args.images or [])
+    if args.images and not paths:
+        raise SystemExit(f"error: no image files in {' '.join(args.images)}")
+    model = load_model(args)
+    failures = []
+    with atomic_directory(args.out, marker="model.json", writes=("*.npy", "*.csv")) as out:
+        if paths:
+            result = embed_images(model, paths, batch_size=args.batch_size,
+                                  num_workers=args.workers, fast_decode=args.fast_decode)
+            np.save(out / "image_embeddings.npy", result.vectors.astype(np.float32))
+            # A file name that is not UTF-8 is shown with \xNN escapes; path_hex has its bytes.
+            _write_table(out / "images.csv", ("row", "path", "path_hex"),
+                         [(row, printable_name(p), name_bytes_hex(p))
+                          for row, p in enumerate(result.ids)])
+            failures += [("image", p, e) for p, e in result.failures]
+            print(f"{len(result.ids)} images embedded, {len(result.failures)} skipped")
+        if texts:
+            result = embed_texts(model, texts, batch_size=args.batch_size * 8,
+                                 truncate=args.truncate)
+            np.save(out / "text_embeddings.npy", result.vectors.astype(np.float32))
+            _write_table(out / "texts.csv", ("row", "line", "text"),
+                         [(r, int(i) + 1, texts[int(i)]) for r, i in enumerate(result.ids)])
+            failures += [("text", f"line {int(i) + 1}", e) for i, e in result.failures]
+            print(f"{len(result.ids)} texts embedded, {len(result.failures)} skipped")
+        failures = [(kind, printable_name(item), printable_name(reason), name_bytes_hex(item))
+                    for kind, item, reason in failures]
+        _write_table(out / "skipped.csv", ("kind", "item", "reason", "item_hex"), failures)
+        (out / "model.json").write_text(json.dumps(
+            {"model": str(args.model), "weights": args.weights, "config": model.config.to_dict()},
+            indent=2) + "\n")
+    for kind, item, reason, _ in failures:
+        print(f"skipped {kind} {item}: {reason}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
