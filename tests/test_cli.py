@@ -29,7 +29,33 @@ def test_models_lists_architectures_and_tags(capsys) -> None:
     out = capsys.readouterr().out
     for name in clipforge.available_models():
         assert name in out
-    assert "laion2b_s39b_b160k" in out and "151.3M" in out
+    assert "laion2b_s39b_b160k 80.1%" in out and "151.3M" in out
+
+
+def test_models_lists_every_family_with_published_figures(capsys) -> None:
+    assert main(["models", "--json", "--pretrained"]) == 0
+    rows = {r["architecture"]: r for r in json.loads(capsys.readouterr().out)}
+    families = {r["family"] for r in rows.values()}
+    assert {"clip", "siglip", "siglip2", "metaclip2", "xlm-roberta", "pe-core", "eva02"} <= families
+    tags = {t["tag"]: t for t in rows["ViT-H-14-378-quickgelu"]["weights"]}
+    assert tags["dfn5b"]["imagenet_top1"] == 84.4
+    assert tags["dfn5b"]["repository"] == "apple/DFN5B-CLIP-ViT-H-14-378"
+    siglip = rows["ViT-SO400M-14-SigLIP-384"]
+    assert (siglip["image_size"], siglip["embed_dim"], siglip["tokenizer"]) == (384, 1152, "hf")
+    assert 870e6 < siglip["parameters"] < 890e6  # OpenCLIP's 878M
+    assert main(["models", "--family", "pe-core"]) == 0
+    assert "PE-Core-bigG-14-448" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="families:"):
+        main(["models", "--family", "nope"])
+
+
+def test_published_architecture_needs_its_tokenizer_files_for_random_init() -> None:
+    """An architecture whose tokenizer comes with its weights cannot be built without them:
+    the error says where they come from, before any model is built."""
+    from clipforge.text.hf import TokenizerFilesError
+
+    with pytest.raises(TokenizerFilesError, match="files come with its weights"):
+        clipforge.create_model("ViT-B-16-SigLIP")
 
 
 def test_classify_matches_the_model(saved_model, photos, capsys) -> None:

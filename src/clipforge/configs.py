@@ -513,6 +513,24 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
 }
 
 
+HAND_WRITTEN: tuple[str, ...] = tuple(ARCHITECTURES)
+
+
+def _published() -> dict[str, CLIPConfig]:
+    """The other architectures OpenCLIP publishes weights for (SigLIP, SigLIP 2, DFN, MetaCLIP 2,
+    PE-Core, EVA, XLM-RoBERTa...): rows of data in ``published_architectures.json``, made by
+    clipforge's own OpenCLIP reader from OpenCLIP's configs (tools/published_architectures.py)."""
+    from importlib import resources
+
+    text = resources.files(__package__).joinpath("published_architectures.json").read_text(
+        encoding="utf-8")
+    return {name: CLIPConfig.from_dict(row) for name, row in json.loads(text).items()}
+
+
+ARCHITECTURES.update({name: config for name, config in _published().items()
+                      if name not in ARCHITECTURES})
+
+
 def available_models() -> list[str]:
     """Names of the built-in architectures."""
     return list(ARCHITECTURES)

@@ -865,6 +865,8 @@ def _family(v: Mapping[str, Any], vision: VisionConfig, text: TextConfig) -> str
         return "siglip"
     if text.norm == "post":
         return "xlm-roberta"
+    if text.pool == "eos":  # MetaCLIP 2 worldwide: CLIP towers, XLM-V pooled at its eos id
+        return "metaclip2"
     return "clip"
 
 
