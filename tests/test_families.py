@@ -561,3 +561,32 @@ def test_unit_embeddings_are_l2_normalised(siglip_dir):
         text = model.encode_text(model.tokenizer(TEXTS), normalize=True)
     assert torch.allclose(text.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6)
     assert torch.allclose(F.normalize(text, dim=-1), text)
+
+
+def test_a_hub_repository_brings_its_tokenizer_files(siglip_dir, tmp_path, monkeypatch):
+    """``hf-hub:org/repo`` downloads the tokenizer files beside the weights, so a family with
+    its own vocabulary loads ready to use.  The Hub is stood in for by a folder (no network
+    here): what is asked of it is what an online download would fetch."""
+    import huggingface_hub
+
+    from clipforge.weights import pretrained
+
+    requested: list[str] = []
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+
+    def hf_hub_download(repo, name, local_files_only=False):
+        if local_files_only:  # nothing cached yet
+            raise huggingface_hub.errors.LocalEntryNotFoundError(name)
+        requested.append(name)
+        (snapshot / name).write_bytes((siglip_dir / name).read_bytes())
+        return str(snapshot / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo: sorted(p.name for p in siglip_dir.iterdir()))
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda: True)
+    model = clipforge.create_model("hf-hub:org/siglip")
+    assert "spiece.model" in requested and "tokenizer_config.json" in requested
+    assert type(model.tokenizer).__name__ == "HFTokenizer"
+    assert torch.equal(model.tokenizer(TEXTS), clipforge.create_model(siglip_dir).tokenizer(TEXTS))

@@ -49,7 +49,13 @@ HUB_PREFIX = "hf-hub:"
 # Tried in order; the first present in the repository is used (safetensors first: no pickle).
 HUB_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
              "pytorch_model.bin")
-HUB_CONFIGS = ("open_clip_config.json", "config.json", "preprocessor_config.json")
+HUB_CONFIGS = ("open_clip_config.json", "config.json", "preprocessor_config.json",
+               "processor_config.json")
+# The tokenizer files a family's repository may hold beside its weights (those present are
+# fetched: a model loads with its own tokenizer).
+HUB_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                       "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt",
+                       "vocab.json", "merges.txt", "added_tokens.json")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -105,7 +111,7 @@ def download(repo: str) -> Path:
             return None
 
     def first_weights(names: tuple[str, ...], cached_only: bool) -> Path | None:
-        for name in HUB_CONFIGS:
+        for name in HUB_CONFIGS + HUB_TOKENIZER_FILES:
             if name in names:
                 fetch(name, cached_only)
         for name in HUB_FILES:
@@ -113,7 +119,8 @@ def download(repo: str) -> Path:
                 return path.parent
         return None
 
-    if (snapshot := first_weights(HUB_CONFIGS + HUB_FILES, cached_only=True)) is not None:
+    if (snapshot := first_weights(HUB_CONFIGS + HUB_TOKENIZER_FILES + HUB_FILES,
+                                  cached_only=True)) is not None:
         return snapshot
     if not _hub_reachable():
         raise WeightsUnavailableError(
