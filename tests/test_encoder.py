@@ -106,15 +106,20 @@ def test_onnx_softmax_model_has_no_bias(tmp_path) -> None:
     assert runtime.tokenizer.context_length == model.context_length
 
 
-def test_export_refuses_a_text_tower_its_graph_cannot_reproduce(tmp_path) -> None:
+def test_export_reproduces_every_text_tower(tmp_path) -> None:
+    """The graph is encode_text itself: a bidirectional tower pooled last (once refused) exports
+    and gives the PyTorch model's embeddings (every family: test_onnx_families.py)."""
     pytest.importorskip("onnxruntime")
-    from clipforge.onnx import OnnxExportError, export_onnx
+    from clipforge.onnx import export_onnx
 
     config = clipforge.configs.get_config("tiny-vit")
     config = config.replace(text=dataclasses.replace(config.text, causal=False, pool="last"))
-    with pytest.raises(OnnxExportError, match="text.causal=False.*text.pool='last'"):
-        export_onnx(clipforge.CLIP(config), tmp_path / "export")
-    assert not (tmp_path / "export").exists()
+    model = perturb(clipforge.CLIP(config), seed=4).eval()
+    runtime = clipforge.create_model(export_onnx(model, tmp_path / "export"))
+    ids = model.tokenizer(["a cat", "", "two dogs in the snow"])
+    with torch.no_grad():
+        torch.testing.assert_close(runtime.encode_text(ids), model.encode_text(ids),
+                                   atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------- one loader

@@ -122,8 +122,7 @@ class CLIP(nn.Module):
             raise ValueError(
                 f"token length {tokens.shape[1]} exceeds the model's context {self.context_length}"
             )
-        if not cfg.causal and not cfg.mask_padding and tokens.shape[1] < self.context_length:
-            tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]), value=cfg.pad_id)
+        tokens = tower.pad_to_context(tokens, cfg)
         tokens = tokens[:, :tower.needed_length(tokens, cfg)]
         length = tokens.shape[1]
         offset = cfg.position_offset

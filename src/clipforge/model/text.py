@@ -17,10 +17,16 @@ of its tokens, a projection.  What the families change is data (:class:`TextConf
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..configs import TextConfig
 from .linear import Linear
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
 
 
 def end_positions(tokens: torch.Tensor, cfg: TextConfig) -> torch.Tensor | None:
@@ -34,27 +40,55 @@ def end_positions(tokens: torch.Tensor, cfg: TextConfig) -> torch.Tensor | None:
     return None
 
 
+def pad_to_context(tokens: torch.Tensor, cfg: TextConfig) -> torch.Tensor:
+    """``tokens`` padded (with ``pad_id``) to the full context when the tower attends to its
+    padding: a bidirectional tower without a mask (SigLIP) was trained on texts padded to its
+    full length, the only input it gives the right answer for.  Other towers never see their
+    padding, and their tokens are returned as they are.  The pad is written unconditionally
+    (a width of 0 at full length) so that an exported graph takes every length."""
+    if cfg.causal or cfg.mask_padding:
+        return tokens
+    return F.pad(tokens, (0, cfg.context_length - tokens.shape[1]), value=cfg.pad_id)
+
+
 def needed_length(tokens: torch.Tensor, cfg: TextConfig) -> int:
     """How many leading positions can change the pooled features: the rest of the padding
     is not computed.  Exact: a causal tower's end token never sees what follows it, and a
     masked tower's real tokens never see its padding; a bidirectional tower without a mask
-    (SigLIP) sees everything, so it runs at full length."""
+    (SigLIP) sees everything, so it runs at full length.
+
+    The length is data.  ``.item()`` gives it as a Python int when the model runs, and as a
+    size bounded by the checks below while ``torch.export`` traces (ONNX export), so the
+    exported graph computes it from its input like this code does, never from the example
+    it was traced with."""
     if tokens.shape[0] == 0:
         return 1
     if cfg.causal and (ends := end_positions(tokens, cfg)) is not None:
-        return int(ends.max()) + 1
-    if cfg.mask_padding:
+        last = ends
+    elif cfg.mask_padding:
         real = (tokens != cfg.pad_id).int()
         last = real.shape[1] - 1 - real.flip(dims=[1]).argmax(dim=1)
-        return int(last.max()) + 1
-    return tokens.shape[1]
+    else:
+        return tokens.shape[1]
+    length = (last.max() + 1).item()
+    torch._check(length >= 1)
+    torch._check(length <= tokens.shape[1])
+    return length
 
 
 def padding_mask(tokens: torch.Tensor, cfg: TextConfig) -> torch.Tensor | None:
-    """Boolean [N, 1, 1, L] attention mask, True for keys that are real tokens (masked towers)."""
+    """Boolean [N, 1, 1, L] attention mask, True for keys that are real tokens (masked towers).
+
+    While torch traces the model (ONNX export, torch.compile) it is spelt out to [N, 1, L, L]:
+    broadcasting a row over a length computed from the data (:func:`needed_length`) depends on
+    whether that length is 1, which torch.export cannot know.  Only then: the attention kernels
+    run up to 15 % slower with the full mask, and the values are the same."""
     if not cfg.mask_padding:
         return None
-    return (tokens != cfg.pad_id)[:, None, None, :]
+    mask = (tokens != cfg.pad_id)[:, None, None, :]
+    if _is_compiling():
+        mask = mask.expand(-1, -1, tokens.shape[1], -1)
+    return mask
 
 
 def pool(x: torch.Tensor, tokens: torch.Tensor, cfg: TextConfig) -> torch.Tensor:

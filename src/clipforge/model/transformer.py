@@ -100,8 +100,9 @@ class Attention(PacksWeights):
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
-        """``mask``: boolean [N, 1, 1, L], True where a key may be attended (padding masked);
-        never given together with ``causal`` (causal towers pool before their padding).
+        """``mask``: boolean [N, 1, 1, L] (or [N, 1, L, L]), True where a key may be attended
+        (padding masked); never given together with ``causal`` (causal towers pool before
+        their padding).
         ``rope``: the rotary tables of the last tokens (the patches), whose queries and keys
         are turned; the tokens before them (a class token) are not."""
         q, k, v = self._qkv(x)

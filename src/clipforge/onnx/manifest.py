@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..configs import TextConfig
 from ..fileio import atomic_file
 
 MANIFEST = "clipforge_onnx.json"
 FORMAT = "clipforge-onnx"
-FORMAT_VERSION = 1
+# The manifest versions this clipforge reads.  1: OpenAI's BPE vocabulary; 2: a Hugging Face
+# tokenizer's files (``tokenizer.type`` "huggingface"), which a version-1 reader cannot load.
+# An export is written with the lowest version that describes it (export._manifest), so that
+# older clipforge releases keep reading what they can and ask for an upgrade where they cannot.
+FORMAT_VERSION = 2
+HF_TOKENIZER_VERSION = 2
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
 VOCAB_LICENSE = "LICENSE-bpe_simple_vocab.txt"
 VARIANTS = ("fp32", "int8")
@@ -92,7 +101,11 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
 def check_file(directory: Path, record: dict[str, Any], verify: bool) -> Path:
     """The path of a recorded file after checking that it is there, whole and (with
     ``verify``) the same bytes as exported; the errors name the file."""
-    path = directory / record["file"]
+    name = record["file"]
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise OnnxLoadError(f"{directory / MANIFEST} lists {name!r}, which is not a file name "
+                            "inside the export directory; export the model again")
+    path = directory / name
     if not path.is_file():
         raise OnnxLoadError(f"{path} is missing from the export; export the model again")
     size = path.stat().st_size
@@ -103,3 +116,24 @@ def check_file(directory: Path, record: dict[str, Any], verify: bool) -> Path:
         raise OnnxLoadError(f"{path} does not match the sha256 recorded at export: corrupted or "
                             "replaced; copy or export it again")
     return path
+
+
+def sample_ids(text: TextConfig, lengths: Sequence[int], seed: int = 0) -> np.ndarray:
+    """[len(lengths), context] int64 random token ids laid out as the tower's tokenizer lays
+    them out, for checking graphs without a tokenizer (torch-free, so that an int8 variant
+    can be checked where it is deployed): each row ``length`` ids, the last of them the id the
+    tower pools at (the largest id for ``argmax`` pooling, as OpenAI's end-of-text is;
+    ``eos_id`` for ``eos``), then ``pad_id`` to the context.  The other ids avoid the padding
+    and the pooled id, so that the pooled position is the one intended."""
+    rng = np.random.default_rng(seed)
+    context, vocab = text.context_length, text.vocab_size
+    marker = {"argmax": vocab - 1, "eos": text.eos_id}.get(text.pool)
+    avoid = [text.pad_id] + ([marker] if marker is not None else [])
+    choices = np.setdiff1d(np.arange(vocab, dtype=np.int64), np.array(avoid, np.int64))
+    ids = np.full((len(lengths), context), text.pad_id, dtype=np.int64)
+    for row, length in enumerate(lengths):
+        length = min(max(int(length), 1), context)
+        ids[row, :length] = rng.choice(choices, length)
+        if marker is not None:
+            ids[row, length - 1] = marker
+    return ids

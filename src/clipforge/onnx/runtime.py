@@ -9,12 +9,15 @@ it). Torch tensors in give torch tensors out; numpy arrays in give numpy arrays 
 
 Why no torch: a deployment that only embeds should not have to ship PyTorch (hundreds of
 megabytes, seconds to import). This module imports numpy, PIL, onnxruntime and clipforge's
-tokenizer and transform, none of which import torch. ``tokenize`` and ``preprocess`` return
-numpy arrays when torch is absent (or when ``array_type="numpy"``).
+tokenizer and transform, none of which import torch; an export of a model with a Hugging Face
+tokenizer (SigLIP, XLM-RoBERTa, Chinese-CLIP...) reads the tokenizer files it carries with
+transformers' tokenizer classes, which need no torch either. ``tokenize`` and ``preprocess``
+return numpy arrays when torch is absent (or when ``array_type="numpy"``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -26,6 +29,7 @@ from PIL import Image
 
 from ..configs import CLIPConfig
 from ..image.transform import Preprocess
+from ..text.hf import HFTokenizer, TokenizerFilesError
 from ..text.tokenizer import Tokenizer
 from .manifest import VARIANTS, OnnxLoadError, check_file, export_directory, read_manifest
 
@@ -134,9 +138,7 @@ class OnnxCLIP:
             image_files, text_files = graphs["image_encoder"], graphs["text_encoder"]
             self.fingerprint: str = graphs["fingerprint"]
             self._logit_scale = float(manifest["logit_scale"])
-            tokenizer = manifest["tokenizer"]
-            vocab = {"file": tokenizer["vocab_file"], "bytes": tokenizer["vocab_bytes"],
-                     "sha256": tokenizer["vocab_sha256"]}
+            tokenizer_files = _tokenizer_files(manifest["tokenizer"], self.config)
         except (KeyError, TypeError, ValueError) as exc:
             raise OnnxLoadError(f"{self.path / 'clipforge_onnx.json'} is incomplete or "
                                 f"invalid: {exc!r}") from None
@@ -151,8 +153,9 @@ class OnnxCLIP:
             self.origin["variant"] = variant
         for record in image_files["files"] + text_files["files"]:
             check_file(self.path, record, verify)
-        self._vocab = check_file(self.path, vocab, verify)
-        self._tokenizer: Tokenizer | None = None
+        checked = [check_file(self.path, record, verify) for record in tokenizer_files]
+        self._vocab = checked[0]  # OpenAI's BPE vocabulary (the first file)
+        self._tokenizer: Tokenizer | HFTokenizer | None = None
         self.threads = threads or default_threads()
         options = session_options(self.threads)
         providers = providers or ["CPUExecutionProvider"]
@@ -194,17 +197,26 @@ class OnnxCLIP:
         return value
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer over the export's own copy of the BPE vocabulary, padding to the
-        model's context."""
-        if self.config.tokenizer.kind != "openai":
-            raise OnnxLoadError(
-                f"{self.path} is an export of a model with a Hugging Face tokenizer "
-                f"({self.config.family}); the ONNX runtime reads only OpenAI's BPE so far: run "
-                "this model with the PyTorch backend")
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        """The model's tokenizer over the export's own copy of its files, padding to the
+        model's context: OpenAI's BPE, or the Hugging Face tokenizer the model was exported
+        with (read by transformers' tokenizer classes, loaded at first use)."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self._vocab, context_length=self.context_length)
+            if self.config.tokenizer.kind == "openai":
+                self._tokenizer = Tokenizer(self._vocab, context_length=self.context_length)
+            else:
+                self._tokenizer = self._hf_tokenizer()
         return self._tokenizer
+
+    def _hf_tokenizer(self) -> HFTokenizer:
+        spec = self.config.tokenizer
+        _quiet_transformers()
+        try:
+            return HFTokenizer(self.path, self.context_length, clean=spec.clean,
+                               strip_sep=spec.strip_sep)
+        except TokenizerFilesError as exc:
+            raise OnnxLoadError(f"cannot load the tokenizer of the export {self.path}: "
+                                f"{exc}") from None
 
     def eval(self) -> OnnxCLIP:
         return self
@@ -236,8 +248,9 @@ class OnnxCLIP:
         return self._output(out, normalize, like=pixels)
 
     def encode_text(self, tokens: Any, normalize: bool = False) -> Any:
-        """[N, length] token ids (zero-padded, any length up to the context) ->
-        [N, embed_dim]; pooled at the end-of-text token (the arg-max id)."""
+        """[N, length] token ids (from ``tokenizer``, padded, any length up to the context) ->
+        [N, embed_dim], as ``CLIP.encode_text``: the family's pooling, masks and projection
+        are in the graph."""
         ids = _to_numpy(tokens, np.int64)
         if ids.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(ids.shape)}")
@@ -315,6 +328,32 @@ def _logit_bias(manifest: dict[str, Any], config: CLIPConfig) -> float | None:
         raise OnnxLoadError("the manifest records no logit_bias for a model that has one "
                             "(an export by an older clipforge); export the model again")
     return float(value)
+
+
+def _tokenizer_files(described: dict[str, Any], config: CLIPConfig) -> list[dict[str, Any]]:
+    """The manifest's records of the tokenizer's files (the first one the vocabulary for
+    OpenAI's BPE); KeyError/TypeError/ValueError when the description is incomplete."""
+    if config.tokenizer.kind == "openai":
+        return [{"file": described["vocab_file"], "bytes": described["vocab_bytes"],
+                 "sha256": described["vocab_sha256"]}]
+    files = described["files"]
+    if not isinstance(files, list) or not files:
+        raise ValueError("the Hugging Face tokenizer's files are not listed")
+    return [{"file": f["file"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in files]
+
+
+class _NoTorchAdvice(logging.Filter):
+    """transformers says on import, where torch is missing, that only tokenizers will work:
+    here that is all it is asked for, and a deployment without torch is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+def _quiet_transformers() -> None:
+    log = logging.getLogger("transformers")
+    if not any(isinstance(f, _NoTorchAdvice) for f in log.filters):
+        log.addFilter(_NoTorchAdvice())
 
 
 def load_onnx(path: str | Path, **options: Any) -> OnnxCLIP:
