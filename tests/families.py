@@ -145,6 +145,38 @@ def siglip2_tokenizer(directory: Path, context_length: int | None = None) -> Pat
     return out
 
 
+def small_siglip_dir(root: Path) -> Path:
+    """A small transformers SigLIP directory (random weights) with a SentencePiece vocabulary of
+    its own, trained here: a model that reads its own tokenizer files."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+    tokenizer_dir = siglip_tokenizer(root / "tok", context_length=16)
+    vocab = len(SiglipTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8))
+    out = root / "hf"
+    SiglipModel(config).save_pretrained(out)
+    SiglipTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face cache entry laid out as huggingface_hub writes it."""
+    commit = "0" * 40
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
 # ----------------------------------------------------------------------------- open_clip
 
 

@@ -258,20 +258,7 @@ def test_search_keeps_the_precision_without_model(sigmoid_file, photos, tmp_path
 def siglip_model(tmp_path_factory):
     """A small SigLIP (transformers layout) with a SentencePiece vocabulary of its own."""
     pytest.importorskip("transformers")
-    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
-
-    root = tmp_path_factory.mktemp("siglip")
-    tokenizer_dir = families.siglip_tokenizer(root / "tok", context_length=16)
-    vocab = len(SiglipTokenizer.from_pretrained(tokenizer_dir))
-    torch.manual_seed(0)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8))
-    SiglipModel(config).save_pretrained(root / "hf")
-    SiglipTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "hf")
-    return clipforge.create_model(root / "hf")
+    return clipforge.create_model(families.small_siglip_dir(tmp_path_factory.mktemp("siglip")))
 
 
 def _unit_text(model, texts: list[str]) -> torch.Tensor:

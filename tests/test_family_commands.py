@@ -39,21 +39,7 @@ def family_dir(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def siglip_with_files(tmp_path_factory):
     """A SigLIP model that reads its own SentencePiece tokenizer files (trained here)."""
-    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
-
-    root = tmp_path_factory.mktemp("siglip-files")
-    tokenizer = families.siglip_tokenizer(root / "tok", context_length=16)
-    vocab = len(SiglipTokenizer.from_pretrained(tokenizer))
-    torch.manual_seed(0)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8))
-    out = root / "hf"
-    SiglipModel(config).save_pretrained(out)
-    SiglipTokenizer.from_pretrained(tokenizer).save_pretrained(out)
-    return out
+    return families.small_siglip_dir(tmp_path_factory.mktemp("siglip-files"))
 
 
 def _classify(model_dir, photos, capsys) -> dict:

@@ -864,18 +864,6 @@ def test_weights_that_are_not_the_configs_are_an_error(plain_dir, build, tmp_pat
 # ------------------------------------------------------------------- files on the hub
 
 
-def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> None:
-    """A Hugging Face cache entry laid out as huggingface_hub writes it."""
-    commit = "0" * 40
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(commit)
-    snapshot = entry / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     from huggingface_hub import constants
@@ -895,7 +883,7 @@ def test_tower_config_and_tokenizer_from_the_hub_cache(build, root, tokenizers, 
     reference = clipforge.create_model(source)
     files = {p.name: p.read_bytes() for p in tokenizers["xlmr"].iterdir() if p.is_file()}
     files["config.json"] = (root / "xlmr-config" / "config.json").read_bytes()
-    _fake_hub_cache(hub_cache, "org/xlmr", files)
+    families.fake_hub_cache(hub_cache, "org/xlmr", files)
     copy = _copy_with(source, tmp_path, _text(hf_model_name="org/xlmr",
                                               hf_tokenizer_name="org/xlmr"))
     model = clipforge.create_model(copy)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import clipforge
+import families
 from clipforge.configs import ARCHITECTURES, HAND_WRITTEN
 from clipforge.weights import CheckpointError, UnsafeCheckpointError, WeightsUnavailableError
 from clipforge.weights.infer import infer_config
@@ -202,18 +203,6 @@ def test_bare_laion_shapes_warn_about_activation(caplog) -> None:
     assert "h14.bin" in caplog.text and "activation='gelu'" in caplog.text
 
 
-def _fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> None:
-    """A Hugging Face cache entry laid out as huggingface_hub writes it."""
-    commit = "0" * 40
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     from huggingface_hub import constants
@@ -227,7 +216,7 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 def test_hub_weights_from_cache_offline(tiny_vit, hub_cache, tmp_path, monkeypatch) -> None:
     """The real download path, served from a cache as an online run would have left it."""
     clipforge.save_model(tiny_vit, tmp_path / "m.safetensors")
-    _fake_hub_cache(hub_cache, "org/tiny", {"model.safetensors":
+    families.fake_hub_cache(hub_cache, "org/tiny", {"model.safetensors":
                                             (tmp_path / "m.safetensors").read_bytes()})
     loaded = clipforge.create_model("hf-hub:org/tiny")
     assert_same_tensors(tiny_vit, loaded)
@@ -239,7 +228,7 @@ def test_hub_weights_from_cache_offline(tiny_vit, hub_cache, tmp_path, monkeypat
     torch.save(tiny_vit.state_dict(), tmp_path / "bare.bin")
     open_clip_config = {"model_cfg": {"embed_dim": 64, "vision_cfg": {"head_width": 16},
                                       "text_cfg": {"heads": 4}}, "preprocess_cfg": {}}
-    _fake_hub_cache(hub_cache, "org/tiny-laion", {
+    families.fake_hub_cache(hub_cache, "org/tiny-laion", {
         "open_clip_pytorch_model.bin": (tmp_path / "bare.bin").read_bytes(),
         "open_clip_config.json": json.dumps(open_clip_config).encode()})
     tagged = clipforge.create_model("tiny-vit", weights="laion")

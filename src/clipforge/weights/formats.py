@@ -165,9 +165,9 @@ def _from_hf(sd: StateDict, weights: Path, rules: list) -> StateDict:
     """clipforge's tensors of a transformers state dict; odd key names or shapes (a
     transposed matrix that is not one) name the file instead of surfacing as a traceback."""
     try:
-        return from_hf_state_dict(sd, rules)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{weights}: {exc}") from None
+        return from_hf_state_dict(sd, rules, str(weights))
+    except CheckpointError:
+        raise
     except (ValueError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"{weights}: not a CLIPModel state dict clipforge can read "
                               f"({exc}); download or export it again") from None

@@ -43,52 +43,11 @@ from ..configs import (
 )
 from ..text.hf import VOCABULARY_FILES, TokenizerFilesError, load_hf_tokenizer
 from .checkpoint import CheckpointError, read_json_object
+from .renaming import Rule, block, rule, to_ours, to_theirs
 
 StateDict = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------ renaming rules
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``ours`` <-> ``theirs``.  Patterns may hold ``{n}`` (a block number) and ``{kind}``
-    (weight or bias); a pattern without ``{kind}`` also covers the tensors below it
-    (``visual.ln_post`` covers ``visual.ln_post.weight``).  ``theirs`` as three names: the
-    q, k and v projections that clipforge keeps fused along dimension 0.  ``transpose``: a
-    [in, out] matrix of ours stored as an ``nn.Linear`` weight.  ``scalar``: our 0-d tensor
-    stored with shape [1] (SigLIP's temperature and bias)."""
-
-    ours: str
-    theirs: str | tuple[str, str, str]
-    transpose: bool = False
-    scalar: bool = False
-
-    def pattern(self, side: str) -> list[re.Pattern]:
-        names = [self.ours] if side == "ours" else (
-            list(self.theirs) if isinstance(self.theirs, tuple) else [self.theirs])
-        return [_compile(name) for name in names]
-
-
-def _compile(name: str) -> re.Pattern:
-    regex = re.escape(name).replace(r"\{n\}", r"(?P<n>\d+)").replace(
-        r"\{kind\}", r"(?P<kind>weight|bias)")
-    return re.compile(regex + ("" if "{kind}" in name else r"(?P<rest>\..+)?") + "$")
-
-
-def _fill(name: str, match: re.Match) -> str:
-    groups = match.groupdict()
-    out = name.replace("{n}", groups.get("n") or "").replace("{kind}", groups.get("kind") or "")
-    return out + (groups.get("rest") or "")
-
-
-def _block(ours: str, theirs: str, table: dict[str, str | tuple[str, str, str]]
-           ) -> list[Rule]:
-    """Rules for the blocks ``ours{n}.`` <-> ``theirs{n}.`` from a within-block table."""
-    rules = []
-    for a, b in table.items():
-        other = (tuple(theirs + x for x in b) if isinstance(b, tuple) else theirs + b)
-        rules.append(Rule(ours + a, other))
-    return rules
 
 
 # Within-block names: CLIP-style pre-norm blocks (CLIP, SigLIP, MetaCLIP 2) and BERT's post-norm
@@ -105,49 +64,49 @@ _BERT_BLOCK = {"attn.in_proj_{kind}": ("attention.self.query.{kind}", "attention
                "ln_2": "output.LayerNorm"}
 
 _CLIP_VISION = [
-    Rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
-    Rule("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-    Rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    Rule("visual.ln_pre", "vision_model.pre_layrnorm"),  # sic, transformers' spelling
-    *_block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
-    Rule("visual.ln_post", "vision_model.post_layernorm"),
-    Rule("visual.proj", "visual_projection.weight", transpose=True),
+    rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
+    rule("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    rule("visual.ln_pre", "vision_model.pre_layrnorm"),  # sic, transformers' spelling
+    *block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    rule("visual.ln_post", "vision_model.post_layernorm"),
+    rule("visual.proj", "visual_projection.weight", transpose=True),
 ]
 _CLIP_TEXT = [
-    Rule("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-    Rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    *_block("transformer.resblocks.{n}.", "text_model.encoder.layers.{n}.", _CLIP_BLOCK),
-    Rule("ln_final", "text_model.final_layer_norm"),
-    Rule("text_projection", "text_projection.weight", transpose=True),
+    rule("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    *block("transformer.resblocks.{n}.", "text_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    rule("ln_final", "text_model.final_layer_norm"),
+    rule("text_projection", "text_projection.weight", transpose=True),
 ]
-CLIP_RULES = [*_CLIP_VISION, *_CLIP_TEXT, Rule("logit_scale", "logit_scale")]
+CLIP_RULES = [*_CLIP_VISION, *_CLIP_TEXT, rule("logit_scale", "logit_scale")]
 
 SIGLIP_RULES = [
-    Rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
-    Rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    *_block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
-    Rule("visual.ln_post", "vision_model.post_layernorm"),
-    Rule("visual.attn_pool.probe", "vision_model.head.probe"),
-    Rule("visual.attn_pool.in_proj_{kind}", "vision_model.head.attention.in_proj_{kind}"),
-    Rule("visual.attn_pool.out_proj", "vision_model.head.attention.out_proj"),
-    Rule("visual.attn_pool.ln", "vision_model.head.layernorm"),
-    Rule("visual.attn_pool.mlp.c_fc", "vision_model.head.mlp.fc1"),
-    Rule("visual.attn_pool.mlp.c_proj", "vision_model.head.mlp.fc2"),
+    rule("visual.conv1", "vision_model.embeddings.patch_embedding"),
+    rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    *block("visual.transformer.resblocks.{n}.", "vision_model.encoder.layers.{n}.", _CLIP_BLOCK),
+    rule("visual.ln_post", "vision_model.post_layernorm"),
+    rule("visual.attn_pool.probe", "vision_model.head.probe"),
+    rule("visual.attn_pool.in_proj_{kind}", "vision_model.head.attention.in_proj_{kind}"),
+    rule("visual.attn_pool.out_proj", "vision_model.head.attention.out_proj"),
+    rule("visual.attn_pool.ln", "vision_model.head.layernorm"),
+    rule("visual.attn_pool.mlp.c_fc", "vision_model.head.mlp.fc1"),
+    rule("visual.attn_pool.mlp.c_proj", "vision_model.head.mlp.fc2"),
     *[r for r in _CLIP_TEXT if r.ours != "text_projection"],
-    Rule("text_projection", "text_model.head"),
-    Rule("logit_scale", "logit_scale", scalar=True),
-    Rule("logit_bias", "logit_bias", scalar=True),
+    rule("text_projection", "text_model.head"),
+    rule("logit_scale", "logit_scale", squeeze=True),
+    rule("logit_bias", "logit_bias", squeeze=True),
 ]
 
 CHINESE_CLIP_RULES = [
     *_CLIP_VISION,
-    Rule("token_embedding.weight", "text_model.embeddings.word_embeddings.weight"),
-    Rule("positional_embedding", "text_model.embeddings.position_embeddings.weight"),
-    Rule("token_type_embedding", "text_model.embeddings.token_type_embeddings.weight"),
-    Rule("ln_embed", "text_model.embeddings.LayerNorm"),
-    *_block("transformer.resblocks.{n}.", "text_model.encoder.layer.{n}.", _BERT_BLOCK),
-    Rule("text_projection", "text_projection.weight", transpose=True),
-    Rule("logit_scale", "logit_scale"),
+    rule("token_embedding.weight", "text_model.embeddings.word_embeddings.weight"),
+    rule("positional_embedding", "text_model.embeddings.position_embeddings.weight"),
+    rule("token_type_embedding", "text_model.embeddings.token_type_embeddings.weight"),
+    rule("ln_embed", "text_model.embeddings.LayerNorm"),
+    *block("transformer.resblocks.{n}.", "text_model.encoder.layer.{n}.", _BERT_BLOCK),
+    rule("text_projection", "text_projection.weight", transpose=True),
+    rule("logit_scale", "logit_scale"),
 ]
 
 # Buffers some transformers versions save; they hold no weights.
@@ -159,57 +118,14 @@ def to_hf_state_dict(sd: StateDict, rules: list[Rule] = CLIP_RULES) -> StateDict
     if "visual.attnpool.positional_embedding" in sd:
         raise ValueError("only ViT image towers can be written in Hugging Face format "
                          "(transformers has no ResNet CLIP tower); use --to clipforge")
-    compiled = [(rule, rule.pattern("ours")[0]) for rule in rules]
-    out: StateDict = {}
-    for key, value in sd.items():
-        rule, match = _first_match(key, compiled)
-        if rule is None:
-            raise ValueError(f"no Hugging Face name for {key!r}")
-        if rule.transpose:
-            value = value.t().contiguous()
-        if rule.scalar:
-            value = value.reshape(1)
-        if isinstance(rule.theirs, tuple):
-            for name, part in zip(rule.theirs, value.chunk(3, dim=0)):
-                out[_fill(name, match)] = part.contiguous()
-        else:
-            out[_fill(rule.theirs, match)] = value
-    return out
+    return to_theirs(sd, rules)
 
 
-def from_hf_state_dict(hf: StateDict, rules: list[Rule] = CLIP_RULES) -> StateDict:
+def from_hf_state_dict(hf: StateDict, rules: list[Rule] = CLIP_RULES,
+                       source: str = "the weights") -> StateDict:
     """transformers' state dict -> clipforge's names (the inverse of :func:`to_hf_state_dict`)."""
-    compiled = [(rule, pattern) for rule in rules for pattern in rule.pattern("theirs")]
-    out: StateDict = {}
-    pending: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in hf.items():
-        if _IGNORED.match(key):
-            continue
-        rule, match = _first_match(key, compiled)
-        if rule is None:
-            raise CheckpointError(f"unexpected key {key!r} in a Hugging Face state dict")
-        ours = _fill(rule.ours, match)
-        if isinstance(rule.theirs, tuple):
-            part = next(i for i, name in enumerate(rule.theirs) if _compile(name).match(key))
-            pending.setdefault(ours, {})[part] = value
-            continue
-        if rule.scalar:
-            value = value.reshape(())
-        out[ours] = value.t().contiguous() if rule.transpose else value
-    for key, parts in pending.items():
-        if set(parts) != {0, 1, 2}:
-            missing = [name for i, name in enumerate("qkv") if i not in parts]
-            raise CheckpointError(f"{key}: missing its {', '.join(missing)} projection(s)")
-        out[key] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
-    return out
-
-
-def _first_match(key: str, compiled: list[tuple[Rule, re.Pattern]]
-                 ) -> tuple[Rule | None, re.Match | None]:
-    for rule, pattern in compiled:
-        if match := pattern.match(key):
-            return rule, match
-    return None, None
+    return to_ours(hf, rules, source, ignored=_IGNORED, unknown=lambda key: (
+        f"{source}: unexpected key {key!r} in a Hugging Face state dict"))
 
 
 # ------------------------------------------------------------------------ config.json in

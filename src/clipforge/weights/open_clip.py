@@ -50,6 +50,7 @@ from ..configs import (
 from .checkpoint import CheckpointError, StateDict, read_json_object
 from .huggingface import TokenizerFiles, siglip_text
 from .infer import _count_blocks, _dim
+from .renaming import Rule, rule, to_ours
 
 # ------------------------------------------------------------------------ field tables
 
@@ -175,46 +176,15 @@ TIMM_TOWERS: dict[str, TimmTower] = {
 # ------------------------------------------------------------------------ renaming rules
 
 
-@dataclass(frozen=True)
-class Rename:
-    """``ours`` <- ``theirs``.  Patterns may hold ``{n}`` (a block number) and ``{kind}``
-    (weight or bias); a pattern without ``{kind}`` also covers the tensors below it.  Several
-    ``theirs`` are concatenated along dimension 0 in their order (timm's ``q`` + ``kv``, BERT's
-    query, key, value).  ``transpose``: an ``nn.Linear`` weight that clipforge keeps as an
-    [in, out] matrix.  ``squeeze``: leading dimensions of size 1 dropped (timm's [1, N, W]
-    position table and [1, 1, W] class token, a [1] logit scale)."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    transpose: bool = False
-    squeeze: bool = False
-
-
-def _rule(ours: str, *theirs: str, transpose: bool = False, squeeze: bool = False) -> Rename:
-    return Rename(ours, theirs or (ours,), transpose, squeeze)
-
-
-def _compile(name: str) -> re.Pattern:
-    regex = re.escape(name).replace(r"\{n\}", r"(?P<n>\d+)").replace(
-        r"\{kind\}", r"(?P<kind>weight|bias)")
-    return re.compile(regex + ("" if "{kind}" in name else r"(?P<rest>\..+)?") + "$")
-
-
-def _fill(name: str, match: re.Match) -> str:
-    groups = match.groupdict()
-    out = name.replace("{n}", groups.get("n") or "").replace("{kind}", groups.get("kind") or "")
-    return out + (groups.get("rest") or "")
-
-
-_LOGIT_RULES = [_rule("logit_scale", squeeze=True), _rule("logit_bias", squeeze=True)]
+_LOGIT_RULES = [rule("logit_scale", squeeze=True), rule("logit_bias", squeeze=True)]
 
 # OpenCLIP's text transformer: at the root (CLIP) or under text. (CustomTextCLIP)
 _TEXT_NAMES = ("token_embedding", "positional_embedding", "transformer", "ln_final",
                "text_projection")
-TEXT_TRANSFORMER_RULES = [_rule(name, prefix + name) for prefix in ("", "text.")
+TEXT_TRANSFORMER_RULES = [rule(name, prefix + name) for prefix in ("", "text.")
                           for name in _TEXT_NAMES]
 
-PLAIN_VISION_RULES = [_rule("visual")]  # OpenAI's names, as clipforge's
+PLAIN_VISION_RULES = [rule("visual")]  # OpenAI's names, as clipforge's
 
 _TIMM = "visual.trunk."
 _THEIRS = _TIMM + "blocks.{n}."
@@ -222,34 +192,34 @@ _OURS = "visual.transformer.resblocks.{n}."
 # timm's names, shared by its VisionTransformer (SigLIP) and its Eva class (PE-Core, EVA); a
 # tower has the tensors of its options only
 TIMM_RULES = [
-    _rule("visual.conv1", _TIMM + "patch_embed.proj"),
-    _rule("visual.class_embedding", _TIMM + "cls_token", squeeze=True),
-    _rule("visual.positional_embedding", _TIMM + "pos_embed", squeeze=True),
-    _rule("visual.ln_pre", _TIMM + "norm_pre"),
-    _rule(_OURS + "ln_1", _THEIRS + "norm1"),
-    _rule(_OURS + "attn.in_proj_{kind}", _THEIRS + "attn.qkv.{kind}"),
+    rule("visual.conv1", _TIMM + "patch_embed.proj"),
+    rule("visual.class_embedding", _TIMM + "cls_token", squeeze=True),
+    rule("visual.positional_embedding", _TIMM + "pos_embed", squeeze=True),
+    rule("visual.ln_pre", _TIMM + "norm_pre"),
+    rule(_OURS + "ln_1", _THEIRS + "norm1"),
+    rule(_OURS + "attn.in_proj_{kind}", _THEIRS + "attn.qkv.{kind}"),
     # Eva: a fused weight with q and v biases, or three projections; the k bias they lack is
     # added as zeros first (_zero_key_biases)
-    _rule(_OURS + "attn.in_proj_bias", _THEIRS + "attn.q_bias", _THEIRS + "attn.k_bias",
+    rule(_OURS + "attn.in_proj_bias", _THEIRS + "attn.q_bias", _THEIRS + "attn.k_bias",
           _THEIRS + "attn.v_bias"),
-    _rule(_OURS + "attn.in_proj_{kind}", _THEIRS + "attn.q_proj.{kind}",
+    rule(_OURS + "attn.in_proj_{kind}", _THEIRS + "attn.q_proj.{kind}",
           _THEIRS + "attn.k_proj.{kind}", _THEIRS + "attn.v_proj.{kind}"),
-    _rule(_OURS + "attn.ln_inner", _THEIRS + "attn.norm"),
-    _rule(_OURS + "attn.out_proj", _THEIRS + "attn.proj"),
-    _rule(_OURS + "ln_2", _THEIRS + "norm2"),
-    _rule(_OURS + "mlp.c_fc", _THEIRS + "mlp.fc1"),
-    _rule(_OURS + "mlp.c_fc.{kind}", _THEIRS + "mlp.fc1_g.{kind}", _THEIRS + "mlp.fc1_x.{kind}"),
-    _rule(_OURS + "mlp.ln", _THEIRS + "mlp.norm"),
-    _rule(_OURS + "mlp.c_proj", _THEIRS + "mlp.fc2"),
-    _rule("visual.ln_post", _TIMM + "norm"),
-    _rule("visual.attn_pool.probe", _TIMM + "attn_pool.latent"),
-    _rule("visual.attn_pool.in_proj_{kind}", _TIMM + "attn_pool.q.{kind}",
+    rule(_OURS + "attn.ln_inner", _THEIRS + "attn.norm"),
+    rule(_OURS + "attn.out_proj", _THEIRS + "attn.proj"),
+    rule(_OURS + "ln_2", _THEIRS + "norm2"),
+    rule(_OURS + "mlp.c_fc", _THEIRS + "mlp.fc1"),
+    rule(_OURS + "mlp.c_fc.{kind}", _THEIRS + "mlp.fc1_g.{kind}", _THEIRS + "mlp.fc1_x.{kind}"),
+    rule(_OURS + "mlp.ln", _THEIRS + "mlp.norm"),
+    rule(_OURS + "mlp.c_proj", _THEIRS + "mlp.fc2"),
+    rule("visual.ln_post", _TIMM + "norm"),
+    rule("visual.attn_pool.probe", _TIMM + "attn_pool.latent"),
+    rule("visual.attn_pool.in_proj_{kind}", _TIMM + "attn_pool.q.{kind}",
           _TIMM + "attn_pool.kv.{kind}"),
-    _rule("visual.attn_pool.out_proj", _TIMM + "attn_pool.proj"),
-    _rule("visual.attn_pool.ln", _TIMM + "attn_pool.norm"),
-    _rule("visual.attn_pool.mlp.c_fc", _TIMM + "attn_pool.mlp.fc1"),
-    _rule("visual.attn_pool.mlp.c_proj", _TIMM + "attn_pool.mlp.fc2"),
-    _rule("visual.proj", _TIMM + "head"),  # timm_proj null: the trunk's head is the projection
+    rule("visual.attn_pool.out_proj", _TIMM + "attn_pool.proj"),
+    rule("visual.attn_pool.ln", _TIMM + "attn_pool.norm"),
+    rule("visual.attn_pool.mlp.c_fc", _TIMM + "attn_pool.mlp.fc1"),
+    rule("visual.attn_pool.mlp.c_proj", _TIMM + "attn_pool.mlp.fc2"),
+    rule("visual.proj", _TIMM + "head"),  # timm_proj null: the trunk's head is the projection
 ]
 _QUERY_BIAS = re.compile(r"(visual\.trunk\.blocks\.\d+\.attn\.)(q_bias|q_proj\.bias)$")
 
@@ -277,58 +247,32 @@ _HF = "text.transformer."
 _LAYER = _HF + "encoder.layer.{n}."
 _BLOCK = "transformer.resblocks.{n}."
 HF_TEXT_RULES = [
-    _rule("token_embedding.weight", _HF + "embeddings.word_embeddings.weight"),
-    _rule("positional_embedding", _HF + "embeddings.position_embeddings.weight"),
-    _rule("token_type_embedding", _HF + "embeddings.token_type_embeddings.weight"),
-    _rule("ln_embed", _HF + "embeddings.LayerNorm"),
-    _rule(_BLOCK + "attn.in_proj_{kind}", _LAYER + "attention.self.query.{kind}",
+    rule("token_embedding.weight", _HF + "embeddings.word_embeddings.weight"),
+    rule("positional_embedding", _HF + "embeddings.position_embeddings.weight"),
+    rule("token_type_embedding", _HF + "embeddings.token_type_embeddings.weight"),
+    rule("ln_embed", _HF + "embeddings.LayerNorm"),
+    rule(_BLOCK + "attn.in_proj_{kind}", _LAYER + "attention.self.query.{kind}",
           _LAYER + "attention.self.key.{kind}", _LAYER + "attention.self.value.{kind}"),
-    _rule(_BLOCK + "attn.out_proj", _LAYER + "attention.output.dense"),
-    _rule(_BLOCK + "ln_1", _LAYER + "attention.output.LayerNorm"),
-    _rule(_BLOCK + "mlp.c_fc", _LAYER + "intermediate.dense"),
-    _rule(_BLOCK + "mlp.c_proj", _LAYER + "output.dense"),
-    _rule(_BLOCK + "ln_2", _LAYER + "output.LayerNorm"),
+    rule(_BLOCK + "attn.out_proj", _LAYER + "attention.output.dense"),
+    rule(_BLOCK + "ln_1", _LAYER + "attention.output.LayerNorm"),
+    rule(_BLOCK + "mlp.c_fc", _LAYER + "intermediate.dense"),
+    rule(_BLOCK + "mlp.c_proj", _LAYER + "output.dense"),
+    rule(_BLOCK + "ln_2", _LAYER + "output.LayerNorm"),
 ]
-HF_MLP_PROJECTION = [_rule("text_projection", "text.proj")]  # .0 and .2, Linear without bias
-HF_LINEAR_PROJECTION = [_rule("text_projection", "text.proj.weight", transpose=True)]
+HF_MLP_PROJECTION = [rule("text_projection", "text.proj")]  # .0 and .2, Linear without bias
+HF_LINEAR_PROJECTION = [rule("text_projection", "text.proj.weight", transpose=True)]
 # buffers transformers and timm versions save; they hold no weights (timm recomputes its rotary
 # tables as clipforge does, and ignores them in files too)
 _IGNORED = re.compile(r"text\.transformer\.embeddings\.(position_ids|token_type_ids)$"
                       r"|visual\.trunk\.rope\.(bands|pos_embed|pos_embed_sin|pos_embed_cos)$")
 
 
-def rename(sd: StateDict, rules: list[Rename], source: str) -> StateDict:
+def rename(sd: StateDict, rules: list[Rule], source: str) -> StateDict:
     """OpenCLIP's tensors under clipforge's names; a tensor no rule names is an error (OpenCLIP
     loads strictly too: it would not load into the model the config describes)."""
-    compiled = [(rule, i, _compile(name)) for rule in rules for i, name in enumerate(rule.theirs)]
-    out: StateDict = {}
-    parts: dict[str, tuple[Rename, re.Match, dict[int, torch.Tensor]]] = {}
-    for key, value in sd.items():
-        if _IGNORED.match(key):
-            continue
-        found = next(((rule, i, m) for rule, i, pattern in compiled
-                      if (m := pattern.match(key))), None)
-        if found is None:
-            raise CheckpointError(f"{source}: tensor {key!r} belongs to no part of the model "
-                                  "its open_clip_config.json describes; the config and the "
-                                  "weights do not go together")
-        rule, index, match = found
-        while rule.squeeze and value.ndim and value.shape[0] == 1:
-            value = value.reshape(value.shape[1:])
-        if rule.transpose:
-            value = value.t().contiguous()
-        ours = _fill(rule.ours, match)
-        if len(rule.theirs) == 1:
-            out[ours] = value
-        else:
-            parts.setdefault(ours, (rule, match, {}))[2][index] = value
-    for ours, (rule, match, pieces) in parts.items():
-        if len(pieces) != len(rule.theirs):
-            missing = [_fill(name, match) for i, name in enumerate(rule.theirs)
-                       if i not in pieces]
-            raise CheckpointError(f"{source}: {ours} lacks its part(s) {', '.join(missing)}")
-        out[ours] = torch.cat([pieces[i] for i in range(len(rule.theirs))], dim=0)
-    return out
+    return to_ours(sd, rules, source, ignored=_IGNORED, unknown=lambda key: (
+        f"{source}: tensor {key!r} belongs to no part of the model its open_clip_config.json "
+        "describes; the config and the weights do not go together"))
 
 
 # ------------------------------------------------------------------------ reading
@@ -780,7 +724,7 @@ FIELD_NAMES = {
 }
 
 
-def _rules(v: Mapping[str, Any], t: Mapping[str, Any]) -> list[Rename]:
+def _rules(v: Mapping[str, Any], t: Mapping[str, Any]) -> list[Rule]:
     vision = TIMM_RULES if v.get("timm_model_name") else PLAIN_VISION_RULES
     if t.get("hf_model_name"):
         text = HF_TEXT_RULES + (HF_LINEAR_PROJECTION if t.get("hf_proj_type") == "linear"
