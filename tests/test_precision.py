@@ -9,6 +9,7 @@ on real architectures are measured by ``benchmarks/bench_precision.py``.
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -340,3 +341,73 @@ def test_families_close_to_float32(family: clipforge.CLIP, precision: str) -> No
         logits, _ = model(pixels, tokens)
         want, _ = family(pixels, tokens)
     assert (model.probabilities(logits) - family.probabilities(want)).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------ int8 kernels (oneDNN)
+needs_onednn_int8 = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not torch.backends.mkldnn.is_available()
+    or not hasattr(torch.ops.onednn, "qlinear_pointwise"),
+    reason="oneDNN's int8 linear ops are used on x86 CPUs only")
+
+
+@needs_onednn_int8
+def test_int8_runs_onednn_packed_kernels(tiny_vit: clipforge.CLIP, monkeypatch) -> None:
+    """On x86 the int8 products are oneDNN's on weights packed once (AMX tiles where the CPU
+    has them): ``torch._int_mm`` (oneDNN's BLAS-style GEMM, no AMX kernel, half the speed of
+    bf16 on a Xeon with AMX) is not called.  The packed weights are a cache: not in copies."""
+    model = apply_precision(tiny_vit, "int8")
+    pixels, tokens = _inputs(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch._int_mm called")
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    image, text = _embed(model, pixels, tokens)
+    assert image.isfinite().all() and text.isfinite().all()
+    layer = model.visual.transformer.resblocks[0].mlp.c_fc
+    assert isinstance(layer, Int8Linear) and layer.__dict__.get("_packed")
+    again = copy.deepcopy(model)  # opaque oneDNN tensors cannot be copied: dropped
+    assert not again.visual.transformer.resblocks[0].mlp.c_fc.__dict__.get("_packed")
+    assert torch.equal(_embed(again, pixels, tokens)[0], image)
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_kernels_agree_with_the_portable_product(monkeypatch, dtype, bias) -> None:
+    """oneDNN's packed product and the portable ``torch._int_mm`` one multiply the same codes
+    (the same integers): equal to float32 round-off, to bf16 rounding in bf16."""
+    from clipforge import precision
+
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=gen) * 0.1)
+    layer = Int8Linear.from_linear(linear)
+    x = (torch.randn(2, 7, 96, generator=gen) * torch.rand(2, 7, 1, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        fast = layer(x)
+        monkeypatch.setattr(precision, "may_pack_int8", lambda *args: False)
+        portable = layer(x)
+    assert fast.dtype == portable.dtype == dtype and fast.shape == (2, 7, 40)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast.float(), portable.float(), rtol=tol, atol=tol)
+
+
+def test_quantise_rows_reads_bf16_magnitudes_from_bits() -> None:
+    """The per-row scale of a bf16 input read from its bits equals ``abs().amax()``, and the
+    codes equal those of the same values in float32 (negative zero, ties, zero rows)."""
+    from clipforge.precision import quantise_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows = (torch.randn(9, 50, generator=gen) * 3).bfloat16()
+    rows[1] = 0.0
+    rows[2, :3] = torch.tensor([-0.0, -5.0, 5.0])
+    rows[3, 0] = -1000.0
+    codes, step = quantise_rows(rows)
+    codes32, step32 = quantise_rows(rows.float())
+    assert codes.dtype == torch.int8 and step.dtype == torch.float32 and step.shape == (9, 1)
+    assert torch.equal(step, rows.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 127)
+    assert torch.equal(codes, codes32) and torch.equal(step, step32)
+    assert codes[3, 0] == -127 and (codes[1] == 0).all()
+    assert ((codes.float() * step - rows.float()).abs() <= step / 2 + 1e-6).all()

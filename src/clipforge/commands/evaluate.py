@@ -17,16 +17,19 @@ from .options import add_model_options, model_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="zero-shot classification, retrieval or linear-probe "
-                       "evaluation of one dataset (CLIP_benchmark's result format)",
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear-probe or "
+                       "caption-selection evaluation of one dataset (CLIP_benchmark's result "
+                       "format)",
                        description="Evaluate a model on a dataset: an ImageFolder tree, a "
-                       "CSV/TSV (image path and label, or caption), webdataset shards, or a "
-                       "CLIP_benchmark webdataset export. Prints the metrics; --output writes "
-                       "the full record as JSON.")
+                       "CSV/TSV (image path and label, or caption), webdataset shards, a "
+                       "CLIP_benchmark webdataset export, or a SugarCrepe / Winoground file. "
+                       "Prints the metrics; --output writes the full record as JSON.")
     p.add_argument("dataset", help="dataset path or shard pattern")
     p.add_argument("--task", default="auto", choices=("auto", "zeroshot_classification",
-                                                      "zeroshot_retrieval", "linear_probe"),
-                   help="auto: retrieval for captioned data, else zero-shot classification")
+                                                      "zeroshot_retrieval", "linear_probe",
+                                                      "image_caption_selection"),
+                   help="auto: caption selection for a JSON/JSONL file, retrieval for "
+                   "captioned data, else zero-shot classification")
     p.add_argument("--output", type=Path, help="write the result record (JSON) here")
     p.add_argument("--dataset-name", help="name recorded in the result (default: the folder "
                    "name); also picks the known prompts of that dataset")
@@ -40,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "train split)")
     p.add_argument("--few-shot", help="linear probe: also k-shot probes, e.g. 1,2,4,8,16")
     p.add_argument("--seeds", default="0,1,2", help="few-shot draws (default 0,1,2)")
+    p.add_argument("--images", help="image_caption_selection: the folder the file's images "
+                   "are looked up in first (default: beside the file, its val2017/ or images/)")
     p.add_argument("--csv-image-key", default="filepath")
     p.add_argument("--csv-label-key", default="label")
     p.add_argument("--csv-caption-key", default="title")
@@ -73,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
         classnames=args.classnames, templates=args.templates, train=args.train,
         few_shot=_int_list(args.few_shot, "--few-shot"),
         seeds=_int_list(args.seeds, "--seeds") or [0], image_key=args.csv_image_key,
-        label_key=args.csv_label_key, caption_key=args.csv_caption_key,
+        label_key=args.csv_label_key, caption_key=args.csv_caption_key, images=args.images,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
     arguments = model_arguments(args, args.model)
     model = create_model(args.model, **arguments)

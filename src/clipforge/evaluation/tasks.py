@@ -7,7 +7,9 @@ Tasks, as CLIP_benchmark names them:
 * ``zeroshot_retrieval`` -- image->text and text->image recall@1/5/10 with several captions per
   image, computed in blocks (no full similarity matrix);
 * ``linear_probe`` -- the paper's probe on frozen features (scikit-learn L-BFGS, C swept on a
-  validation split), optionally k-shot probes averaged over seeds.
+  validation split), optionally k-shot probes averaged over seeds;
+* ``image_caption_selection`` -- SugarCrepe and Winoground: does each image prefer its own
+  caption to the hard negatives, and each caption its own image (:mod:`.caption_selection`).
 
 The result record uses CLIP_benchmark's field names (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics.acc1`` ...), so tables built from either tool line up; clipforge adds what it
@@ -33,6 +35,8 @@ import torch
 from ..fileio import atomic_file
 from ..model import CLIP
 from ..prompts import UnknownDatasetError, get_prompts, load_templates
+from .caption_selection import TASK as CAPTION_SELECTION
+from .caption_selection import caption_selection
 from .datasets import (
     ClassificationData,
     embed_classification,
@@ -46,7 +50,7 @@ from .metrics import classification_metrics
 from .retrieval import retrieval_recall
 from .zeroshot import ZeroShotClassifier
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", CAPTION_SELECTION)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 RECALL_KS = (1, 5, 10)
 
@@ -66,6 +70,7 @@ class EvalOptions:
     image_key: str = "filepath"
     label_key: str = "label"
     caption_key: str = "title"
+    images: str | None = None  # image_caption_selection: the folder images are looked up in
     batch_size: int = 64
     workers: int = 0
     progress: bool = True
@@ -73,14 +78,17 @@ class EvalOptions:
 
 
 def resolve_task(dataset: str, task: str, caption_key: str, label_key: str) -> str:
-    """``auto``: retrieval for captioned data (a CLIP_benchmark export of type retrieval, a CSV
-    with a caption column and no label column, a folder of images with same-name .txt files),
-    zero-shot classification otherwise."""
+    """``auto``: caption selection for a JSON or JSON-lines file (SugarCrepe, Winoground: no
+    other dataset format is JSON), retrieval for captioned data (a CLIP_benchmark export of type
+    retrieval, a CSV with a caption column and no label column, a folder of images with
+    same-name .txt files), zero-shot classification otherwise."""
     if task != "auto":
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose auto or one of {', '.join(TASKS)}")
         return task
     path = Path(dataset)
+    if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
+        return CAPTION_SELECTION
     if path.is_dir() and is_clip_benchmark_dir(path):
         kind = path / "dataset_type.txt"
         retrieval = kind.is_file() and kind.read_text(encoding="utf-8").strip() == "retrieval"
@@ -213,7 +221,8 @@ def evaluate(model: CLIP, dataset: str, options: EvalOptions, model_name: str = 
     details (what was skipped, prompts, sizes, seconds)."""
     task = resolve_task(dataset, options.task, options.caption_key, options.label_key)
     run = {"zeroshot_classification": zeroshot_classification,
-           "zeroshot_retrieval": zeroshot_retrieval, "linear_probe": probe}[task]
+           "zeroshot_retrieval": zeroshot_retrieval, "linear_probe": probe,
+           CAPTION_SELECTION: caption_selection}[task]
     start = time.perf_counter()
     details = run(model, dataset, options)
     return {"dataset": details.pop("dataset"), "model": model_name, "pretrained": pretrained,
