@@ -32,16 +32,28 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 10_000
 MAX_UPLOAD = 1_500_000  # above every sample photo, so that a 2 MB file gets a 413
+TOKEN = "browser-test-token_0123456789"
 
 
 @pytest.fixture(scope="module")
-def server_url(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def index(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
     torch.manual_seed(0)
     model = clipforge.create_model("tiny-vit")
     out = tmp_path_factory.mktemp("browser") / "index"
     build_index(photo_dir, out, model)
-    index = SearchIndex.open(out, model)
+    return SearchIndex.open(out, model)
+
+
+@pytest.fixture(scope="module")
+def server_url(index: SearchIndex) -> Iterator[str]:
     with running_server(create_app(index, max_upload_bytes=MAX_UPLOAD)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def token_server_url(index: SearchIndex) -> Iterator[str]:
+    """The same index behind an access token."""
+    with running_server(create_app(index, token=TOKEN)) as url:
         yield url
 
 
@@ -147,3 +159,59 @@ def test_api_docs_render_offline(page, server_url: str) -> None:
     """/docs draws the OpenAPI page from scripts the server itself serves (none off-site)."""
     page.goto(server_url + "/docs")
     expect(page.get_by_text("/api/search/image").first).to_be_visible()
+
+
+def test_page_asks_for_the_token_once_and_sends_it_only_in_a_header(browser,
+                                                                    token_server_url: str,
+                                                                    photo_dir: Path) -> None:
+    """Behind a token: the page asks for it at the first 401, runs the refused query again,
+    shows thumbnails fetched with the header (an <img src> cannot send it), keeps the token
+    for the tab, and never puts it in a URL."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    sent, problems = [], []
+    page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda m: problems.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    page.goto(token_server_url + "/")
+    expect(page.get_by_test_id("index-info")).to_contain_text("8 items")  # /healthz is open
+    token_form, error = page.get_by_test_id("token-form"), page.get_by_test_id("error")
+    expect(token_form).to_be_hidden()
+
+    search(page, "a cat")
+    expect(error).to_contain_text("401")
+    expect(token_form).to_be_visible()
+    page.get_by_label("This server needs its access token").fill("wrong-token-0123456789")
+    page.get_by_test_id("token-submit").click()
+    expect(error).to_contain_text("not valid")
+    expect(token_form).to_be_visible()
+    page.get_by_label("This server needs its access token").fill(TOKEN)
+    page.get_by_test_id("token-submit").click()
+    expect(token_form).to_be_hidden()
+    expect(cards(page)).to_have_count(8)  # the refused query, run again with the token
+    expect(error).to_be_hidden()
+    first = cards(page).first.get_by_role("img")
+    expect(first).to_have_attribute("src", re.compile(r"^blob:"))
+    first.evaluate("img => img.decode()")
+    assert first.evaluate("img => img.naturalWidth") > 0
+
+    # Asked once: the other queries and a reload of the page go on without asking.
+    second = cards(page).nth(1)
+    item_id = second.get_attribute("data-id")
+    second.get_by_role("button", name=re.compile("^More like")).click()
+    expect(page.get_by_test_id("status")).to_contain_text(f"like item {item_id}")
+    page.reload()
+    expect(page.get_by_test_id("status")).to_contain_text("8 results")  # ?q= from the URL
+    page.get_by_test_id("file-input").set_input_files(photo_dir / "rocket.jpg")
+    expect(cards(page).first.get_by_test_id("result-name")).to_have_text("rocket.jpg")
+    expect(token_form).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('clipforge-token')") == TOKEN
+
+    guarded = [(url, auth) for url, auth in sent if "/api/" in url or "/thumbnails/" in url]
+    assert [auth for _, auth in guarded[:2]] == [None, "Bearer wrong-token-0123456789"]
+    assert len(guarded) > 20 and all(auth == f"Bearer {TOKEN}" for _, auth in guarded[2:])
+    assert all(TOKEN not in url for url, _ in sent) and TOKEN not in page.url
+    context.close()
+    assert problems == []

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,8 @@ from .options import (
     load_model,
     model_arguments,
 )
+
+log = logging.getLogger(__name__)
 
 INDEX_KEPT = ("the index keeps its last committed state and the batches already embedded: "
               "free some space and run the build again")
@@ -151,8 +155,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..search.server import MAX_PIXELS, ServerLimits, listen, serve
+    from ..search.server import MAX_PIXELS, ServerLimits, check_exposure, listen, serve
 
+    token = _access_token(args.token_file)
+    check_exposure(args.host, token, args.insecure_no_auth)  # before binding or loading
     # Options left out keep the server's defaults (the constants in clipforge.search.server).
     limits = {k: getattr(args, k) for k in ("header_timeout", "body_timeout", "keep_alive",
                                             "max_connections") if getattr(args, k) is not None}
@@ -169,11 +175,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         index = SearchIndex.open(args.index, _named_model(args), device=args.device,
                                  precision=args.precision)
         serve(index, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
-              limits=ServerLimits(**limits), sockets=sockets, **options)
+              limits=ServerLimits(**limits), sockets=sockets, token=token,
+              insecure_no_auth=args.insecure_no_auth, **options)
     finally:
         for sock in sockets:
             sock.close()
     return 0
+
+
+def _access_token(token_file: Path | None) -> str | None:
+    """The token from ``--token-file``, else from the environment, else None; ValueError in
+    one line naming where it came from and how to make a good one.  The file wins over the
+    environment, as a command-line option does."""
+    from ..search.server import TOKEN_ENV, TOKEN_HINT, check_token
+
+    if token_file is None and TOKEN_ENV not in os.environ:
+        return None
+    where = (f"--token-file {printable_name(str(token_file))}" if token_file is not None
+             else TOKEN_ENV)
+    try:
+        token = (os.environ[TOKEN_ENV] if token_file is None
+                 else token_file.read_text(encoding="utf-8")).strip()
+        check_token(token)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        hint = TOKEN_HINT + (f" > {printable_name(str(token_file))}" if token_file else "")
+        raise ValueError(f"{where}: {reason}; make a token with: {hint}") from None
+    if token_file is not None:
+        _warn_if_shared(token_file)
+    return token
+
+
+def _warn_if_shared(token_file: Path) -> None:
+    """Other users who can read the token file can use the server: say so (a warning, since
+    the file's owner may mean it, e.g. a group of service accounts)."""
+    mode = token_file.stat().st_mode
+    if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s is readable by other users (mode %s): chmod 600 %s",
+                    printable_name(str(token_file)), stat.filemode(mode),
+                    printable_name(str(token_file)))
 
 
 def _port(value: str) -> int:
@@ -262,6 +302,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "values answered, any port (others get 400, which stops DNS rebinding); "
                    "default: the names of --host (localhost, 127.0.0.1 and [::1] for loopback; "
                    "for 0.0.0.0 also this machine's name); '*' answers any")
+    a = p.add_argument_group("access")
+    a.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the access "
+                   "token every API request must send as 'Authorization: Bearer TOKEN' (at "
+                   "least 16 characters; the page asks for it once); default: the environment "
+                   "variable CLIPFORGE_API_TOKEN, else no token, which only loopback allows")
+    a.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback "
+                   "--host without a token: whoever reaches it reads every indexed image")
     g = p.add_argument_group("limits (defaults in clipforge.search.server)")
     g.add_argument("--max-upload-mb", type=int, default=20, help="larger uploads get 413")
     g.add_argument("--header-timeout", type=_positive(float), metavar="S", help="seconds a "

@@ -15,6 +15,10 @@ what only a network service needs:
   bound to are answered, so a DNS-rebinding web page cannot read the index through a
   visitor's browser;
 * every response carries security headers (Content-Security-Policy, nosniff, no framing);
+* with a token (``create_app(token=...)``, ``clipforge serve --token-file``), the API and the
+  thumbnails answer only requests carrying ``Authorization: Bearer <token>``; the page, its
+  static files, the API docs and ``/healthz`` stay open, since they show nothing of the index
+  (:class:`BearerAuth`); ``clipforge serve`` refuses a non-loopback address without a token;
 * files are reached by integer item id only, never by a path from the request;
 * ``index.refresh()`` runs before each query, so items added by ``clipforge index build`` while
   the server runs appear without a restart, and an index that can no longer be read (deleted,
@@ -32,7 +36,9 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
 import io
+import ipaddress
 import logging
 import math
 import re
@@ -95,6 +101,14 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # as they appear in a Host header
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 CLOSE = {"Connection": "close"}  # after a refused body: its rest is never read
+MIN_TOKEN_CHARS = 16  # an access token shorter than this is refused (16 random characters
+# from token_urlsafe are 96 bits)
+TOKEN_ENV = "CLIPFORGE_API_TOKEN"
+TOKEN_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'  # prints one
+# Reachable without the token: what shows nothing of the index (the page and its files, the API
+# description and its docs pages, the health check).  A prefix covers a static-file mount only.
+OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+OPEN_PREFIXES = ("/static/", "/static-offline-docs/")
 
 # Every response: everything comes from this server; uploads are previewed from blob: URLs.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
@@ -430,6 +444,86 @@ class SecurityHeaders:
             headers.setdefault(name, value)
 
 
+class BearerAuth:
+    """ASGI middleware answering 401 to any request without ``Authorization: Bearer <token>``,
+    except for :data:`OPEN_PATHS` and :data:`OPEN_PREFIXES`.
+
+    It runs before the body is read or the request routed, so an unauthenticated client learns
+    nothing, not even whether a path or an upload size would be accepted, and the refusal
+    closes the connection.  Both tokens are hashed before the constant-time comparison, so the
+    time taken says nothing about the token's length either.  The token never appears in a
+    response or a log line.  ``token`` has passed :func:`check_token` (in :func:`create_app`).
+    """
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" or self._is_open(scope) or self._authorized(scope):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await self._refuse(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope: dict) -> bool:
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+    def _authorized(self, scope: dict) -> bool:
+        value = Headers(scope=scope).get("authorization", "")
+        scheme, _, credentials = value.partition(" ")
+        given = hashlib.sha256(credentials.strip().encode("latin-1")).digest()
+        # Compared even for another scheme, so that the time does not tell which was wrong.
+        return hmac.compare_digest(given, self._digest) and scheme.lower() == "bearer"
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any) -> None:
+        given = Headers(scope=scope).get("authorization")
+        challenge = 'Bearer error="invalid_token"' if given else "Bearer"
+        detail = ("the access token is not valid" if given else "an access token is "
+                  "required: send the header 'Authorization: Bearer <token>'")
+        response = JSONResponse({"detail": detail}, status_code=401,
+                                headers={"WWW-Authenticate": challenge, **CLOSE})
+        await response(scope, receive, send)
+
+
+def check_token(token: str) -> str:
+    """``token`` if it can serve as an access token, else ValueError saying why: too short to
+    resist guessing, or with characters an HTTP header cannot carry as they are."""
+    if not token:
+        raise ValueError("the token is empty")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the token has {len(token)} characters; at least {MIN_TOKEN_CHARS} "
+                         "are needed")
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ValueError("the token must be printable ASCII without spaces")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` is reachable from this machine only.  Host names other than
+    ``localhost`` count as reachable from the network: they may resolve to anything."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, insecure_no_auth: bool = False) -> None:
+    """ValueError when ``host`` is reachable from the network and no token guards it: every
+    indexed image would be readable by anyone who can reach the address."""
+    if token is None and not insecure_no_auth and not is_loopback(host):
+        raise ValueError(f"--host {host} is reachable from the network, and without a token "
+                         "anyone who can reach it can read every indexed image: give "
+                         f"--token-file FILE or set {TOKEN_ENV} (or --insecure-no-auth to "
+                         "serve without one)")
+
+
 def host_pattern(name: str) -> str:
     """A host name as a Host header spells it: lower case, IPv6 addresses in brackets."""
     name = name.strip().lower()
@@ -665,7 +759,7 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: Sequence[str] | None = None,
                max_json_bytes: int = MAX_JSON_BYTES, body_timeout: float = BODY_TIMEOUT_S,
                decode_budget: int = DECODE_BUDGET_PIXELS,
-               decode_wait: float = DECODE_WAIT_S) -> FastAPI:
+               decode_wait: float = DECODE_WAIT_S, token: str | None = None) -> FastAPI:
     """The FastAPI application serving ``index``; see the module docstring for the design.
 
     ``max_upload_bytes`` caps multipart bodies and ``max_json_bytes`` any other (413 beyond),
@@ -675,7 +769,8 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ``decode_wait`` seconds); ``allowed_hosts`` are the Host header values answered (400 for
     others; default: loopback names; ``"*"``: any), ``thumbnail_cache`` the number of
     thumbnails kept in memory; ``batch_texts`` embeds concurrent text queries together
-    (:class:`TextBatcher`).
+    (:class:`TextBatcher`); ``token``, when given, is required of every request except those
+    for the page, the docs and ``/healthz`` (:class:`BearerAuth`; 401 without it).
     """
     if decode_budget < max_pixels:
         raise ValueError(f"decode_budget ({decode_budget} pixels) must be at least max_pixels "
@@ -690,24 +785,42 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                        batch_texts=batch_texts)
     _add_middleware(app, allowed_hosts=LOOPBACK_NAMES if allowed_hosts is None
                     else allowed_hosts, max_upload_bytes=max_upload_bytes,
-                    max_json_bytes=max_json_bytes, body_timeout=body_timeout)
+                    max_json_bytes=max_json_bytes, body_timeout=body_timeout, token=token)
     _add_search_routes(app, service)
     _add_item_routes(app, service)
     _add_model_routes(app, service)
     _add_service_routes(app, service)
+    if token is not None:
+        _document_token(app)
     return app
 
 
 def _add_middleware(app: FastAPI, *, allowed_hosts: Sequence[str], max_upload_bytes: int,
-                    max_json_bytes: int, body_timeout: float) -> None:
+                    max_json_bytes: int, body_timeout: float, token: str | None) -> None:
     """Starlette runs the middleware added last first, so a request meets the security
     headers first (every answer, refusals included, carries them), then the Host check
-    (before anything is read or routed), then the body's size and time limits."""
+    (before anything is read or routed), then the token (before the body is looked at: an
+    unauthenticated client learns nothing of the limits), then the body's size and time
+    limits."""
     app.add_middleware(BodyLimits, upload_limit=max_upload_bytes, other_limit=max_json_bytes,
                        timeout=body_timeout)
+    if token is not None:  # checked now: Starlette builds the middleware at the first request
+        app.add_middleware(BearerAuth, token=check_token(token))
     hosts = [h if h.startswith("*") else host_pattern(h) for h in allowed_hosts]
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     app.add_middleware(SecurityHeaders, hashed_pages=DOCS_PAGES)
+
+
+def _document_token(app: FastAPI) -> None:
+    """Declare the bearer token in the OpenAPI schema on every operation that needs it, so
+    that /docs offers an "Authorize" button and its "Try it out" requests carry the token."""
+    schema = app.openapi()  # cached by FastAPI: what /openapi.json serves
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema["paths"].items():
+        if path not in OPEN_PATHS:
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
 
 
 def _add_search_routes(app: FastAPI, service: _Service) -> None:
@@ -764,10 +877,11 @@ def _add_item_routes(app: FastAPI, service: _Service) -> None:
              responses={200: {"content": {"image/jpeg": {}}}})
     def thumbnail(item_id: ItemId, request: Request) -> Response:
         """A JPEG thumbnail of an indexed item.  Only the integer id comes from the request;
-        the index maps it to the file (or archive member) it recorded."""
+        the index maps it to the file (or archive member) it recorded.  Cached by the browser
+        only ("private"): a shared cache must not hand a token-guarded image to others."""
         data = service.thumbnail(item_id)
         etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
-        headers = {"Cache-Control": "public, max-age=3600", "ETag": etag}
+        headers = {"Cache-Control": "private, max-age=3600", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/jpeg", headers=headers)
@@ -997,29 +1111,42 @@ def listen(host: str, port: int) -> list[socket.socket]:
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, *,
           log_level: str = "info", allowed_hosts: Sequence[str] | None = None,
           limits: ServerLimits | None = None, sockets: list[socket.socket] | None = None,
-          **options: Any) -> None:
+          token: str | None = None, insecure_no_auth: bool = False, **options: Any) -> None:
     """Serve ``index`` with uvicorn until interrupted; ``options`` go to :func:`create_app`.
 
-    Loopback by default: the API has no authentication, and anyone who can reach it can read
-    every indexed image.  ``allowed_hosts`` defaults to the names of ``host``
+    Loopback by default.  Anyone who can reach the server can read every indexed image unless
+    ``token`` is given, so another address needs one, or ``insecure_no_auth=True``
+    (:func:`check_exposure`).  ``allowed_hosts`` defaults to the names of ``host``
     (:func:`default_allowed_hosts`); ``sockets`` are already listening ones (:func:`listen`).
     """
+    check_exposure(host, token, insecure_no_auth)
     limits = limits or ServerLimits()
     allowed = list(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
-    if host not in LOOPBACK_HOSTS:
-        log.warning("serving on %s: every indexed image is readable by whoever can reach this "
-                    "address, without authentication", host)
-    if "*" in allowed:
-        log.warning("answering any Host name: a web page can read the index through a "
-                    "visitor's browser (DNS rebinding)")
+    _warn_about_exposure(host, token, allowed)
     sockets = sockets or listen(host, port)
-    app = create_app(index, allowed_hosts=allowed, body_timeout=limits.body_timeout, **options)
+    app = create_app(index, allowed_hosts=allowed, body_timeout=limits.body_timeout,
+                     token=token, **options)
     server = uvicorn.Server(limits.uvicorn_config(app, log_level=log_level))
     for sock in sockets:
         address, bound_port = sock.getsockname()[:2]
-        log.info("serving %s on http://%s:%d (Host names answered: %s)", index.path,
-                 host_pattern(address), bound_port, ", ".join(allowed))
+        log.info("serving %s on http://%s:%d (Host names answered: %s; %s)", index.path,
+                 host_pattern(address), bound_port, ", ".join(allowed),
+                 "access token required" if token else "no access token")
     server.run(sockets=sockets)
+
+
+def _warn_about_exposure(host: str, token: str | None, allowed: Sequence[str]) -> None:
+    """Say what a network-reachable server leaves open, once, as it starts."""
+    if not is_loopback(host):
+        if token is None:
+            log.warning("serving on %s: every indexed image is readable by whoever can reach "
+                        "this address, without authentication (--insecure-no-auth)", host)
+        else:
+            log.warning("serving on %s over plain HTTP: the token and the images cross the "
+                        "network unencrypted unless a TLS proxy stands in front", host)
+    if "*" in allowed:
+        log.warning("answering any Host name: a web page can read the index through a "
+                    "visitor's browser (DNS rebinding)")
 
 
 @contextmanager

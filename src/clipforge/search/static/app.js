@@ -15,8 +15,42 @@ const errorBox = $("error");
 const statusLine = $("status");
 const grid = $("results");
 const cardTemplate = $("card-template");
+const tokenForm = $("token-form");
+const tokenInput = $("token-input");
 
 let latest = 0;  // number of the newest request: answers to older ones are dropped
+let retry = null;  // the query that was refused for want of a token: run again once given
+let thumbnailUrls = [];  // blob: URLs of the shown thumbnails, revoked with their cards
+
+// A server started with an access token answers 401 to API calls without it.  The page asks
+// once and keeps the token in sessionStorage (this tab only, gone when it closes); it is sent
+// in the Authorization header, never in a URL, which would leave it in logs and history.
+const TOKEN_KEY = "clipforge-token";
+
+function withToken(options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return options;
+  return { ...options, headers: { ...options.headers, Authorization: `Bearer ${token}` } };
+}
+
+function askForToken(again) {
+  sessionStorage.removeItem(TOKEN_KEY);  // missing or refused: either way, ask
+  retry = again;
+  tokenForm.hidden = false;
+  tokenInput.focus();
+}
+
+tokenForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = tokenInput.value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  tokenInput.value = "";
+  tokenForm.hidden = true;
+  const again = retry;
+  retry = null;
+  if (again) again();
+});
 
 // The API's reason for a failure: FastAPI sends {"detail": "..."} or, for invalid
 // parameters, {"detail": [{"loc": [...], "msg": "..."}]}.
@@ -39,7 +73,8 @@ async function request(url, options) {
   grid.setAttribute("aria-busy", "true");
   statusLine.textContent = "Searching…";
   try {
-    const response = await fetch(url, options);
+    const response = await fetch(url, withToken(options));
+    if (response.status === 401) askForToken(() => request(url, options));
     if (!response.ok) throw new Error(await errorMessage(response));
     const data = await response.json();
     if (number === latest) render(data);
@@ -55,7 +90,31 @@ function showError(message) {
   errorBox.textContent = message;
   errorBox.hidden = false;
   statusLine.textContent = "";
-  grid.replaceChildren();
+  showCards([]);
+}
+
+function showCards(cards) {
+  for (const url of thumbnailUrls) URL.revokeObjectURL(url);
+  thumbnailUrls = [];
+  grid.replaceChildren(...cards);
+}
+
+// An <img src> cannot send the Authorization header: with a token, the JPEG is fetched with it
+// and shown from a blob: URL.  Without one, the plain URL keeps lazy loading and the cache.
+function showThumbnail(img, url) {
+  if (!sessionStorage.getItem(TOKEN_KEY)) {
+    img.src = url;
+    return;
+  }
+  fetch(url, withToken())
+    .then((response) => (response.ok ? response.blob() : null))
+    .then((blob) => {
+      if (!blob) return;  // the alt text stands in, as for a broken image
+      const src = URL.createObjectURL(blob);
+      thumbnailUrls.push(src);
+      img.src = src;
+    })
+    .catch(() => {});
 }
 
 function baseName(path) {
@@ -73,7 +132,7 @@ function describe(query) {
 }
 
 function render(data) {
-  grid.replaceChildren(...data.results.map(card));
+  showCards(data.results.map(card));
   const n = data.results.length;
   statusLine.textContent =
     `${n} result${n === 1 ? "" : "s"} ${describe(data.query)} in ${data.took_ms.toFixed(0)} ms`;
@@ -84,7 +143,7 @@ function card(hit) {
   const name = baseName(hit.path);
   node.dataset.id = hit.id;
   const img = node.querySelector("img");
-  img.src = hit.thumbnail;
+  showThumbnail(img, hit.thumbnail);
   img.alt = hit.caption || name;
   if (hit.width && hit.height) {
     img.width = hit.width;
