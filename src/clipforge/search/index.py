@@ -39,7 +39,7 @@ from ..encoder import Encoder
 from ..evaluation.zeroshot import ZeroShotClassifier
 from ..factory import load_origin
 from ..inference import embed_pictures, embed_texts
-from ..reading import BadItem
+from ..reading import BadItem, is_shard_spec
 from ..text import ContextLengthError
 from ..weights.fingerprint import weights_fingerprint
 from .build import IndexMismatchError, ann_path, mismatch_message, recorded_origin
@@ -94,6 +94,7 @@ class SearchIndex:
         self._reload_lock = threading.Lock()
         self._local = threading.local()
         self._state = self._load()
+        self._root: tuple[_State, str | None] | None = None  # collection_root's, per state
 
     @classmethod
     def open(cls, path: str | Path, model: Encoder | None = None, *,
@@ -219,6 +220,19 @@ class SearchIndex:
                 "embed_dim": self.model.config.embed_dim, "count": len(state.vectors),
                 "generation": state.generation, "ann": self._info.get("ann", "flat"),
                 "searching": state.vectors.kind}
+
+    def collection_root(self) -> str | None:
+        """The folder the items were collected from (see :func:`collection_root`), worked out
+        once per generation: the server shows item paths relative to it."""
+        state, cached = self._state, self._root
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        store = self._store()
+        with self._reading():
+            paths = store.paths()
+        root = collection_root(self._info.get("source"), paths)
+        self._root = (state, root)
+        return root
 
     # ----------------------------------------------------------------- embedding
 
@@ -365,6 +379,35 @@ class SearchIndex:
             return read_entry_image(row["path"], row["member"], row["offset"], row["length"])
         except BadItem as exc:
             raise OSError(f"{row['key']}: {exc}") from None
+
+
+def _is_under(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # one relative and one absolute, or (Windows) another drive
+        return False
+
+
+def collection_root(source: str | None, paths: Sequence[str]) -> str | None:
+    """The folder that holds every item file: the recorded build ``source`` (a folder itself;
+    a table's or shards' folder) if all of ``paths`` lie under it, else their common parent
+    (indexes built before the source was recorded, or a table listing files elsewhere); None
+    if there is none (no items, or paths on several Windows drives)."""
+    if source:
+        folder = Path(source)
+        if folder.suffix.lower() in (".csv", ".tsv") or is_shard_spec(source):
+            folder = folder.parent
+        # Item paths are resolved (sources.py); a relative source is taken from the working
+        # directory, which may not be the build's: hence the check that it holds every item.
+        recorded = str(folder.resolve())
+        if all(_is_under(p, recorded) for p in paths):
+            return recorded
+    if not paths:
+        return None
+    try:
+        return os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:
+        return None
 
 
 def _reloadable(path: Path, info: dict[str, str]) -> dict[str, Any]:

@@ -19,7 +19,9 @@ what only a network service needs:
   thumbnails answer only requests carrying ``Authorization: Bearer <token>``; the page, its
   static files, the API docs and ``/healthz`` stay open, since they show nothing of the index
   (:class:`BearerAuth`); ``clipforge serve`` refuses a non-loopback address without a token;
-* files are reached by integer item id only, never by a path from the request;
+* files are reached by integer item id only, never by a path from the request, and no answer
+  shows an absolute path (:func:`display_path`; the index's folder is named by its name only),
+  so a client learns nothing of the server's directory layout;
 * ``index.refresh()`` runs before each query, so items added by ``clipforge index build`` while
   the server runs appear without a restart, and an index that can no longer be read (deleted,
   damaged) answers 503 rather than old data;
@@ -41,6 +43,7 @@ import io
 import ipaddress
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -127,7 +130,8 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DEN
 # ------------------------------------------------------------------------------ JSON shapes
 class HitOut(BaseModel):
     id: int
-    path: str
+    path: str = Field(description="relative to the folder the index was built from, or the "
+                                  "file name alone; never absolute")
     score: float | None = Field(description="cosine similarity; null for plain item lookups")
     caption: str | None
     width: int | None
@@ -647,6 +651,21 @@ class ThumbnailCache:
         return len(self._items)
 
 
+def display_path(path: str, root: str | None) -> str:
+    """How an item's path appears in answers: relative to the collection ``root`` (see
+    :meth:`SearchIndex.collection_root`; ``sub/x.jpg``), else the file name alone.  Never
+    absolute: a server reachable from a network must not reveal its directory layout."""
+    if root is not None:
+        try:
+            relative = os.path.relpath(path, root)
+        except ValueError:  # (Windows) another drive
+            relative = os.pardir
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep) \
+                and not os.path.isabs(relative):
+            return Path(relative).as_posix()
+    return os.path.basename(path)
+
+
 # ------------------------------------------------------------------------------- the app
 class _Service:
     """What the routes share: the index, its health, uploads' decoding, and the caches."""
@@ -660,6 +679,15 @@ class _Service:
         self.embed_text = TextBatcher(index.embed_texts) if batch_texts else None
         self._problem = ""  # logged once, not on every request while it lasts
 
+    def public(self, message: str) -> str:
+        """``message`` with the index's folder named by its name alone (logs keep the whole
+        path; answers show no absolute path)."""
+        folder = self.index.path
+        for name in sorted({str(folder.absolute()), str(folder.resolve()), str(folder)},
+                           key=len, reverse=True):
+            message = message.replace(name, folder.name)
+        return message
+
     def index_problem(self) -> str | None:
         """Pick up a newer generation; None if the index is readable, else why not."""
         try:
@@ -667,9 +695,9 @@ class _Service:
                 self.thumbnails.clear()
                 log.info("index refreshed: %d items", len(self.index))
         except Exception as exc:  # IndexUnavailableError, or a rebuild with another model
-            problem = f"the index cannot be read: {exc}"
+            problem = self.public(f"the index cannot be read: {exc}")
             if problem != self._problem:
-                log.error("%s; answering 503 until it can", problem)
+                log.error("the index cannot be read: %s; answering 503 until it can", exc)
             self._problem = problem
             return problem
         if self._problem:
@@ -687,7 +715,7 @@ class _Service:
         try:
             yield
         except IndexUnavailableError as exc:
-            raise HTTPException(503, f"the index cannot be read: {exc}") from exc
+            raise HTTPException(503, self.public(f"the index cannot be read: {exc}")) from exc
 
     @contextmanager
     def decoded(self, data: bytes) -> Iterator[Image.Image]:
@@ -702,11 +730,11 @@ class _Service:
         with self.budget.hold(image.width * image.height):
             yield self._decoder.submit(decode_image, image).result()
 
-    def hit_out(self, hit: Hit) -> HitOut:
+    def hit_out(self, hit: Hit, root: str | None) -> HitOut:
         score = None if hit.score is None or math.isnan(hit.score) else float(hit.score)
-        return HitOut(id=hit.id, path=printable_name(str(hit.path)), score=score,
-                      caption=hit.caption, width=hit.width, height=hit.height, extra=hit.extra,
-                      thumbnail=f"/thumbnails/{hit.id}")
+        return HitOut(id=hit.id, path=printable_name(display_path(str(hit.path), root)),
+                      score=score, caption=hit.caption, width=hit.width, height=hit.height,
+                      extra=hit.extra, thumbnail=f"/thumbnails/{hit.id}")
 
     def answer(self, query: QueryOut, find: Callable[[], list[Hit]]) -> SearchOut:
         """Run a query on the newest generation; the index's ValueError (empty or over-long
@@ -716,10 +744,11 @@ class _Service:
             try:
                 hits = find()
             except ValueError as exc:
-                raise HTTPException(400, str(exc)) from exc
+                raise HTTPException(400, self.public(str(exc))) from exc
             except KeyError as exc:
                 raise HTTPException(404, f"no item {query.similar_to}") from exc
-        return SearchOut(query=query, results=[self.hit_out(h) for h in hits],
+            root = self.index.collection_root()
+        return SearchOut(query=query, results=[self.hit_out(h, root) for h in hits],
                          took_ms=round((time.perf_counter() - start) * 1000, 2))
 
     def text_hits(self, text: str, k: int, threshold: float | None,
@@ -862,9 +891,10 @@ def _add_item_routes(app: FastAPI, service: _Service) -> None:
         """Metadata of one indexed item."""
         with service.reading():
             hit = index.item(item_id)
+            root = index.collection_root()
         if hit is None:
             raise HTTPException(404, f"no item {item_id}")
-        return service.hit_out(hit)
+        return service.hit_out(hit, root)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchOut, tags=["items"])
     def similar(item_id: ItemId, k: K = 20, threshold: Threshold = None,

@@ -193,6 +193,10 @@ class Store:
         return {row["id"]: {k: from_db(row[k]) if k in _NAME_COLUMNS else row[k]
                             for k in row.keys()} for row in rows}
 
+    def paths(self) -> list[str]:
+        """The distinct files of the items (a shard once, however many members it holds)."""
+        return [from_db(p) for (p,) in self.con.execute("SELECT DISTINCT path FROM items")]
+
     def failures(self) -> list[tuple[str, str]]:
         rows = self.con.execute("SELECT key, reason FROM failures ORDER BY key")
         return sorted((from_db(k), from_db(r)) for k, r in rows)
