@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clipforge
+from clipforge.search import SearchIndex, build_index
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,6 +89,22 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def photo_dir(photos: list[Path]) -> Path:
     """The folder holding exactly the sample photos (read only: copy before changing it)."""
     return photos[0].parent
+
+
+@pytest.fixture(scope="module")
+def model() -> clipforge.CLIP:
+    """The seeded tiny model of the search and server tests (a module may define its own)."""
+    torch.manual_seed(0)
+    return clipforge.create_model("tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def index(photo_dir: Path, model: clipforge.CLIP,
+          tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
+    """An index of the sample photos built with ``model``, one per test module."""
+    out = tmp_path_factory.mktemp("index") / "index"
+    build_index(photo_dir, out, model)
+    return SearchIndex.open(out, model)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
@@ -30,20 +29,6 @@ from clipforge.search.server import (
 )
 
 QUERIES = ["a cat", "a rocket on a launchpad", "coffee", "an astronaut", "a red motorcycle"]
-
-
-@pytest.fixture(scope="module")
-def model() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.create_model("tiny-vit")
-
-
-@pytest.fixture(scope="module")
-def index(photo_dir: Path, model: clipforge.CLIP,
-          tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
-    out = tmp_path_factory.mktemp("server") / "index"
-    build_index(photo_dir, out, model)
-    return SearchIndex.open(out, model)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-import clipforge
 from clipforge.cli import main
-from clipforge.search import SearchIndex, build_index
+from clipforge.search import SearchIndex
 from clipforge.search import server as server_module
 from clipforge.search.server import (
     MIN_TOKEN_CHARS,
@@ -37,20 +35,6 @@ from test_server_hardening import assert_security_headers
 LOOPBACK = "http://127.0.0.1"
 TOKEN = "s3cret-Token_for-tests-0123456789"  # 33 characters, as token_urlsafe(24) would give
 OTHER = "another-token-of-the-same-kind-42"
-
-
-@pytest.fixture(scope="module")
-def model() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.create_model("tiny-vit")
-
-
-@pytest.fixture(scope="module")
-def index(photo_dir: Path, model: clipforge.CLIP,
-          tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
-    out = tmp_path_factory.mktemp("auth") / "index"
-    build_index(photo_dir, out, model)
-    return SearchIndex.open(out, model)
 
 
 @pytest.fixture(scope="module")

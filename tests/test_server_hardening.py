@@ -47,20 +47,6 @@ WAIT_S = 10.0  # the most any test waits for the server to close a connection
 
 
 @pytest.fixture(scope="module")
-def model() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.create_model("tiny-vit")
-
-
-@pytest.fixture(scope="module")
-def index(photo_dir: Path, model: clipforge.CLIP,
-          tmp_path_factory: pytest.TempPathFactory) -> SearchIndex:
-    out = tmp_path_factory.mktemp("hardening") / "index"
-    build_index(photo_dir, out, model)
-    return SearchIndex.open(out, model)
-
-
-@pytest.fixture(scope="module")
 def client(index: SearchIndex) -> Iterator[TestClient]:
     with TestClient(create_app(index), base_url=LOOPBACK) as c:
         yield c

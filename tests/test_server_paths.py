@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 import clipforge
@@ -18,12 +17,6 @@ from clipforge.search.index import collection_root
 from clipforge.search.server import create_app, display_path
 
 LOOPBACK = "http://127.0.0.1"
-
-
-@pytest.fixture(scope="module")
-def model() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.create_model("tiny-vit")
 
 
 @pytest.fixture(scope="module")
