@@ -57,8 +57,8 @@ import sys
 from clipforge.search import SearchIndex
 from clipforge.search.server import serve
 serve(SearchIndex.open(sys.argv[1]), port=int(sys.argv[2]), log_level="warning",
-      batch_texts=sys.argv[3] == "1")
-"""
+      batch_texts=sys.argv[3] == "1", max_client_requests=None)
+"""  # every client is on 127.0.0.1: no per-address limit, or most would be told 429
 
 
 # ------------------------------------------------------------------------------- setup

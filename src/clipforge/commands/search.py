@@ -155,7 +155,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..search.server import MAX_PIXELS, ServerLimits, check_exposure, listen, serve
+    from ..search.server import ServerLimits, check_exposure, listen, serve
 
     token = _access_token(args.token_file)
     check_exposure(args.host, token, args.insecure_no_auth)  # before binding or loading
@@ -164,12 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                             "max_connections") if getattr(args, k) is not None}
     if limits.get("max_connections") == 0:
         limits["max_connections"] = None
-    options = {"max_upload_bytes": args.max_upload_mb * 2**20}
-    if args.decode_budget_mpx is not None:
-        options["decode_budget"] = round(args.decode_budget_mpx * 1_000_000)
-        if options["decode_budget"] < MAX_PIXELS:
-            raise ValueError(f"--decode-budget-mpx {args.decode_budget_mpx:g} is less than the "
-                             f"largest upload allowed ({MAX_PIXELS / 1e6:g} megapixels)")
+    options = _app_options(args)
     sockets = listen(args.host, args.port)  # a taken port is reported before the model loads
     try:
         index = SearchIndex.open(args.index, _named_model(args), device=args.device,
@@ -181,6 +176,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sock in sockets:
             sock.close()
     return 0
+
+
+def _app_options(args: argparse.Namespace) -> dict:
+    """``create_app``'s options from the command line, checked before the port is bound or
+    the model loaded, so a mistake costs no wait; options left out keep their defaults."""
+    from ..search.server import MAX_PIXELS, check_origins
+
+    options: dict = {"max_upload_bytes": args.max_upload_mb * 2**20}
+    if args.decode_budget_mpx is not None:
+        options["decode_budget"] = round(args.decode_budget_mpx * 1_000_000)
+        if options["decode_budget"] < MAX_PIXELS:
+            raise ValueError(f"--decode-budget-mpx {args.decode_budget_mpx:g} is less than the "
+                             f"largest upload allowed ({MAX_PIXELS / 1e6:g} megapixels)")
+    if args.cors_origins is not None:  # "a, b" and a mistyped "a,,b" (an empty origin) alike
+        try:
+            options["cors_origins"] = check_origins([o.strip() for o in
+                                                     args.cors_origins.split(",")])
+        except ValueError as exc:
+            raise ValueError(f"--cors-origins: {exc}") from None
+    if args.max_client_requests is not None:
+        options["max_client_requests"] = args.max_client_requests or None  # 0: no limit
+    return options
 
 
 def _access_token(token_file: Path | None) -> str | None:
@@ -309,6 +326,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "variable CLIPFORGE_API_TOKEN, else no token, which only loopback allows")
     a.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback "
                    "--host without a token: whoever reaches it reads every indexed image")
+    a.add_argument("--cors-origins", metavar="URL,URL", help="web sites whose pages may call "
+                   "the API from a browser (CORS), as scheme://host[:port], e.g. "
+                   "https://app.example; '*' is refused; default: none, only the server's own "
+                   "page")
     g = p.add_argument_group("limits (defaults in clipforge.search.server)")
     g.add_argument("--max-upload-mb", type=int, default=20, help="larger uploads get 413")
     g.add_argument("--header-timeout", type=_positive(float), metavar="S", help="seconds a "
@@ -319,6 +340,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "connection is kept open between requests (default 5)")
     g.add_argument("--max-connections", type=_positive(int), metavar="N", help="open "
                    "connections; requests beyond get 503; 0: no limit (default 128)")
+    g.add_argument("--max-client-requests", type=_positive(int), metavar="N", help="requests "
+                   "one client address may have in flight; more get 429 with Retry-After; 0: "
+                   "no limit (default 8)")
     g.add_argument("--decode-budget-mpx", type=_positive(float), metavar="MPX", help="megapixels "
                    "of uploaded images decoded at once; an upload that finds none free within "
                    "2 s gets 503 with Retry-After (default 100)")

@@ -15,6 +15,11 @@ what only a network service needs:
   bound to are answered, so a DNS-rebinding web page cannot read the index through a
   visitor's browser;
 * every response carries security headers (Content-Security-Policy, nosniff, no framing);
+* one client address may have only so many requests in flight (429 beyond:
+  :class:`ClientLimit`), so a single client cannot take every connection and the model's time;
+* other web sites' pages may call the API from a browser only if their origins are listed
+  (``cors_origins``: CORS); by default no CORS headers are sent, so only the server's own page
+  can read answers;
 * with a token (``create_app(token=...)``, ``clipforge serve --token-file``), the API and the
   thumbnails answer only requests carrying ``Authorization: Bearer <token>``; the page, its
   static files, the API docs and ``/healthz`` stay open, since they show nothing of the index
@@ -70,6 +75,7 @@ from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.datastructures import UploadFile as FormFile
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -98,6 +104,8 @@ HEADER_TIMEOUT_S = 10.0  # from a request's first byte (or the connection) to it
 BODY_TIMEOUT_S = 60.0  # from the first read of a body to its end: 20 MB at 2.7 Mbit/s
 KEEP_ALIVE_S = 5.0  # an idle connection between requests (uvicorn's timeout_keep_alive)
 MAX_CONNECTIONS = 128  # open connections; requests beyond get 503 (uvicorn limit_concurrency)
+MAX_CLIENT_REQUESTS = 8  # requests in flight from one client address; beyond get 429
+CLIENT_RETRY_AFTER_S = 1  # the Retry-After of that 429: requests in flight end quickly
 # Formats a browser upload can reasonably be in; PIL's rarer parsers stay out of reach.
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -122,6 +130,14 @@ DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
 DOCS_CSP = ("default-src 'self'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; "
             "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# CORS: what a listed origin's page may send (the token, JSON) and read of the answers.
+CORS_METHODS = ("GET", "POST")
+CORS_HEADERS = ("Authorization", "Content-Type")
+CORS_EXPOSED = ("Retry-After", "WWW-Authenticate")  # not readable cross-origin by default
+# An origin as a browser sends it: scheme, host (name, IPv4 or bracketed IPv6), optional port.
+ORIGIN_PATTERN = re.compile(r"(https?)://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?",
+                            re.IGNORECASE)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "Referrer-Policy": "no-referrer",
                     "Cross-Origin-Resource-Policy": "same-origin"}
@@ -494,6 +510,86 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
+class ClientLimit:
+    """ASGI middleware answering 429 (JSON, ``Retry-After``) to a request from a client
+    address that already has ``max_requests`` requests in flight.
+
+    The connection cap is shared by everyone, so one client opening many connections could take
+    all of it and queue the model's time behind its own queries; this bound keeps one address
+    from crowding out the others.  A request counts until the app has sent its whole answer
+    (``finally``: also when it fails or the client goes away).  Addresses with nothing in flight
+    are dropped, so the table never outgrows the open connections.  ``/healthz`` is exempt, so
+    a monitor is never told "busy".  Behind a reverse proxy every request comes from the
+    proxy's address: raise the limit there, or bound clients at the proxy.  The lock matters
+    only when the app is driven from several event loops (TestClient without ``with``).
+    """
+
+    exempt = ("/healthz",)
+
+    def __init__(self, app: Any, max_requests: int):
+        self.app, self.max_requests = app, max_requests
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", "")) or "/"
+        if scope["type"] != "http" or path in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        client = (scope.get("client") or ("",))[0]
+        if not self._enter(client):
+            await self._refuse(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._leave(client)
+
+    def _enter(self, client: str) -> bool:
+        with self._lock:
+            count = self._in_flight.get(client, 0)
+            if count >= self.max_requests:
+                return False
+            self._in_flight[client] = count + 1
+            return True
+
+    def _leave(self, client: str) -> None:
+        with self._lock:
+            count = self._in_flight.pop(client) - 1
+            if count:
+                self._in_flight[client] = count
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        response = JSONResponse(
+            {"detail": f"too many requests at once from this address (at most "
+                       f"{self.max_requests} in flight); try again when some have finished"},
+            status_code=429, headers={"Retry-After": str(CLIENT_RETRY_AFTER_S), **CLOSE})
+        await response(scope, receive, send)
+
+
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """The CORS origins as browsers send them in an ``Origin`` header (lower case, no default
+    port: Starlette compares them as strings), or ValueError naming the first that is not a
+    plain ``scheme://host[:port]``.  ``*`` is refused: any web page could then drive the API,
+    with a token its visitor holds, or, without a token, through any visitor's browser."""
+    checked = []
+    for origin in [origins] if isinstance(origins, str) else origins:
+        if origin.strip() == "*":
+            raise ValueError("CORS origin '*' (any web site) is refused: with it, any web "
+                             "page could drive the API with a token its visitor holds (or, "
+                             "without a token, through any visitor's browser); list the sites "
+                             "whose pages should, e.g. https://app.example")
+        found = ORIGIN_PATTERN.fullmatch(origin.strip())
+        if found is None or (found.group(3) and not 0 < int(found.group(3)) <= 65535):
+            raise ValueError(f"CORS origin {origin!r} is not an origin: give http(s)://host or "
+                             "http(s)://host:port, with no path (not even a final /), e.g. "
+                             "https://app.example")
+        scheme, host, port = found.group(1).lower(), found.group(2).lower(), found.group(3)
+        port_part = "" if port is None or int(port) == DEFAULT_PORTS[scheme] else f":{int(port)}"
+        checked.append(f"{scheme}://{host}{port_part}")
+    return checked
+
+
 def check_token(token: str) -> str:
     """``token`` if it can serve as an access token, else ValueError saying why: too short to
     resist guessing, or with characters an HTTP header cannot carry as they are."""
@@ -788,7 +884,9 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: Sequence[str] | None = None,
                max_json_bytes: int = MAX_JSON_BYTES, body_timeout: float = BODY_TIMEOUT_S,
                decode_budget: int = DECODE_BUDGET_PIXELS,
-               decode_wait: float = DECODE_WAIT_S, token: str | None = None) -> FastAPI:
+               decode_wait: float = DECODE_WAIT_S, token: str | None = None,
+               cors_origins: Sequence[str] = (),
+               max_client_requests: int | None = MAX_CLIENT_REQUESTS) -> FastAPI:
     """The FastAPI application serving ``index``; see the module docstring for the design.
 
     ``max_upload_bytes`` caps multipart bodies and ``max_json_bytes`` any other (413 beyond),
@@ -799,8 +897,15 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     others; default: loopback names; ``"*"``: any), ``thumbnail_cache`` the number of
     thumbnails kept in memory; ``batch_texts`` embeds concurrent text queries together
     (:class:`TextBatcher`); ``token``, when given, is required of every request except those
-    for the page, the docs and ``/healthz`` (:class:`BearerAuth`; 401 without it).
+    for the page, the docs and ``/healthz`` (:class:`BearerAuth`; 401 without it);
+    ``cors_origins`` are the web sites (``https://app.example``) whose pages may call the API
+    from a browser (none by default; :func:`check_origins`); ``max_client_requests`` bounds
+    the requests in flight from one client address (429 beyond; None: no limit;
+    :class:`ClientLimit`).
     """
+    if max_client_requests is not None and max_client_requests < 1:
+        raise ValueError(f"max_client_requests must be at least 1 (None: no limit), not "
+                         f"{max_client_requests}")
     if decode_budget < max_pixels:
         raise ValueError(f"decode_budget ({decode_budget} pixels) must be at least max_pixels "
                          f"({max_pixels}), or the largest allowed image could never be decoded")
@@ -814,7 +919,9 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                        batch_texts=batch_texts)
     _add_middleware(app, allowed_hosts=LOOPBACK_NAMES if allowed_hosts is None
                     else allowed_hosts, max_upload_bytes=max_upload_bytes,
-                    max_json_bytes=max_json_bytes, body_timeout=body_timeout, token=token)
+                    max_json_bytes=max_json_bytes, body_timeout=body_timeout, token=token,
+                    cors_origins=check_origins(cors_origins),
+                    max_client_requests=max_client_requests)
     _add_search_routes(app, service)
     _add_item_routes(app, service)
     _add_model_routes(app, service)
@@ -825,16 +932,25 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
 
 def _add_middleware(app: FastAPI, *, allowed_hosts: Sequence[str], max_upload_bytes: int,
-                    max_json_bytes: int, body_timeout: float, token: str | None) -> None:
+                    max_json_bytes: int, body_timeout: float, token: str | None,
+                    cors_origins: Sequence[str], max_client_requests: int | None) -> None:
     """Starlette runs the middleware added last first, so a request meets the security
     headers first (every answer, refusals included, carries them), then the Host check
-    (before anything is read or routed), then the token (before the body is looked at: an
-    unauthenticated client learns nothing of the limits), then the body's size and time
-    limits."""
+    (before anything is read or routed), then CORS (a browser's preflight carries no token,
+    and the 401s and 429s below must carry CORS headers for a listed site's page to read
+    them), then the per-client limit (unauthenticated floods count too), then the token
+    (before the body is looked at: an unauthenticated client learns nothing of the limits),
+    then the body's size and time limits."""
     app.add_middleware(BodyLimits, upload_limit=max_upload_bytes, other_limit=max_json_bytes,
                        timeout=body_timeout)
     if token is not None:  # checked now: Starlette builds the middleware at the first request
         app.add_middleware(BearerAuth, token=check_token(token))
+    if max_client_requests is not None:
+        app.add_middleware(ClientLimit, max_requests=max_client_requests)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+                           expose_headers=CORS_EXPOSED)
     hosts = [h if h.startswith("*") else host_pattern(h) for h in allowed_hosts]
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     app.add_middleware(SecurityHeaders, hashed_pages=DOCS_PAGES)
