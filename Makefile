@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	# CLIP_benchmark: its prompt data and metric functions are checked against ours (its model
 	# loaders need open_clip and torchvision, which the tests never import).
 	$(PY) -m pip install --quiet --no-deps clip_benchmark==1.6.2
+	# clip-retrieval: its ClipClient is driven against the server's clip-retrieval API (loaded by
+	# file: the package itself imports its whole back-end, flask, faiss, pandas and more).
+	$(PY) -m pip install --quiet --no-deps clip-retrieval==2.45.0
 	touch $@
 
 demo: setup

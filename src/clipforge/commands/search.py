@@ -155,10 +155,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..search.server import ServerLimits, check_exposure, listen, serve
+    from ..search.server import ServerLimits, check_exposure, check_tls, listen, serve
 
     token = _access_token(args.token_file)
-    check_exposure(args.host, token, args.insecure_no_auth)  # before binding or loading
+    check_tls(args.tls_cert, args.tls_key)  # these two: before binding or loading
+    check_exposure(args.host, token, args.insecure_no_auth)
     # Options left out keep the server's defaults (the constants in clipforge.search.server).
     limits = {k: getattr(args, k) for k in ("header_timeout", "body_timeout", "keep_alive",
                                             "max_connections") if getattr(args, k) is not None}
@@ -171,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  precision=args.precision)
         serve(index, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
               limits=ServerLimits(**limits), sockets=sockets, token=token,
-              insecure_no_auth=args.insecure_no_auth, **options)
+              insecure_no_auth=args.insecure_no_auth, tls_cert=args.tls_cert,
+              tls_key=args.tls_key, **options)
     finally:
         for sock in sockets:
             sock.close()
@@ -197,6 +199,8 @@ def _app_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"--cors-origins: {exc}") from None
     if args.max_client_requests is not None:
         options["max_client_requests"] = args.max_client_requests or None  # 0: no limit
+    if args.allow_image_urls:
+        options["allow_image_urls"] = True
     return options
 
 
@@ -326,10 +330,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "variable CLIPFORGE_API_TOKEN, else no token, which only loopback allows")
     a.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback "
                    "--host without a token: whoever reaches it reads every indexed image")
+    a.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve HTTPS with this "
+                   "certificate (PEM, the chain after it); needs --tls-key. Without both: "
+                   "plain HTTP, for loopback or behind a TLS-terminating proxy")
+    a.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private "
+                   "key (PEM, unencrypted); needs --tls-cert")
     a.add_argument("--cors-origins", metavar="URL,URL", help="web sites whose pages may call "
                    "the API from a browser (CORS), as scheme://host[:port], e.g. "
                    "https://app.example; '*' is refused; default: none, only the server's own "
                    "page")
+    a.add_argument("--allow-image-urls", action="store_true", help="let /knn-service "
+                   "(clip-retrieval's API) fetch a query image from an http(s) image_url: the "
+                   "server then makes requests wherever a client points it, so leave it off "
+                   "unless the clients are trusted")
     g = p.add_argument_group("limits (defaults in clipforge.search.server)")
     g.add_argument("--max-upload-mb", type=int, default=20, help="larger uploads get 413")
     g.add_argument("--header-timeout", type=_positive(float), metavar="S", help="seconds a "

@@ -341,6 +341,13 @@ class SearchIndex:
             fetch = min(fetch * 4, size)
         return self._hits(chosen_ids[:k], chosen_scores[:k])
 
+    def embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored unit embeddings of items (float32, one row per id, in order), for
+        comparing results with each other or with prompts after a search; KeyError for an id
+        the newest generation does not hold."""
+        rows = self._state.vectors.rows(np.asarray(ids, np.int64).reshape(-1))
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
     def item(self, item_id: int) -> Hit | None:
         """The metadata of one item (score nan), or None if there is no such item."""
         hits = self._hits(np.array([item_id]), np.array([np.nan]))

@@ -24,6 +24,9 @@ what only a network service needs:
   thumbnails answer only requests carrying ``Authorization: Bearer <token>``; the page, its
   static files, the API docs and ``/healthz`` stay open, since they show nothing of the index
   (:class:`BearerAuth`); ``clipforge serve`` refuses a non-loopback address without a token;
+  it serves HTTPS when given a certificate and its key (:func:`check_tls`), else plain HTTP;
+* ``/metrics`` serves Prometheus metrics (:mod:`.metrics`: requests by route template, latency,
+  model time, index size), behind the token like the API;
 * files are reached by integer item id only, never by a path from the request, and no answer
   shows an absolute path (:func:`display_path`; the index's folder is named by its name only),
   so a client learns nothing of the server's directory layout;
@@ -51,6 +54,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -71,7 +75,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel, Field, StringConstraints, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.datastructures import UploadFile as FormFile
@@ -84,6 +88,22 @@ from ..image.transform import ImageLoadError, check_aspect_ratio
 from ..reading import printable_name
 from .html import render_thumbnail
 from .index import MAX_K, IndexUnavailableError
+from .knn_service import PromptFilter, add_knn_routes
+from .metrics import RequestMetrics, ServerMetrics, add_metrics_route
+from .schema import (
+    MAX_QUERY_CHARS,
+    MAX_TEXTS,
+    MAX_UPLOAD_BYTES,
+    ClassifyOut,
+    EmbedIn,
+    EmbedOut,
+    HealthOut,
+    HitOut,
+    LabelOut,
+    QueryOut,
+    SearchOut,
+    UnavailableOut,
+)
 
 if TYPE_CHECKING:
     from . import Hit, SearchIndex
@@ -91,10 +111,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_QUERY_CHARS = 1000  # per text, label or template: far beyond any model's context
 MAX_LABELS = 256  # zero-shot labels per /api/classify call (each one runs the text encoder)
-MAX_TEXTS = 256  # texts per /api/embed call
-MAX_UPLOAD_BYTES = 20 * 2**20  # a multipart body (an image upload)
 MAX_JSON_BYTES = 4 * 2**20  # any other body: 256 texts of 1000 characters, JSON-escaped
 MAX_PIXELS = 50_000_000  # one uploaded image, as its header declares it
 DECODE_BUDGET_PIXELS = 100_000_000  # uploaded pixels decoded and held at once (300 MB RGB)
@@ -141,65 +158,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "Referrer-Policy": "no-referrer",
                     "Cross-Origin-Resource-Policy": "same-origin"}
-
-
-# ------------------------------------------------------------------------------ JSON shapes
-class HitOut(BaseModel):
-    id: int
-    path: str = Field(description="relative to the folder the index was built from, or the "
-                                  "file name alone; never absolute")
-    score: float | None = Field(description="cosine similarity; null for plain item lookups")
-    caption: str | None
-    width: int | None
-    height: int | None
-    extra: dict[str, Any] | None = Field(None, description="other metadata columns (CSV)")
-    thumbnail: str = Field(description="URL of a JPEG thumbnail")
-
-
-class QueryOut(BaseModel):
-    text: str | None = None
-    image: str | None = Field(None, description="file name of the uploaded query image")
-    similar_to: int | None = Field(None, description="item id of a 'more like this' query")
-
-
-class SearchOut(BaseModel):
-    query: QueryOut
-    results: list[HitOut]
-    took_ms: float
-
-
-class LabelOut(BaseModel):
-    label: str
-    probability: float
-
-
-class ClassifyOut(BaseModel):
-    labels: list[LabelOut]
-    took_ms: float
-
-
-class EmbedIn(BaseModel):
-    texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)]] = Field(
-        default_factory=list, max_length=MAX_TEXTS)
-
-
-class EmbedOut(BaseModel):
-    model: str | None
-    dim: int
-    texts: list[list[float]]
-    image: list[float] | None
-
-
-class HealthOut(BaseModel):
-    status: str
-    items: int
-    model: str | None
-    generation: int | None
-
-
-class UnavailableOut(BaseModel):
-    status: str = "unavailable"
-    detail: str = Field(description="why the index cannot be read")
 
 
 # Parameter types shared by the GET and form endpoints.
@@ -624,6 +582,52 @@ def check_exposure(host: str, token: str | None, insecure_no_auth: bool = False)
                          "serve without one)")
 
 
+class _EncryptedKeyError(Exception):
+    """Raised by :func:`check_tls` when the key asks for a password (never prompted for)."""
+
+
+def _refuse_password() -> bytes:
+    raise _EncryptedKeyError
+
+
+def check_tls(cert: str | os.PathLike | None, key: str | os.PathLike | None
+              ) -> tuple[str, str] | None:
+    """The certificate and private key files to serve HTTPS with, as strings, or None for
+    plain HTTP (neither given); else ValueError naming the option and the file: one given
+    without the other, a file missing, or files that do not load as a PEM certificate (chain)
+    and the unencrypted key that goes with it.  They are loaded here, so that a mistake is
+    reported before the port is bound or the model loaded, not when uvicorn starts."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key",
+                                                                         "--tls-cert")
+        raise ValueError(f"{given} was given without {missing}: HTTPS needs both the "
+                         "certificate (--tls-cert FILE) and its private key (--tls-key FILE), "
+                         "PEM files; give both, or neither for plain HTTP")
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            what = "is a directory" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"{option} {printable_name(str(path))} {what}: give a PEM file")
+    cert_name, key_name = printable_name(str(cert)), printable_name(str(key))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--tls-cert {cert_name} cannot be read as a PEM certificate: "
+                         f"{exc.strerror or exc}") from None
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    except _EncryptedKeyError:
+        raise ValueError(f"--tls-key {key_name} is encrypted, and the server asks for no "
+                         f"password: give it decrypted (openssl pkey -in {key_name} -out "
+                         "FILE), readable by the server's user only") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--tls-key {key_name} is not the PEM private key of --tls-cert "
+                         f"{cert_name}: {exc.strerror or exc}") from None
+    return str(cert), str(key)
+
+
 def host_pattern(name: str) -> str:
     """A host name as a Host header spells it: lower case, IPv6 addresses in brackets."""
     name = name.strip().lower()
@@ -767,13 +771,26 @@ class _Service:
     """What the routes share: the index, its health, uploads' decoding, and the caches."""
 
     def __init__(self, index: SearchIndex, *, max_pixels: int, budget: PixelBudget,
-                 thumbnail_size: int, thumbnail_cache: int, batch_texts: bool):
+                 thumbnail_size: int, thumbnail_cache: int, batch_texts: bool,
+                 metrics: ServerMetrics):
         self.index, self.max_pixels, self.budget = index, max_pixels, budget
         self.thumbnail_size = thumbnail_size
         self.thumbnails = ThumbnailCache(thumbnail_cache)
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode-upload")
-        self.embed_text = TextBatcher(index.embed_texts) if batch_texts else None
+        self.metrics = metrics  # the model's calls are timed there
+        self.embed_text = TextBatcher(self.embed_texts) if batch_texts else None
         self._problem = ""  # logged once, not on every request while it lasts
+        metrics.index_items.set(len(index))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The index's :meth:`~SearchIndex.embed_texts`, its time recorded as "text"."""
+        with self.metrics.model_time("text"):
+            return self.index.embed_texts(texts)
+
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """The index's :meth:`~SearchIndex.embed_image`, its time recorded as "image"."""
+        with self.metrics.model_time("image"):
+            return self.index.embed_image(image)
 
     def public(self, message: str) -> str:
         """``message`` with the index's folder named by its name alone (logs keep the whole
@@ -789,6 +806,7 @@ class _Service:
         try:
             if self.index.refresh():
                 self.thumbnails.clear()
+                self.metrics.index_items.set(len(self.index))
                 log.info("index refreshed: %d items", len(self.index))
         except Exception as exc:  # IndexUnavailableError, or a rebuild with another model
             problem = self.public(f"the index cannot be read: {exc}")
@@ -849,10 +867,23 @@ class _Service:
 
     def text_hits(self, text: str, k: int, threshold: float | None,
                   collapse: float | None) -> list[Hit]:
-        if self.embed_text is None or not text.strip():  # (the index words the empty error)
+        if not text.strip():  # (the index words the empty error)
             return self.index.search(text=text, k=k, threshold=threshold, collapse=collapse)
+        if self.embed_text is None:  # no batching: the search is timed with the model's call
+            with self.metrics.model_time("text"):
+                return self.index.search(text=text, k=k, threshold=threshold,
+                                         collapse=collapse)
         return self.index.search_vector(self.embed_text(text), k, threshold=threshold,
                                         collapse=collapse)
+
+    def mixed_hits(self, text: str | None, image: Image.Image, text_weight: float,
+                   image_weight: float, k: int, threshold: float | None,
+                   collapse: float | None) -> list[Hit]:
+        """An image query, a text mixed in or not: one call into the model, timed as
+        "image", then the search."""
+        with self.metrics.model_time("image"):
+            vector = self.index.query_vector(text, image, text_weight, image_weight)
+        return self.index.search_vector(vector, k, threshold=threshold, collapse=collapse)
 
     def thumbnail(self, item_id: int) -> bytes:
         """JPEG bytes of an item's thumbnail, from the cache or rendered (404 if none)."""
@@ -886,7 +917,9 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decode_budget: int = DECODE_BUDGET_PIXELS,
                decode_wait: float = DECODE_WAIT_S, token: str | None = None,
                cors_origins: Sequence[str] = (),
-               max_client_requests: int | None = MAX_CLIENT_REQUESTS) -> FastAPI:
+               max_client_requests: int | None = MAX_CLIENT_REQUESTS,
+               allow_image_urls: bool = False, safety_prompts: PromptFilter | None = None,
+               violence_prompts: PromptFilter | None = None) -> FastAPI:
     """The FastAPI application serving ``index``; see the module docstring for the design.
 
     ``max_upload_bytes`` caps multipart bodies and ``max_json_bytes`` any other (413 beyond),
@@ -901,7 +934,8 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ``cors_origins`` are the web sites (``https://app.example``) whose pages may call the API
     from a browser (none by default; :func:`check_origins`); ``max_client_requests`` bounds
     the requests in flight from one client address (429 beyond; None: no limit;
-    :class:`ClientLimit`).
+    :class:`ClientLimit`).  ``allow_image_urls``, ``safety_prompts`` and ``violence_prompts``
+    configure the clip-retrieval API (:func:`.knn_service.add_knn_routes`).
     """
     if max_client_requests is not None and max_client_requests < 1:
         raise ValueError(f"max_client_requests must be at least 1 (None: no limit), not "
@@ -913,19 +947,22 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     # them from a CDN, which leaves /docs blank on a machine without internet access).
     app = FastAPIOffline(title="clipforge search", version=__version__,
                          description="Text, image and mixed search over a clipforge index.")
+    metrics = ServerMetrics()
     service = _Service(index, max_pixels=max_pixels,
                        budget=PixelBudget(decode_budget, decode_wait),
                        thumbnail_size=thumbnail_size, thumbnail_cache=thumbnail_cache,
-                       batch_texts=batch_texts)
+                       batch_texts=batch_texts, metrics=metrics)
     _add_middleware(app, allowed_hosts=LOOPBACK_NAMES if allowed_hosts is None
                     else allowed_hosts, max_upload_bytes=max_upload_bytes,
                     max_json_bytes=max_json_bytes, body_timeout=body_timeout, token=token,
                     cors_origins=check_origins(cors_origins),
-                    max_client_requests=max_client_requests)
+                    max_client_requests=max_client_requests, metrics=metrics)
     _add_search_routes(app, service)
     _add_item_routes(app, service)
     _add_model_routes(app, service)
     _add_service_routes(app, service)
+    add_knn_routes(app, service, allow_image_urls=allow_image_urls,
+                   safety_prompts=safety_prompts, violence_prompts=violence_prompts)
     if token is not None:
         _document_token(app)
     return app
@@ -933,9 +970,11 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
 def _add_middleware(app: FastAPI, *, allowed_hosts: Sequence[str], max_upload_bytes: int,
                     max_json_bytes: int, body_timeout: float, token: str | None,
-                    cors_origins: Sequence[str], max_client_requests: int | None) -> None:
-    """Starlette runs the middleware added last first, so a request meets the security
-    headers first (every answer, refusals included, carries them), then the Host check
+                    cors_origins: Sequence[str], max_client_requests: int | None,
+                    metrics: ServerMetrics) -> None:
+    """Starlette runs the middleware added last first, so a request meets the metrics first
+    (every request is counted and timed, refusals included), then the security headers
+    (every answer, refusals included, carries them), then the Host check
     (before anything is read or routed), then CORS (a browser's preflight carries no token,
     and the 401s and 429s below must carry CORS headers for a listed site's page to read
     them), then the per-client limit (unauthenticated floods count too), then the token
@@ -954,6 +993,7 @@ def _add_middleware(app: FastAPI, *, allowed_hosts: Sequence[str], max_upload_by
     hosts = [h if h.startswith("*") else host_pattern(h) for h in allowed_hosts]
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     app.add_middleware(SecurityHeaders, hashed_pages=DOCS_PAGES)
+    app.add_middleware(RequestMetrics, metrics=metrics, router=app.router)
 
 
 def _document_token(app: FastAPI) -> None:
@@ -969,8 +1009,6 @@ def _document_token(app: FastAPI) -> None:
 
 
 def _add_search_routes(app: FastAPI, service: _Service) -> None:
-    index = service.index
-
     @app.get("/api/search", response_model=SearchOut, tags=["search"])
     def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS,
                                             description="text query")],
@@ -994,9 +1032,10 @@ def _add_search_routes(app: FastAPI, service: _Service) -> None:
         and a text (``q``)."""
         text = q if q and q.strip() else None  # an empty form field means "no text"
         with service.decoded(_read_upload(file)) as image:
-            return service.answer(QueryOut(text=text, image=file.filename), lambda: index.search(
-                text=text, image=image, text_weight=text_weight, image_weight=image_weight,
-                k=k, threshold=threshold, collapse=collapse))
+            return service.answer(QueryOut(text=text, image=file.filename),
+                                  lambda: service.mixed_hits(text, image, text_weight,
+                                                             image_weight, k, threshold,
+                                                             collapse))
 
 
 def _add_item_routes(app: FastAPI, service: _Service) -> None:
@@ -1053,7 +1092,8 @@ def _add_model_routes(app: FastAPI, service: _Service) -> None:
                                      "other braces") from exc
         with service.decoded(_read_upload(file)) as image:
             try:
-                ranked = index.classify(image, names, template=template)
+                with service.metrics.model_time("image"):
+                    ranked = index.classify(image, names, template=template)
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from exc
         return ClassifyOut(labels=[LabelOut(label=n, probability=float(p)) for n, p in ranked],
@@ -1062,10 +1102,10 @@ def _add_model_routes(app: FastAPI, service: _Service) -> None:
     def embed_now(texts: list[str], data: bytes | None) -> EmbedOut:
         with service.decoded(data) if data is not None else contextlib.nullcontext() as image:
             try:
-                text_vectors = index.embed_texts(texts).tolist() if texts else []
+                text_vectors = service.embed_texts(texts).tolist() if texts else []
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from exc
-            image_vector = index.embed_image(image).tolist() if image is not None else None
+            image_vector = service.embed_image(image).tolist() if image is not None else None
         dim = len(image_vector) if image_vector is not None else (
             len(text_vectors[0]) if text_vectors else 0)
         return EmbedOut(model=index.info.get("model"), dim=dim, texts=text_vectors,
@@ -1126,6 +1166,7 @@ def _add_service_routes(app: FastAPI, service: _Service) -> None:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_metrics_route(app, service.metrics, before_scrape=service.index_problem)
 
 
 # ------------------------------------------------------------------------- connections
@@ -1257,39 +1298,47 @@ def listen(host: str, port: int) -> list[socket.socket]:
 def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, *,
           log_level: str = "info", allowed_hosts: Sequence[str] | None = None,
           limits: ServerLimits | None = None, sockets: list[socket.socket] | None = None,
-          token: str | None = None, insecure_no_auth: bool = False, **options: Any) -> None:
+          token: str | None = None, insecure_no_auth: bool = False,
+          tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
+          **options: Any) -> None:
     """Serve ``index`` with uvicorn until interrupted; ``options`` go to :func:`create_app`.
 
     Loopback by default.  Anyone who can reach the server can read every indexed image unless
     ``token`` is given, so another address needs one, or ``insecure_no_auth=True``
-    (:func:`check_exposure`).  ``allowed_hosts`` defaults to the names of ``host``
-    (:func:`default_allowed_hosts`); ``sockets`` are already listening ones (:func:`listen`).
+    (:func:`check_exposure`), HTTPS or not.  ``tls_cert`` and ``tls_key`` (PEM files, both or
+    neither: :func:`check_tls`) serve HTTPS instead of plain HTTP.  ``allowed_hosts`` defaults
+    to the names of ``host`` (:func:`default_allowed_hosts`); ``sockets`` are already
+    listening ones (:func:`listen`).
     """
     check_exposure(host, token, insecure_no_auth)
+    tls = check_tls(tls_cert, tls_key)
     limits = limits or ServerLimits()
     allowed = list(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
-    _warn_about_exposure(host, token, allowed)
+    _warn_about_exposure(host, token, allowed, tls=tls is not None)
     sockets = sockets or listen(host, port)
     app = create_app(index, allowed_hosts=allowed, body_timeout=limits.body_timeout,
                      token=token, **options)
-    server = uvicorn.Server(limits.uvicorn_config(app, log_level=log_level))
+    ssl_files = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+    server = uvicorn.Server(limits.uvicorn_config(app, log_level=log_level, **ssl_files))
     for sock in sockets:
         address, bound_port = sock.getsockname()[:2]
-        log.info("serving %s on http://%s:%d (Host names answered: %s; %s)", index.path,
-                 host_pattern(address), bound_port, ", ".join(allowed),
-                 "access token required" if token else "no access token")
+        log.info("serving %s on %s://%s:%d (Host names answered: %s; %s)", index.path,
+                 "https" if tls else "http", host_pattern(address), bound_port,
+                 ", ".join(allowed), "access token required" if token else "no access token")
     server.run(sockets=sockets)
 
 
-def _warn_about_exposure(host: str, token: str | None, allowed: Sequence[str]) -> None:
+def _warn_about_exposure(host: str, token: str | None, allowed: Sequence[str],
+                         tls: bool = False) -> None:
     """Say what a network-reachable server leaves open, once, as it starts."""
     if not is_loopback(host):
         if token is None:
             log.warning("serving on %s: every indexed image is readable by whoever can reach "
                         "this address, without authentication (--insecure-no-auth)", host)
-        else:
+        elif not tls:
             log.warning("serving on %s over plain HTTP: the token and the images cross the "
-                        "network unencrypted unless a TLS proxy stands in front", host)
+                        "network unencrypted unless a TLS proxy stands in front (or give "
+                        "--tls-cert and --tls-key)", host)
     if "*" in allowed:
         log.warning("answering any Host name: a web page can read the index through a "
                     "visitor's browser (DNS rebinding)")

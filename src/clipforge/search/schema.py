@@ -1,0 +1,72 @@
+"""The search server's JSON shapes and the request limits its modules share
+(:mod:`.server`, and :mod:`.knn_service` which builds on the server's answers): kept apart so
+that both import them from here, with no import cycle between the two."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, StringConstraints
+
+MAX_QUERY_CHARS = 1000  # per text, label or template: far beyond any model's context
+MAX_TEXTS = 256  # texts per /api/embed call
+MAX_UPLOAD_BYTES = 20 * 2**20  # a multipart body (an image upload)
+
+
+# ------------------------------------------------------------------------------ JSON shapes
+class HitOut(BaseModel):
+    id: int
+    path: str = Field(description="relative to the folder the index was built from, or the "
+                                  "file name alone; never absolute")
+    score: float | None = Field(description="cosine similarity; null for plain item lookups")
+    caption: str | None
+    width: int | None
+    height: int | None
+    extra: dict[str, Any] | None = Field(None, description="other metadata columns (CSV)")
+    thumbnail: str = Field(description="URL of a JPEG thumbnail")
+
+
+class QueryOut(BaseModel):
+    text: str | None = None
+    image: str | None = Field(None, description="file name of the uploaded query image")
+    similar_to: int | None = Field(None, description="item id of a 'more like this' query")
+
+
+class SearchOut(BaseModel):
+    query: QueryOut
+    results: list[HitOut]
+    took_ms: float
+
+
+class LabelOut(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyOut(BaseModel):
+    labels: list[LabelOut]
+    took_ms: float
+
+
+class EmbedIn(BaseModel):
+    texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_TEXTS)
+
+
+class EmbedOut(BaseModel):
+    model: str | None
+    dim: int
+    texts: list[list[float]]
+    image: list[float] | None
+
+
+class HealthOut(BaseModel):
+    status: str
+    items: int
+    model: str | None
+    generation: int | None
+
+
+class UnavailableOut(BaseModel):
+    status: str = "unavailable"
+    detail: str = Field(description="why the index cannot be read")
