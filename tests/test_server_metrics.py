@@ -157,7 +157,7 @@ def test_model_time_without_text_batching(index: SearchIndex) -> None:
 
 
 def test_index_size_is_the_items_served(client: TestClient, index: SearchIndex) -> None:
-    items = value(scrape(client), ITEMS)
+    items = value(scrape(client), ITEMS, index=index.path.name)  # labelled by the index's name
     assert items == len(index) == client.get("/healthz").json()["items"] == 8
 
 
@@ -172,11 +172,11 @@ def test_index_size_follows_a_rebuilt_index(photo_dir: Path, model: clipforge.CL
     build_index(folder, tmp_path / "index", model)
     with TestClient(create_app(SearchIndex.open(tmp_path / "index", model)),
                     base_url=LOOPBACK) as c:
-        assert value(scrape(c), ITEMS) == 3
+        assert value(scrape(c), ITEMS, index="index") == 3
         for photo in photos[3:]:
             shutil.copy(photo, folder / photo.name)
         build_index(folder, tmp_path / "index", model)
-        assert value(scrape(c), ITEMS) == len(photos) == 8
+        assert value(scrape(c), ITEMS, index="index") == len(photos) == 8
 
 
 def test_metrics_need_the_token(index: SearchIndex) -> None:
@@ -209,7 +209,7 @@ def test_openmetrics_when_the_scraper_asks(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
-    assert f"{ITEMS} 8.0" in response.text
+    assert f'{ITEMS}{{index="index"}} 8.0' in response.text
 
 
 # ------------------------------------------------------------------------------------ TLS

@@ -3,7 +3,8 @@
 
 Without ``--model``, an index is searched, served and updated with the model it records (its
 origin, loaded again by :func:`clipforge.factory.load_origin` at the ``--device`` and
-``--precision`` given); a new index is built with ViT-B-32.
+``--precision`` given); a new index is built with ViT-B-32.  ``serve`` takes several indexes, by
+name, each with its own model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..factory import create_model, load_origin
 from ..fileio import DiskFullError, is_disk_full
 from ..image import ImageLoadError, load_image
 from ..reading import printable_name
-from ..search.build import build_index, recorded_origin
+from ..search.build import build_index, memory_budget, recorded_origin
 from ..search.index import SearchIndex
 from ..search.store import Store
 from ..search.vectors import ANN_KINDS
@@ -87,7 +88,8 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
         report = build_index(args.source, args.out, model, batch_size=args.batch_size,
                              num_workers=args.workers, ann=args.ann, ann_params=params or None,
                              progress=not args.no_progress, image_key=args.csv_image_key,
-                             caption_key=args.csv_caption_key, fast_decode=args.fast_decode)
+                             caption_key=args.csv_caption_key, fast_decode=args.fast_decode,
+                             max_index_memory=args.max_index_memory)
     except Exception as exc:  # SQLite says "database or disk is full", not OSError(ENOSPC)
         if isinstance(exc, DiskFullError) or not is_disk_full(exc):
             raise
@@ -97,8 +99,9 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
     if args.json:
         print(report.to_json())
     else:
+        storage = ", rows on disk" if report.storage == "ondisk" else ""
         print(f"{report.index}: {report.total} items (generation {report.generation}, "
-              f"{report.ann}); this run: {report.added} added, {report.removed} removed, "
+              f"{report.ann}{storage}); this run: {report.added} added, {report.removed} removed, "
               f"{report.unchanged} unchanged, {report.resumed} resumed, {report.embedded} read "
               f"in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
         for key, reason in report.failures[:20]:
@@ -108,6 +111,15 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
             print(f"... {len(report.failures) - 20} more skipped; see "
                   f"{Path(report.index) / 'report.json'}", file=sys.stderr)
     return 0
+
+
+def _memory_size(value: str) -> str:
+    """An argparse type: a size ``build_index`` takes, checked before the model loads."""
+    try:
+        memory_budget(value, {})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
@@ -157,6 +169,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..search.server import ServerLimits, check_exposure, check_tls, listen, serve
 
+    paths = _index_paths(args.index)  # names checked before anything is bound or loaded
     token = _access_token(args.token_file)
     check_tls(args.tls_cert, args.tls_key)  # these two: before binding or loading
     check_exposure(args.host, token, args.insecure_no_auth)
@@ -168,9 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = _app_options(args)
     sockets = listen(args.host, args.port)  # a taken port is reported before the model loads
     try:
-        index = SearchIndex.open(args.index, _named_model(args), device=args.device,
-                                 precision=args.precision)
-        serve(index, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
+        indexes = {name: _open_served(name, path, args) for name, path in paths.items()}
+        serve(indexes, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
               limits=ServerLimits(**limits), sockets=sockets, token=token,
               insecure_no_auth=args.insecure_no_auth, tls_cert=args.tls_cert,
               tls_key=args.tls_key, **options)
@@ -178,6 +190,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sock in sockets:
             sock.close()
     return 0
+
+
+def _index_paths(values: list[str]) -> dict[str, Path]:
+    """``INDEX`` or ``NAME=INDEX`` arguments -> {name: path}, in the order given; ValueError
+    naming a name that is not allowed or given twice.  A name is the text before the first
+    ``=``; without one, the index folder's name."""
+    from ..search.server import check_index_name, default_index_name
+
+    paths: dict[str, Path] = {}
+    for value in values:
+        name, given, path = value.partition("=")
+        if not given:
+            name, path = default_index_name(value), value
+        try:
+            check_index_name(name)
+        except ValueError as exc:
+            hint = "give it one: NAME=PATH" if not given else "rename it"
+            raise ValueError(f"{printable_name(value)}: {exc}; {hint}") from None
+        if not path:
+            raise ValueError(f"{printable_name(value)}: no index folder after {name}=")
+        if name in paths:
+            first = printable_name(str(paths[name]))
+            raise ValueError(f"the index name {name!r} is given twice ({first} and "
+                             f"{printable_name(path)}): name them apart, as NAME=PATH")
+        paths[name] = Path(path)
+    return paths
+
+
+def _open_served(name: str, path: Path, args: argparse.Namespace) -> SearchIndex:
+    """The index at ``path`` with its own model (or ``--model``, loaded for it), or an error
+    naming the index by ``name``: with several, the message must say which one failed."""
+    try:
+        return SearchIndex.open(path, _named_model(args), device=args.device,
+                                precision=args.precision)
+    except (ValueError, RuntimeError, OSError) as exc:  # what `clipforge` reports in a line
+        kind = next(k for k in (ValueError, RuntimeError, OSError) if isinstance(exc, k))
+        raise kind(f"index {name!r}: {exc}") from exc
 
 
 def _app_options(args: argparse.Namespace) -> dict:
@@ -286,6 +335,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--nlist", type=int, help="ivfpq: number of inverted lists")
     b.add_argument("--pq-m", type=int, help="ivfpq: product-quantiser sub-vectors")
     b.add_argument("--nprobe", type=int, help="ivfpq: lists searched per query")
+    b.add_argument("--max-index-memory", type=_memory_size, metavar="SIZE", help="memory a "
+                   "search of the index may hold, e.g. 512M or 2G ('none': no limit; default: "
+                   "the index's, else none). Rows that do not fit are kept in memory-mapped "
+                   "files, searched with an IVF index whose lists are on disk, then re-ranked "
+                   "exactly")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")
@@ -315,8 +369,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model_options(p)
     p.set_defaults(handler=cmd_search)
 
-    p = sub.add_parser("serve", help="HTTP API and web page for an index (FastAPI)")
-    p.add_argument("index", type=Path)
+    p = sub.add_parser("serve", help="HTTP API and web page for one index or several "
+                       "(FastAPI)", description="Serve INDEX, or several indexes by name: "
+                       "requests pick one with ?index=NAME (the clip-retrieval API with "
+                       "indice_name), and those naming none get the first. Without --model "
+                       "each index is searched with the model that built it.")
+    p.add_argument("index", nargs="+", metavar="[NAME=]INDEX", help="an index folder, "
+                   "named after the folder, or NAME=FOLDER (a name: letters, digits, '.', "
+                   "'_' and '-'; names must differ; the name ends at the first '=', so a "
+                   "folder whose path holds one needs a name)")
     p.add_argument("--host", default="127.0.0.1", help="address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--allowed-hosts", type=_names, metavar="NAME,NAME", help="Host header "
@@ -359,5 +420,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--decode-budget-mpx", type=_positive(float), metavar="MPX", help="megapixels "
                    "of uploaded images decoded at once; an upload that finds none free within "
                    "2 s gets 503 with Retry-After (default 100)")
-    _model_options(p)
+    add_model_options(p, default=None, default_help="each index's own: the model that "
+                      "built it. Given, it is loaded for every index, each of which must have "
+                      "been built with it")
     p.set_defaults(handler=cmd_serve)

@@ -7,6 +7,14 @@ index untouched (searches go on seeing the old state) and its finished batches s
 running it again embeds only the rest.  The last step merges the staged embeddings, drops items
 whose files are gone, and bumps the generation, in one SQLite transaction.
 
+With a memory budget (``max_index_memory``), the commit also decides where the rows of the
+new generation live (:func:`clipforge.search.vectors.plan_storage`): in memory as before, or,
+when they do not fit, in memory-mapped files (float16 rows, ids, an IVF index with its lists on
+disk) that are written inside the commit's transaction, before it commits, each under a
+temporary name and renamed once complete.  A build killed while writing them leaves the old
+generation and its files untouched, and the next build writes them again; older generations'
+files are removed once the new one is committed.
+
 Under ``torchrun`` every rank scans the same source, embeds every world-size-th pending item
 into its own staging file, and rank 0 merges them all after a barrier; a resumed build may use
 another number of ranks, since the merge reads whatever is staged.
@@ -43,12 +51,22 @@ from .store import (
     staged_stamps,
     staging_files,
 )
-from .vectors import ANN_KINDS, VectorIndex
+from .vectors import (
+    ANN_KINDS,
+    DiskFiles,
+    VectorIndex,
+    memory_bytes,
+    parse_memory,
+    plan_storage,
+    save_rows,
+)
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# ann-G.faiss, ondisk-G.*, and their temporary files (.ann-G.faiss.1f2e3d4c.tmp)
+_GENERATION_FILE = re.compile(r"(\.)?(?:ann|ondisk)-(\d+)\..+")
 
 
 def json_text(data: object, **kwargs: Any) -> str:
@@ -112,6 +130,7 @@ class BuildReport:
     total: int = 0
     generation: int = 0
     ann: str = "flat"
+    storage: str = "memory"  # or "ondisk": the rows did not fit max_index_memory
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # all current failures
 
@@ -176,6 +195,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
                 ann_params: dict[str, Any] | None = None, progress: bool = True,
                 image_key: str = "filepath", caption_key: str = "title",
                 separator: str | None = None, fast_decode: bool = False,
+                max_index_memory: int | str | None = None,
                 on_batch: Callable[[int], None] | None = None) -> BuildReport:
     """Create or update the index ``out`` from ``source`` with ``model``.
 
@@ -188,6 +208,11 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     then re-ranked exactly); None keeps the index's current choice (flat for a new one).
     ``fast_decode`` decodes large JPEGs at a reduced scale (PIL's draft mode, never below the
     model's input size): several times faster for camera photos, embeddings within 1e-5 cosine.
+    ``max_index_memory``: the memory a search of the index may hold (bytes, or "512M", "2G";
+    "none" for no limit; None keeps the index's, none for a new one).  Rows that do not fit it
+    are kept in memory-mapped files instead, searched with an IVF index whose lists are on disk
+    and re-ranked exactly (:func:`~clipforge.search.vectors.plan_storage`); ``info`` records the
+    choice ("storage", "storage_plan").
     ``on_batch(n)`` is called after each durable batch (tests use it to interrupt a build).
     Raises :class:`IndexMismatchError` if the index was made with other weights.
     """
@@ -214,6 +239,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     kind = ann or info.get("ann") or "flat"
     if kind not in ANN_KINDS:
         raise ValueError(f"unknown ann kind {kind!r}; choose one of {', '.join(ANN_KINDS)}")
+    budget = memory_budget(max_index_memory, info)
     indexed, failed = store.stamps()
     staged = staged_stamps(out, fingerprint)
     unchanged = [e for e in entries if indexed.get(e.key) == e.stamp
@@ -224,7 +250,8 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     pending = everything_pending[rank::world]
     current = {e.key: e.stamp for e in entries}
     stale = [k for k, stamp in (indexed | failed).items() if current.get(k) != stamp]
-    changed = bool(everything_pending or resumed or stale) or kind != info.get("ann")
+    changed = (bool(everything_pending or resumed or stale) or kind != info.get("ann")
+               or budget != memory_budget(None, info))
     report = BuildReport(str(out), str(source), origin.get("model"), fingerprint,
                          scanned=len(entries), unchanged=len(unchanged), resumed=len(resumed),
                          ann=kind)
@@ -249,17 +276,25 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
         report.total, report.generation = store.count(), store.generation()
         report.failures = store.failures()
     elif rank == 0:
+        dim = model.config.embed_dim
+
+        def prepare(generation: int) -> dict[str, object]:
+            return prepare_storage(out, store, kind, ann_params or {}, budget, dim, generation)
+
         counts = store.commit(entries, staging_files(out), {
             "format_version": FORMAT_VERSION, "origin": json_text(origin) if origin else "",
             "model": origin.get("model") or "", "weights": origin.get("weights") or "",
             "fingerprint": fingerprint,
-            "embed_dim": model.config.embed_dim, "ann": kind,
-            "ann_params": json.dumps(ann_params or {}), "source": str(source)})
+            "embed_dim": dim, "ann": kind, "ann_params": json.dumps(ann_params or {}),
+            "max_index_memory": "" if budget is None else budget, "source": str(source)},
+            prepare=prepare)
         clear_staging(out)
         report.added, report.removed = counts["added"], counts["removed"]
         report.total, report.generation = counts["total"], counts["generation"]
         report.failures = store.failures()
         write_ann(out, store, kind, ann_params or {}, counts["generation"])
+    if rank == 0:
+        report.storage = store.info().get("storage") or "memory"
     store.close()
     report.seconds = time.perf_counter() - started
     if rank == 0:
@@ -273,19 +308,66 @@ def ann_path(directory: Path, generation: int) -> Path:
     return directory / f"ann-{generation}.faiss"
 
 
+def ondisk_files(directory: Path, generation: int) -> DiskFiles:
+    """The memory-mapped files of ``generation`` when its rows are kept on disk."""
+    return DiskFiles.named(directory, f"ondisk-{generation}")
+
+
+def memory_budget(value: int | str | None, info: dict[str, str]) -> int | None:
+    """The memory budget in bytes: ``value`` ("none": no limit), else the index's recorded
+    one (None: no limit)."""
+    if value is None:
+        value = info.get("max_index_memory") or "none"
+    if str(value).strip().lower() in ("none", "off"):
+        return None
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise ValueError(f"max index memory: {exc} (or 'none' for no limit)") from None
+
+
+def prepare_storage(directory: Path, store: Store, kind: str, params: dict[str, Any],
+                    budget: int | None, dim: int, generation: int) -> dict[str, str]:
+    """Inside the commit of ``generation``: choose where its rows live under ``budget`` and,
+    if on disk, write its files (rows streamed from the database, then the IVF index).
+    Returns the info recording the choice."""
+    count = store.count()
+    plan = plan_storage(kind, count, dim, budget, params)
+    if plan["storage"] == "ondisk":
+        files = ondisk_files(directory, generation)
+        log.info("%s: %d rows need %d bytes in memory, over the budget of %d: writing them "
+                 "to %s", directory, count, memory_bytes(kind, count, dim, params), budget,
+                 ", ".join(f.name for f in files))
+        save_rows(files, store.row_chunks(dim), count, dim)
+        VectorIndex.build_ondisk(files, plan["params"])
+    return {"storage": plan["storage"], "storage_plan": json.dumps(plan)}
+
+
 def write_ann(directory: Path, store: Store, kind: str, params: dict[str, Any],
               generation: int) -> None:
-    """Train and save the approximate structure of ``generation`` (nothing for flat), then
-    remove older ones.  Until it exists, searches of that generation are exact."""
-    if kind != "flat":
+    """Train and save the approximate structure of ``generation`` (nothing for flat, nor for
+    rows kept on disk), then remove older generations' files.  Until it exists, searches of
+    that generation are exact."""
+    if kind != "flat" and store.info().get("storage") != "ondisk":
         snapshot = store.snapshot()
         if snapshot.generation == generation and len(snapshot.ids):
             VectorIndex.build(snapshot.vectors, snapshot.ids, kind, params=params
                               ).save_ann(ann_path(directory, generation))
-    for old in directory.glob("ann-*.faiss"):
-        if old != ann_path(directory, generation):
+    remove_stale_files(directory, store.generation())
+
+
+def remove_stale_files(directory: Path, generation: int) -> None:
+    """Remove the search files of generations before ``generation`` (the committed one), and
+    the temporary files that a killed build left while writing them.  A newer generation's
+    files are kept: another build may be writing them before its commit."""
+    for path in directory.iterdir():
+        match = _GENERATION_FILE.fullmatch(path.name)
+        if match is None:
+            continue
+        temporary, number = bool(match[1]), int(match[2])
+        if number < generation or (temporary and number == generation):
             try:
-                os.unlink(old)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 

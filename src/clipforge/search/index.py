@@ -9,6 +9,12 @@ while ``clipforge index build`` runs beside it serves the old state or the new o
 It is safe to share between threads: model calls are serialised by a lock, and each thread gets
 its own database connection.
 
+An index whose rows did not fit the build's memory budget (``index build --max-index-memory``)
+is not read into memory: its generation's files are opened memory-mapped
+(:meth:`VectorIndex.open_ondisk`).  ``SearchIndex.open(..., max_index_memory=...)`` makes the
+same choice for the reader's own budget: rows that fit are read into memory, and an index built
+in memory that does not fit is refused with what to do.
+
 A connection opened on a file that is then deleted goes on reading the deleted file, so every
 read first compares the database file's identity (device, inode, size, modification time; one
 ``stat``) with the one its connection was opened on: a deleted folder raises
@@ -42,14 +48,23 @@ from ..inference import embed_pictures, embed_texts
 from ..reading import BadItem, is_shard_spec
 from ..text import ContextLengthError
 from ..weights.fingerprint import weights_fingerprint
-from .build import IndexMismatchError, ann_path, mismatch_message, recorded_origin
+from .build import (
+    IndexMismatchError,
+    ann_path,
+    memory_budget,
+    mismatch_message,
+    ondisk_files,
+    recorded_origin,
+)
 from .sources import read_entry_image
-from .store import DB_NAME, IndexFormatError, Store
-from .vectors import VectorIndex
+from .store import DB_NAME, Head, IndexFormatError, Store
+from .vectors import ONDISK, VectorIndex, memory_bytes, plan_storage
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+RECORDED = "recorded"  # SearchIndex's max_index_memory: keep the storage the build chose
+_LOAD_TRIES = 5  # generations committed while one is being opened, before giving up
 
 
 class IndexUnavailableError(OSError):
@@ -86,10 +101,13 @@ class _State:
 class SearchIndex:
     """An index opened for search; build one with :func:`clipforge.search.build_index`."""
 
-    def __init__(self, path: str | Path, model: Encoder, info: dict[str, str]):
+    def __init__(self, path: str | Path, model: Encoder, info: dict[str, str], *,
+                 max_index_memory: int | str | None = None):
         self.path = Path(path)
         self.model = model
         self._info = info
+        self._budget = (RECORDED if max_index_memory is None
+                        else memory_budget(max_index_memory, {}))
         self._model_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._local = threading.local()
@@ -98,13 +116,19 @@ class SearchIndex:
 
     @classmethod
     def open(cls, path: str | Path, model: Encoder | None = None, *,
-             device: str | torch.device = "cpu", precision: str = "fp32") -> SearchIndex:
+             device: str | torch.device = "cpu", precision: str = "fp32",
+             max_index_memory: int | str | None = None) -> SearchIndex:
         """Open the index at ``path`` with ``model``, or else the model the index records,
         loaded on ``device`` at ``precision`` (any precision of the same weights answers the
         same index).
 
+        ``max_index_memory`` (bytes, "512M", "2G", "none"): the memory the search may hold, as
+        at build; None keeps where the build put the rows (memory, or memory-mapped files).
+
         Raises :class:`IndexMismatchError` when ``model`` has other weights than the index's.
         """
+        if max_index_memory is not None:
+            memory_budget(max_index_memory, {})  # a mistyped size: before the model loads
         store = Store(path)
         try:
             info = store.info()
@@ -119,7 +143,7 @@ class SearchIndex:
         if fingerprint != info["fingerprint"]:
             raise IndexMismatchError(mismatch_message(Path(path), info, fingerprint,
                                                       "search it"))
-        return cls(path, model, info)
+        return cls(path, model, info, max_index_memory=max_index_memory)
 
     # ----------------------------------------------------------------- state
 
@@ -165,23 +189,76 @@ class SearchIndex:
         return path if path.is_file() else None
 
     def _load(self) -> _State:
+        """The newest committed generation: its rows read into memory, or its files opened."""
         store = self._store()
+        for _ in range(_LOAD_TRIES):
+            with self._reading():
+                head = store.head()
+            if head.info.get("fingerprint") != self._info.get("fingerprint"):
+                raise IndexMismatchError(f"{self.path} was rebuilt with another model while "
+                                         "open; open it again")
+            if self._storage(head) == "memory":
+                state = self._load_memory(store, head)
+            else:
+                state = self._load_ondisk(store, head)
+            if state is not None:
+                self._info = head.info
+                return state
+        raise IndexUnavailableError(f"{self.path} changed {_LOAD_TRIES} times while it was "
+                                    "being opened: try again")
+
+    def _storage(self, head: Head) -> str:
+        """"memory" or "ondisk": where the build put the rows, or what the budget given to
+        :meth:`open` makes of them."""
+        recorded = head.info.get("storage") or "memory"
+        if self._budget == RECORDED:
+            return recorded
+        kind, dim = head.info.get("ann", "flat"), int(head.info.get("embed_dim", 0))
+        params = json.loads(head.info.get("ann_params") or "{}")
+        if plan_storage(kind, head.count, dim, self._budget, params)["storage"] == "memory":
+            return "memory"
+        if recorded == "ondisk":
+            return "ondisk"
+        needed = memory_bytes(kind, head.count, dim, params)
+        raise IndexFormatError(
+            f"{self.path} keeps its {head.count} rows in memory, about {needed / 2**20:.0f} "
+            f"MiB, over the max index memory of {self._budget / 2**20:.0f} MiB: open it with a "
+            f"larger budget, or build it again with `clipforge index build SOURCE --out "
+            f"{self.path} --max-index-memory {self._budget}` to keep its rows on disk")
+
+    def _load_memory(self, store: Store, head: Head) -> _State | None:
+        """Every row read into memory (None if a newer generation was committed meanwhile)."""
         with self._reading():
             snapshot = store.snapshot()
+        if snapshot.generation != head.generation:
+            return None
         info = snapshot.info
-        if info.get("fingerprint") != self._info.get("fingerprint"):
-            raise IndexMismatchError(f"{self.path} was rebuilt with another model while open; "
-                                     "open it again")
         kind = info.get("ann", "flat")
         ann_file = self._ann_file(info, snapshot.generation)
         if kind != "flat" and ann_file is None:
-            log.info("%s: no %s structure for generation %d (too few items, or not written "
-                     "yet): searching exactly", self.path, kind, snapshot.generation)
+            log.info("%s: no %s structure for generation %d (too few items, rows kept on disk, "
+                     "or not written yet): searching exactly", self.path, kind,
+                     snapshot.generation)
             kind = "flat"
         params = json.loads(info.get("ann_params") or "{}")
         vectors = VectorIndex.load(snapshot.vectors, snapshot.ids, kind, ann_file, params=params)
-        self._info = info
         return _State(snapshot.generation, ann_file, vectors, self._local.stamp[:2])
+
+    def _load_ondisk(self, store: Store, head: Head) -> _State | None:
+        """The generation's files opened memory-mapped (None if they were removed because a
+        newer generation was committed meanwhile)."""
+        plan = json.loads(head.info.get("storage_plan") or "{}")
+        try:
+            vectors = VectorIndex.open_ondisk(ondisk_files(self.path, head.generation),
+                                              plan.get("params"))
+        except FileNotFoundError as exc:
+            with self._reading():
+                if store.generation() != head.generation:
+                    return None
+            raise IndexUnavailableError(str(exc)) from None
+        except ValueError as exc:
+            raise IndexUnavailableError(str(exc)) from None
+        return _State(head.generation, None, vectors, self._local.stamp[:2])
 
     def refresh(self) -> bool:
         """Load a newer committed generation, or an index rebuilt in place of this one, if
@@ -219,7 +296,8 @@ class SearchIndex:
                 "weights": origin.get("weights"), "fingerprint": self._info["fingerprint"],
                 "embed_dim": self.model.config.embed_dim, "count": len(state.vectors),
                 "generation": state.generation, "ann": self._info.get("ann", "flat"),
-                "searching": state.vectors.kind}
+                "searching": state.vectors.kind,
+                "storage": "ondisk" if state.vectors.kind == ONDISK else "memory"}
 
     def collection_root(self) -> str | None:
         """The folder the items were collected from (see :func:`collection_root`), worked out

@@ -26,7 +26,9 @@ things a clipforge index does not have, this module says so rather than pretendi
   since clip-retrieval's front-end always asks for 3000 (``X-Clipforge-Limited`` says so), and
   ``num_images`` above it is a 400;
 * ``url`` is this server's thumbnail of the item (an absolute URL built from the request, by
-  item id), never a file path.
+  item id, and by the index's name when the server serves several), never a file path;
+* ``/indices-list`` lists the served indexes' names; ``indice_name`` picks one (absent: the
+  first), and a name not served is a 400 listing those that are.
 
 As in clip_back, a body is read as JSON whatever its Content-Type (``ClipClient`` sends none,
 the front-end ``text/plain``), but here a malformed one is a 400 naming the field, never a 500.
@@ -39,7 +41,6 @@ import binascii
 import contextlib
 import http.client
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -63,7 +64,7 @@ from .schema import MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, HitOut, QueryOut
 
 if TYPE_CHECKING:
     from . import Hit, SearchIndex
-    from .server import _Service
+    from .server import _Service, _Services
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +299,6 @@ def _read_bounded(response: Any, limit: int, deadline: float) -> bytes:
 
 
 # --------------------------------------------------------------------------------- answers
-def index_name(index: SearchIndex) -> str:
-    """The name clients know the index by: its folder's name, never a path."""
-    return os.path.basename(os.path.abspath(index.path)) or "index"
-
-
 def item_metadata(hit: HitOut, url: str) -> dict[str, Any]:
     """An item as clip_back's metadata columns show it: its caption (the key is absent when
     there is none: clip-retrieval's front-end reads any caption present as text), its image's
@@ -322,24 +318,18 @@ def clip_result(hit: HitOut, url: str, with_metadata: bool) -> dict[str, Any]:
 
 
 class _Knn:
-    """What the clip-retrieval routes share: the server's service, the index's name and the
+    """What the clip-retrieval routes share for one served index: its service in the server
+    (which holds its name), its zero-shot filters (its own model embeds their prompts) and the
     options of :func:`add_knn_routes`."""
 
     def __init__(self, service: _Service, *, allow_image_urls: bool,
                  safety_prompts: PromptFilter, violence_prompts: PromptFilter):
-        self.service, self.index = service, service.index
-        self.name = index_name(service.index)
+        self.service, self.index, self.name = service, service.index, service.name
         self.allow_image_urls = allow_image_urls
         self.safety = _ZeroShotFilter(safety_prompts, self.index, "safety")
         self.violence = _ZeroShotFilter(violence_prompts, self.index, "violence")
 
     # ------------------------------------------------------------------ checks
-    def check_indice(self, name: str | None) -> None:
-        if name is not None and name != self.name:
-            shown = name if len(name) <= 100 else name[:100] + "..."
-            raise HTTPException(400, f"indice_name {shown!r} is not served here; the valid "
-                                     f"names are {[self.name]} (GET /indices-list)")
-
     def check_query(self, knn: KnnIn) -> tuple[str, Any]:
         """The one query given (field name, value), or 400 saying what is wrong."""
         if knn.modality == "text":
@@ -412,7 +402,6 @@ class _Knn:
     # ------------------------------------------------------------------ routes
     def answer(self, knn: KnnIn, url_for: Callable[[int], str]) -> JSONResponse:
         """``/knn-service``: runs in a worker thread (it uses the model)."""
-        self.check_indice(knn.indice_name)
         field, value = self.check_query(knn)
         k, headers = self.limits(knn)
         filters = self.filters(knn)
@@ -447,7 +436,6 @@ class _Knn:
     def metadata(self, query: MetadataIn, url_for: Callable[[int], str]) -> list[dict]:
         """``/metadata``: the items of ``ids`` that exist, in order (clip_back fails on an
         unknown id; here it is left out)."""
-        self.check_indice(query.indice_name)
         with self.service.reading():
             hits = [hit for hit in map(self.index.item, query.ids) if hit is not None]
             root = self.index.collection_root()
@@ -455,22 +443,47 @@ class _Knn:
         return [{"id": hit.id, "metadata": item_metadata(hit, url_for(hit.id))} for hit in shown]
 
 
-def thumbnail_urls(request: Request) -> Callable[[int], str]:
-    """Item id -> absolute URL of its thumbnail on this server, as the client reached it."""
-    return lambda item_id: str(request.url_for("thumbnail", item_id=item_id))
+def thumbnail_urls(request: Request, service: _Service) -> Callable[[int], str]:
+    """Item id -> absolute URL of its thumbnail on this server, as the client reached it (with
+    the index's name when several are served: ids are per index)."""
+    def url(item_id: int) -> str:
+        found = request.url_for("thumbnail", item_id=item_id)
+        return str(found.include_query_params(index=service.name) if service.tagged else found)
+
+    return url
 
 
-def add_knn_routes(app: FastAPI, service: _Service, *, allow_image_urls: bool = False,
+class _KnnIndexes:
+    """The clip-retrieval side of every served index, by the name ``indice_name`` gives."""
+
+    def __init__(self, services: _Services, **options: Any):
+        self.by_name = {service.name: _Knn(service, **options) for service in services}
+        self.default = self.by_name[services.default.name]
+
+    def pick(self, name: str | None) -> _Knn:
+        """The index ``indice_name`` names (absent: the default), or 400 listing the names
+        (as clip_back answers a name it does not serve)."""
+        if name is None:
+            return self.default
+        knn = self.by_name.get(name)
+        if knn is None:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise HTTPException(400, f"indice_name {shown!r} is not served here; the valid "
+                                     f"names are {list(self.by_name)} (GET /indices-list)")
+        return knn
+
+
+def add_knn_routes(app: FastAPI, services: _Services, *, allow_image_urls: bool = False,
                    safety_prompts: PromptFilter | None = None,
                    violence_prompts: PromptFilter | None = None) -> None:
     """Add clip-retrieval's ``/knn-service``, ``/metadata`` and ``/indices-list`` to the
-    server's ``app``; see the module docstring for what differs.  ``allow_image_urls`` lets
-    queries name an ``image_url`` for the server to fetch (any URL it can reach: only for
-    trusted clients); ``safety_prompts`` and ``violence_prompts`` replace
-    :data:`SAFETY_PROMPTS` and :data:`VIOLENCE_PROMPTS`."""
-    knn = _Knn(service, allow_image_urls=allow_image_urls,
-               safety_prompts=safety_prompts or SAFETY_PROMPTS,
-               violence_prompts=violence_prompts or VIOLENCE_PROMPTS)
+    server's ``app``, over its ``services`` (one per served index); see the module docstring
+    for what differs.  ``allow_image_urls`` lets queries name an ``image_url`` for the server
+    to fetch (any URL it can reach: only for trusted clients); ``safety_prompts`` and
+    ``violence_prompts`` replace :data:`SAFETY_PROMPTS` and :data:`VIOLENCE_PROMPTS`."""
+    indexes = _KnnIndexes(services, allow_image_urls=allow_image_urls,
+                          safety_prompts=safety_prompts or SAFETY_PROMPTS,
+                          violence_prompts=violence_prompts or VIOLENCE_PROMPTS)
     results = {200: {"description": "results, best first", "content": {"application/json": {
         "schema": {"type": "array", "items": KnnHitOut.model_json_schema()}}}}}
 
@@ -479,15 +492,18 @@ def add_knn_routes(app: FastAPI, service: _Service, *, allow_image_urls: bool = 
     async def knn_service(request: Request) -> JSONResponse:
         """clip-retrieval's nearest-neighbour query (what ``ClipClient.query`` posts)."""
         query = parse_body(KnnIn, await request.body())
-        return await run_in_threadpool(knn.answer, query, thumbnail_urls(request))
+        knn = indexes.pick(query.indice_name)
+        return await run_in_threadpool(knn.answer, query, thumbnail_urls(request, knn.service))
 
     @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=json_body(MetadataIn))
     async def metadata(request: Request) -> list[dict]:
         """Metadata of results by id: ``[{"id", "metadata": {"caption", "url", ...}}]``."""
         query = parse_body(MetadataIn, await request.body())
-        return await run_in_threadpool(knn.metadata, query, thumbnail_urls(request))
+        knn = indexes.pick(query.indice_name)
+        return await run_in_threadpool(knn.metadata, query, thumbnail_urls(request, knn.service))
 
     @app.get("/indices-list", tags=["clip-retrieval"])
     def indices_list() -> list[str]:
-        """The served index's name: the value of ``indice_name`` in queries."""
-        return [knn.name]
+        """The served indexes' names: the values of ``indice_name`` in queries (the first is
+        used when a query gives none)."""
+        return list(indexes.by_name)

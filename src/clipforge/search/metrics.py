@@ -39,7 +39,8 @@ class ServerMetrics:
     ``latency``: ``clipforge_http_request_duration_seconds{route}``, from the request's arrival
     at the app to the end of its answer; ``model_seconds``:
     ``clipforge_model_encode_seconds{kind}``, one observation per call into the model;
-    ``index_items``: ``clipforge_index_items``, the items of the generation being served.
+    ``index_items``: ``clipforge_index_items{index}``, the items of the generation being served,
+    one series per served index (by name: the names are the server's own, so they are bounded).
     """
 
     def __init__(self) -> None:
@@ -56,7 +57,8 @@ class ServerMetrics:
             "encoding an uploaded image, with the texts that go with it (a mixed query's text, "
             "/api/classify's labels)", ["kind"], registry=self.registry)
         self.index_items = Gauge("clipforge_index_items", "Items in the index generation being "
-                                 "served", registry=self.registry)
+                                 "served, by the index's name", ["index"],
+                                 registry=self.registry)
         for kind in MODEL_KINDS:  # present from the start, at zero, as Prometheus advises
             self.model_seconds.labels(kind)
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, StringConstraints
 MAX_QUERY_CHARS = 1000  # per text, label or template: far beyond any model's context
 MAX_TEXTS = 256  # texts per /api/embed call
 MAX_UPLOAD_BYTES = 20 * 2**20  # a multipart body (an image upload)
+MAX_INDEX_NAME_CHARS = 64  # a served index's name (it appears in URLs and metric labels)
 
 
 # ------------------------------------------------------------------------------ JSON shapes
@@ -33,6 +34,7 @@ class QueryOut(BaseModel):
 
 
 class SearchOut(BaseModel):
+    index: str = Field(description="the name of the index that answered")
     query: QueryOut
     results: list[HitOut]
     took_ms: float
@@ -51,6 +53,8 @@ class ClassifyOut(BaseModel):
 class EmbedIn(BaseModel):
     texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)]] = Field(
         default_factory=list, max_length=MAX_TEXTS)
+    index: str | None = Field(None, max_length=MAX_INDEX_NAME_CHARS, description=(
+        "the index whose model embeds (GET /api/indexes); default: the first"))
 
 
 class EmbedOut(BaseModel):
@@ -60,13 +64,32 @@ class EmbedOut(BaseModel):
     image: list[float] | None
 
 
+class IndexOut(BaseModel):
+    """One served index, by name (never by path)."""
+
+    name: str
+    status: str = Field(description="ok, or unavailable (see detail)")
+    items: int | None = None
+    model: str | None = None
+    generation: int | None = None
+    detail: str | None = Field(None, description="why the index cannot be read")
+
+
+class IndexesOut(BaseModel):
+    default: str = Field(description="the index used when a request names none")
+    indexes: list[IndexOut]
+
+
 class HealthOut(BaseModel):
-    status: str
-    items: int
+    status: str = Field(description="ok, or degraded when an index other than the default "
+                                    "cannot be read")
+    items: int = Field(description="of the default index, as are model and generation")
     model: str | None
     generation: int | None
+    indexes: list[IndexOut] = Field(default_factory=list, description="every served index")
 
 
 class UnavailableOut(BaseModel):
     status: str = "unavailable"
-    detail: str = Field(description="why the index cannot be read")
+    detail: str = Field(description="why the (default) index cannot be read")
+    indexes: list[IndexOut] = Field(default_factory=list, description="every served index")

@@ -34,7 +34,11 @@ what only a network service needs:
   the server runs appear without a restart, and an index that can no longer be read (deleted,
   damaged) answers 503 rather than old data;
 * endpoints that run the model are plain ``def`` functions: FastAPI runs them in its thread
-  pool, so a slow query never blocks the event loop (thumbnails and static files keep flowing).
+  pool, so a slow query never blocks the event loop (thumbnails and static files keep flowing);
+* several indexes may be served by name (``create_app({"a": index_a, "b": index_b})``), each
+  with its own model, caches and health (:class:`_Service`); a request picks one with
+  ``index`` (a query parameter, form field or JSON field), else gets the first; item ids,
+  and so thumbnail URLs, are per index.
 
 Every bound is a module constant below and a parameter of :func:`create_app`,
 :class:`ServerLimits` or :func:`serve` (and an option of ``clipforge serve``).
@@ -58,12 +62,13 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlencode
 
 import h11
 import numpy as np
@@ -91,6 +96,7 @@ from .index import MAX_K, IndexUnavailableError
 from .knn_service import PromptFilter, add_knn_routes
 from .metrics import RequestMetrics, ServerMetrics, add_metrics_route
 from .schema import (
+    MAX_INDEX_NAME_CHARS,
     MAX_QUERY_CHARS,
     MAX_TEXTS,
     MAX_UPLOAD_BYTES,
@@ -99,6 +105,8 @@ from .schema import (
     EmbedOut,
     HealthOut,
     HitOut,
+    IndexesOut,
+    IndexOut,
     LabelOut,
     QueryOut,
     SearchOut,
@@ -155,6 +163,8 @@ CORS_EXPOSED = ("Retry-After", "WWW-Authenticate")  # not readable cross-origin 
 ORIGIN_PATTERN = re.compile(r"(https?)://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?",
                             re.IGNORECASE)
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# A served index's name: it appears in URLs, form fields and metric labels as it is.
+INDEX_NAME_PATTERN = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_INDEX_NAME_CHARS}}}")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "Referrer-Policy": "no-referrer",
                     "Cross-Origin-Resource-Policy": "same-origin"}
@@ -168,6 +178,9 @@ Collapse = Annotated[float | None, Query(gt=0.0, le=1.0, description=(
     "fold near-duplicates: results more similar than this to a better one are dropped"))]
 Weight = Annotated[float, Form(ge=0.0, le=100.0)]
 ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="an id from a result")]
+INDEX_HELP = "the index's name (GET /api/indexes); default: the first index served"
+IndexName = Annotated[str | None, Query(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
+IndexField = Annotated[str | None, Form(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -766,21 +779,37 @@ def display_path(path: str, root: str | None) -> str:
     return os.path.basename(path)
 
 
+def display_model(model: str | None) -> str | None:
+    """How an index's recorded model appears in answers: a name (``ViT-B-32``,
+    ``hf-hub:org/repo``) as it is, a model file or folder by its name alone (an index built from
+    ``/home/me/models/clip.safetensors`` records that path)."""
+    if model is not None and os.path.isabs(model):
+        return os.path.basename(model.rstrip("/" + os.sep)) or model
+    return model
+
+
 # ------------------------------------------------------------------------------- the app
 class _Service:
-    """What the routes share: the index, its health, uploads' decoding, and the caches."""
+    """What the routes share about one served index: the index, its name, its health, uploads'
+    decoding, and the caches.
 
-    def __init__(self, index: SearchIndex, *, max_pixels: int, budget: PixelBudget,
-                 thumbnail_size: int, thumbnail_cache: int, batch_texts: bool,
-                 metrics: ServerMetrics):
-        self.index, self.max_pixels, self.budget = index, max_pixels, budget
+    ``tagged``: several indexes are served, so the thumbnail URLs in answers name this one
+    (``?index=NAME``: item ids are per index).  ``budget`` and ``decoder`` are the server's,
+    shared by every index: they bound the memory of decoded uploads, whichever index they go to.
+    """
+
+    def __init__(self, index: SearchIndex, name: str, *, max_pixels: int, budget: PixelBudget,
+                 decoder: ThreadPoolExecutor, thumbnail_size: int, thumbnail_cache: int,
+                 batch_texts: bool, metrics: ServerMetrics, tagged: bool = False):
+        self.index, self.name, self.tagged = index, name, tagged
+        self.max_pixels, self.budget, self._decoder = max_pixels, budget, decoder
         self.thumbnail_size = thumbnail_size
         self.thumbnails = ThumbnailCache(thumbnail_cache)
-        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode-upload")
         self.metrics = metrics  # the model's calls are timed there
         self.embed_text = TextBatcher(self.embed_texts) if batch_texts else None
         self._problem = ""  # logged once, not on every request while it lasts
-        metrics.index_items.set(len(index))
+        self._items = metrics.index_items.labels(name)
+        self._items.set(len(index))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """The index's :meth:`~SearchIndex.embed_texts`, its time recorded as "text"."""
@@ -793,31 +822,47 @@ class _Service:
             return self.index.embed_image(image)
 
     def public(self, message: str) -> str:
-        """``message`` with the index's folder named by its name alone (logs keep the whole
-        path; answers show no absolute path)."""
+        """``message`` with the index's folder named by the index's name alone (logs keep the
+        whole path; answers show no absolute path)."""
         folder = self.index.path
-        for name in sorted({str(folder.absolute()), str(folder.resolve()), str(folder)},
+        for path in sorted({str(folder.absolute()), str(folder.resolve()), str(folder)},
                            key=len, reverse=True):
-            message = message.replace(name, folder.name)
+            message = message.replace(path, self.name)
         return message
+
+    def unreadable(self, exc: Exception) -> str:
+        """What a client is told when the index cannot be read: by its name, never its path."""
+        return self.public(f"the index {self.name!r} cannot be read: {exc}")
 
     def index_problem(self) -> str | None:
         """Pick up a newer generation; None if the index is readable, else why not."""
         try:
             if self.index.refresh():
                 self.thumbnails.clear()
-                self.metrics.index_items.set(len(self.index))
-                log.info("index refreshed: %d items", len(self.index))
+                self._items.set(len(self.index))
+                log.info("index %s refreshed: %d items", self.name, len(self.index))
         except Exception as exc:  # IndexUnavailableError, or a rebuild with another model
-            problem = self.public(f"the index cannot be read: {exc}")
+            problem = self.unreadable(exc)
             if problem != self._problem:
-                log.error("the index cannot be read: %s; answering 503 until it can", exc)
+                log.error("the index %s cannot be read: %s; answering 503 until it can",
+                          self.name, exc)
             self._problem = problem
             return problem
         if self._problem:
-            log.info("the index can be read again")
+            log.info("the index %s can be read again", self.name)
             self._problem = ""
         return None
+
+    def describe(self) -> IndexOut:
+        """This index for /healthz and /api/indexes: its name, size and model, or why it
+        cannot be read."""
+        problem = self.index_problem()
+        if problem is not None:
+            return IndexOut(name=self.name, status="unavailable", detail=problem)
+        info = self.index.info
+        return IndexOut(name=self.name, status="ok", items=info["count"],
+                        model=display_model(info.get("model")),
+                        generation=info.get("generation"))
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -829,7 +874,7 @@ class _Service:
         try:
             yield
         except IndexUnavailableError as exc:
-            raise HTTPException(503, self.public(f"the index cannot be read: {exc}")) from exc
+            raise HTTPException(503, self.unreadable(exc)) from exc
 
     @contextmanager
     def decoded(self, data: bytes) -> Iterator[Image.Image]:
@@ -848,7 +893,13 @@ class _Service:
         score = None if hit.score is None or math.isnan(hit.score) else float(hit.score)
         return HitOut(id=hit.id, path=printable_name(display_path(str(hit.path), root)),
                       score=score, caption=hit.caption, width=hit.width, height=hit.height,
-                      extra=hit.extra, thumbnail=f"/thumbnails/{hit.id}")
+                      extra=hit.extra, thumbnail=f"/thumbnails/{hit.id}{self.thumbnail_query}")
+
+    @property
+    def thumbnail_query(self) -> str:
+        """What a thumbnail URL needs besides the item id: the index's name, when several are
+        served (ids are per index)."""
+        return "?" + urlencode({"index": self.name}) if self.tagged else ""
 
     def answer(self, query: QueryOut, find: Callable[[], list[Hit]]) -> SearchOut:
         """Run a query on the newest generation; the index's ValueError (empty or over-long
@@ -862,7 +913,8 @@ class _Service:
             except KeyError as exc:
                 raise HTTPException(404, f"no item {query.similar_to}") from exc
             root = self.index.collection_root()
-        return SearchOut(query=query, results=[self.hit_out(h, root) for h in hits],
+        return SearchOut(index=self.name, query=query,
+                         results=[self.hit_out(h, root) for h in hits],
                          took_ms=round((time.perf_counter() - start) * 1000, 2))
 
     def text_hits(self, text: str, k: int, threshold: float | None,
@@ -902,14 +954,75 @@ class _Service:
             except IndexUnavailableError:
                 raise
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                log.warning("thumbnail of item %d: %s", item_id, exc)
+                log.warning("thumbnail of item %d of %s: %s", item_id, self.name, exc)
                 raise HTTPException(404, f"the image of item {item_id} cannot be read"
                                     ) from exc
         self.thumbnails.put(key, data)
         return data
 
 
-def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+class _Services:
+    """The served indexes' services by name, in the order given: the first is the default,
+    used by every request that names no index."""
+
+    def __init__(self, services: Sequence[_Service]):
+        self.by_name = {service.name: service for service in services}
+        self.default = services[0]
+
+    def __iter__(self) -> Iterator[_Service]:
+        return iter(self.by_name.values())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def pick(self, name: str | None) -> _Service:
+        """The service of the index ``name`` (None or empty: the default), or 404 listing the
+        names that are served."""
+        if not name:
+            return self.default
+        service = self.by_name.get(name)
+        if service is None:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise HTTPException(404, f"no index {shown!r} is served here; the names are "
+                                     f"{self.names} (GET /api/indexes)")
+        return service
+
+    def refresh(self) -> None:
+        """Pick up rebuilt indexes (before a metrics scrape: the sizes are then current)."""
+        for service in self:
+            service.index_problem()
+
+
+def default_index_name(path: str | os.PathLike) -> str:
+    """The name clients know an index by when it is given none: its folder's name, never a
+    path."""
+    return os.path.basename(os.path.abspath(path)) or "index"
+
+
+def check_index_name(name: str) -> str:
+    """``name`` if it can name a served index, else ValueError naming it: it appears in URLs,
+    forms and metric labels, so only letters, digits, ``.``, ``_`` and ``-`` are allowed."""
+    if not isinstance(name, str) or not INDEX_NAME_PATTERN.fullmatch(name) \
+            or not name.strip("."):
+        raise ValueError(f"index name {name!r} is not allowed: use 1 to "
+                         f"{MAX_INDEX_NAME_CHARS} letters, digits, '.', '_' and '-', not only "
+                         "dots")
+    return name
+
+
+def named_indexes(indexes: SearchIndex | Mapping[str, SearchIndex]) -> dict[str, SearchIndex]:
+    """One index (named after its folder, as before names existed) or a mapping name -> index
+    (names checked by :func:`check_index_name`), as a dict in the order given."""
+    if not isinstance(indexes, Mapping):
+        return {default_index_name(indexes.path): indexes}
+    if not indexes:
+        raise ValueError("no index to serve: give at least one")
+    return {check_index_name(name): index for name, index in indexes.items()}
+
+
+def create_app(indexes: SearchIndex | Mapping[str, SearchIndex], *,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS, thumbnail_size: int = 256,
                thumbnail_cache: int = 2048, batch_texts: bool = True,
                allowed_hosts: Sequence[str] | None = None,
@@ -920,17 +1033,20 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_client_requests: int | None = MAX_CLIENT_REQUESTS,
                allow_image_urls: bool = False, safety_prompts: PromptFilter | None = None,
                violence_prompts: PromptFilter | None = None) -> FastAPI:
-    """The FastAPI application serving ``index``; see the module docstring for the design.
+    """The FastAPI application serving ``indexes``; see the module docstring for the design.
 
-    ``max_upload_bytes`` caps multipart bodies and ``max_json_bytes`` any other (413 beyond),
+    ``indexes`` is one :class:`SearchIndex` (named after its folder) or a mapping name ->
+    index (:func:`named_indexes`); requests pick one by name (``index``, or ``indice_name`` in
+    the clip-retrieval API), and those naming none get the first.  ``max_upload_bytes`` caps
+    multipart bodies and ``max_json_bytes`` any other (413 beyond),
     ``body_timeout`` the seconds a body may take to arrive (408 beyond), ``max_pixels`` the
     size of an uploaded image as its header declares it (400 beyond), ``decode_budget`` the
     pixels of all uploads decoded at once (503 with Retry-After when none frees up within
     ``decode_wait`` seconds); ``allowed_hosts`` are the Host header values answered (400 for
     others; default: loopback names; ``"*"``: any), ``thumbnail_cache`` the number of
-    thumbnails kept in memory; ``batch_texts`` embeds concurrent text queries together
-    (:class:`TextBatcher`); ``token``, when given, is required of every request except those
-    for the page, the docs and ``/healthz`` (:class:`BearerAuth`; 401 without it);
+    thumbnails kept in memory for each index; ``batch_texts`` embeds concurrent text queries
+    together (:class:`TextBatcher`); ``token``, when given, is required of every request except
+    those for the page, the docs and ``/healthz`` (:class:`BearerAuth`; 401 without it);
     ``cors_origins`` are the web sites (``https://app.example``) whose pages may call the API
     from a browser (none by default; :func:`check_origins`); ``max_client_requests`` bounds
     the requests in flight from one client address (429 beyond; None: no limit;
@@ -943,25 +1059,29 @@ def create_app(index: SearchIndex, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     if decode_budget < max_pixels:
         raise ValueError(f"decode_budget ({decode_budget} pixels) must be at least max_pixels "
                          f"({max_pixels}), or the largest allowed image could never be decoded")
+    named = named_indexes(indexes)
     # FastAPIOffline serves the /docs and /redoc pages' scripts itself (FastAPI's own pages load
     # them from a CDN, which leaves /docs blank on a machine without internet access).
     app = FastAPIOffline(title="clipforge search", version=__version__,
-                         description="Text, image and mixed search over a clipforge index.")
+                         description="Text, image and mixed search over clipforge indexes.")
     metrics = ServerMetrics()
-    service = _Service(index, max_pixels=max_pixels,
-                       budget=PixelBudget(decode_budget, decode_wait),
-                       thumbnail_size=thumbnail_size, thumbnail_cache=thumbnail_cache,
-                       batch_texts=batch_texts, metrics=metrics)
+    budget = PixelBudget(decode_budget, decode_wait)
+    decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode-upload")
+    services = _Services([
+        _Service(index, name, max_pixels=max_pixels, budget=budget, decoder=decoder,
+                 thumbnail_size=thumbnail_size, thumbnail_cache=thumbnail_cache,
+                 batch_texts=batch_texts, metrics=metrics, tagged=len(named) > 1)
+        for name, index in named.items()])
     _add_middleware(app, allowed_hosts=LOOPBACK_NAMES if allowed_hosts is None
                     else allowed_hosts, max_upload_bytes=max_upload_bytes,
                     max_json_bytes=max_json_bytes, body_timeout=body_timeout, token=token,
                     cors_origins=check_origins(cors_origins),
                     max_client_requests=max_client_requests, metrics=metrics)
-    _add_search_routes(app, service)
-    _add_item_routes(app, service)
-    _add_model_routes(app, service)
-    _add_service_routes(app, service)
-    add_knn_routes(app, service, allow_image_urls=allow_image_urls,
+    _add_search_routes(app, services)
+    _add_item_routes(app, services)
+    _add_model_routes(app, services)
+    _add_service_routes(app, services, metrics)
+    add_knn_routes(app, services, allow_image_urls=allow_image_urls,
                    safety_prompts=safety_prompts, violence_prompts=violence_prompts)
     if token is not None:
         _document_token(app)
@@ -1008,13 +1128,14 @@ def _document_token(app: FastAPI) -> None:
                 operation["security"] = [{"bearer": []}]
 
 
-def _add_search_routes(app: FastAPI, service: _Service) -> None:
+def _add_search_routes(app: FastAPI, services: _Services) -> None:
     @app.get("/api/search", response_model=SearchOut, tags=["search"])
     def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS,
                                             description="text query")],
-                    k: K = 20, threshold: Threshold = None, collapse: Collapse = None
-                    ) -> SearchOut:
+                    k: K = 20, threshold: Threshold = None, collapse: Collapse = None,
+                    index: IndexName = None) -> SearchOut:
         """Items ranked by similarity to a text."""
+        service = services.pick(index)
         return service.answer(QueryOut(text=q),
                               lambda: service.text_hits(q, k, threshold, collapse))
 
@@ -1026,10 +1147,11 @@ def _add_search_routes(app: FastAPI, service: _Service) -> None:
                      text_weight: Weight = 1.0, image_weight: Weight = 1.0,
                      k: Annotated[int, Form(ge=1, le=MAX_K)] = 20,
                      threshold: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None,
-                     collapse: Annotated[float | None, Form(gt=0.0, le=1.0)] = None
-                     ) -> SearchOut:
+                     collapse: Annotated[float | None, Form(gt=0.0, le=1.0)] = None,
+                     index: IndexField = None) -> SearchOut:
         """Items ranked by similarity to an uploaded image, or to a weighted mix of the image
         and a text (``q``)."""
+        service = services.pick(index)  # before decoding: an unknown name costs nothing
         text = q if q and q.strip() else None  # an empty form field means "no text"
         with service.decoded(_read_upload(file)) as image:
             return service.answer(QueryOut(text=text, image=file.filename),
@@ -1038,33 +1160,36 @@ def _add_search_routes(app: FastAPI, service: _Service) -> None:
                                                              collapse))
 
 
-def _add_item_routes(app: FastAPI, service: _Service) -> None:
-    index = service.index
+def _add_item_routes(app: FastAPI, services: _Services) -> None:
+    """Item ids are per index: each route takes the index's name (``?index=``) too."""
 
     @app.get("/api/items/{item_id}", response_model=HitOut, tags=["items"])
-    def item(item_id: ItemId) -> HitOut:
+    def item(item_id: ItemId, index: IndexName = None) -> HitOut:
         """Metadata of one indexed item."""
+        service = services.pick(index)
         with service.reading():
-            hit = index.item(item_id)
-            root = index.collection_root()
+            hit = service.index.item(item_id)
+            root = service.index.collection_root()
         if hit is None:
             raise HTTPException(404, f"no item {item_id}")
         return service.hit_out(hit, root)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchOut, tags=["items"])
     def similar(item_id: ItemId, k: K = 20, threshold: Threshold = None,
-                collapse: Collapse = None) -> SearchOut:
+                collapse: Collapse = None, index: IndexName = None) -> SearchOut:
         """"More like this": items nearest to an indexed item, the item itself left out."""
-        return service.answer(QueryOut(similar_to=item_id), lambda: index.similar(
+        service = services.pick(index)
+        return service.answer(QueryOut(similar_to=item_id), lambda: service.index.similar(
             item_id, k=k, threshold=threshold, collapse=collapse))
 
     @app.get("/thumbnails/{item_id}", tags=["items"],
              responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(item_id: ItemId, request: Request) -> Response:
-        """A JPEG thumbnail of an indexed item.  Only the integer id comes from the request;
-        the index maps it to the file (or archive member) it recorded.  Cached by the browser
-        only ("private"): a shared cache must not hand a token-guarded image to others."""
-        data = service.thumbnail(item_id)
+    def thumbnail(item_id: ItemId, request: Request, index: IndexName = None) -> Response:
+        """A JPEG thumbnail of an indexed item.  Only the integer id and the index's name come
+        from the request; the index maps the id to the file (or archive member) it recorded.
+        Cached by the browser only ("private"): a shared cache must not hand a token-guarded
+        image to others."""
+        data = services.pick(index).thumbnail(item_id)
         etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
         headers = {"Cache-Control": "private, max-age=3600", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
@@ -1072,18 +1197,19 @@ def _add_item_routes(app: FastAPI, service: _Service) -> None:
         return Response(data, media_type="image/jpeg", headers=headers)
 
 
-def _add_model_routes(app: FastAPI, service: _Service) -> None:
-    """Endpoints that use the index's model but not its items."""
-    index = service.index
+def _add_model_routes(app: FastAPI, services: _Services) -> None:
+    """Endpoints that use an index's model but not its items."""
 
     @app.post("/api/classify", response_model=ClassifyOut, tags=["models"])
     def classify(file: Annotated[UploadFile, File(description="image to classify")],
                  labels: Annotated[list[str], Form(description=(
                      "class names: one comma-separated value, or the field repeated"))],
                  template: Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS)]
-                 = "a photo of a {}.") -> ClassifyOut:
-        """Zero-shot classification of an uploaded image among ``labels``."""
+                 = "a photo of a {}.", index: IndexField = None) -> ClassifyOut:
+        """Zero-shot classification of an uploaded image among ``labels``, by the model of
+        the index named (default: the first)."""
         start = time.perf_counter()
+        service = services.pick(index)
         names = parse_labels(labels)
         try:  # the index formats it: "{0} {1}" or "{name}" would fail there with a 500
             template.format("label")
@@ -1093,13 +1219,13 @@ def _add_model_routes(app: FastAPI, service: _Service) -> None:
         with service.decoded(_read_upload(file)) as image:
             try:
                 with service.metrics.model_time("image"):
-                    ranked = index.classify(image, names, template=template)
+                    ranked = service.index.classify(image, names, template=template)
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from exc
         return ClassifyOut(labels=[LabelOut(label=n, probability=float(p)) for n, p in ranked],
                            took_ms=round((time.perf_counter() - start) * 1000, 2))
 
-    def embed_now(texts: list[str], data: bytes | None) -> EmbedOut:
+    def embed_now(service: _Service, texts: list[str], data: bytes | None) -> EmbedOut:
         with service.decoded(data) if data is not None else contextlib.nullcontext() as image:
             try:
                 text_vectors = service.embed_texts(texts).tolist() if texts else []
@@ -1108,65 +1234,81 @@ def _add_model_routes(app: FastAPI, service: _Service) -> None:
             image_vector = service.embed_image(image).tolist() if image is not None else None
         dim = len(image_vector) if image_vector is not None else (
             len(text_vectors[0]) if text_vectors else 0)
-        return EmbedOut(model=index.info.get("model"), dim=dim, texts=text_vectors,
-                        image=image_vector)
+        return EmbedOut(model=display_model(service.index.info.get("model")), dim=dim,
+                        texts=text_vectors, image=image_vector)
 
     embed_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": EmbedIn.model_json_schema()},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "file": {"type": "string", "format": "binary"},
             "texts": {"type": "array", "items": {"type": "string",
-                                                 "maxLength": MAX_QUERY_CHARS}}}}},
+                                                 "maxLength": MAX_QUERY_CHARS}},
+            "index": {"type": "string", "maxLength": MAX_INDEX_NAME_CHARS}}}},
     }}}
 
     @app.post("/api/embed", response_model=EmbedOut, tags=["models"], openapi_extra=embed_body)
     async def embed(request: Request) -> EmbedOut:
         """Unit-norm embeddings of texts (JSON ``{"texts": [...]}``, or repeated ``texts``
-        form fields) and/or of an image (multipart field ``file``)."""
+        form fields) and/or of an image (multipart field ``file``), by the model of the index
+        named (``index``, a JSON or form field; default: the first)."""
         content_type = request.headers.get("content-type", "")
-        data = None
+        data, name = None, None
         if content_type.startswith("multipart/form-data"):
-            async with request.form(max_files=1, max_fields=MAX_TEXTS) as form:
+            async with request.form(max_files=1, max_fields=MAX_TEXTS + 1) as form:
                 texts = [v for v in form.getlist("texts") if isinstance(v, str)]
+                name = form.get("index") if isinstance(form.get("index"), str) else None
                 upload = form.get("file")
                 if isinstance(upload, FormFile):  # not a plain text field
                     data = await upload.read()
         elif content_type.startswith("application/json"):
             try:
-                texts = EmbedIn.model_validate_json(await request.body()).texts
+                query = EmbedIn.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise RequestValidationError(exc.errors(include_url=False)) from exc
+            texts, name = query.texts, query.index
         else:
             raise HTTPException(415, "send JSON {\"texts\": [...]} or a multipart form")
+        service = services.pick(name)
         if len(texts) > MAX_TEXTS:
             raise HTTPException(400, f"{len(texts)} texts; at most {MAX_TEXTS} per request")
         check_lengths(texts, "text")
         if not texts and data is None:
             raise HTTPException(400, "nothing to embed: give texts, an image file, or both")
-        return await run_in_threadpool(embed_now, texts, data)
+        return await run_in_threadpool(embed_now, service, texts, data)
 
 
-def _add_service_routes(app: FastAPI, service: _Service) -> None:
-    """Health, the page and its static files."""
+def _add_service_routes(app: FastAPI, services: _Services, metrics: ServerMetrics) -> None:
+    """Health, the list of indexes, metrics, the page and its static files."""
 
     @app.get("/healthz", response_model=HealthOut, tags=["service"],
              responses={503: {"model": UnavailableOut}})
     def healthz() -> HealthOut | JSONResponse:
-        """What is being served, or 503 and why when the index cannot be read (deleted,
-        damaged): a health check that reflects the index, not just the process."""
-        problem = service.index_problem()
-        if problem is not None:
-            return JSONResponse(UnavailableOut(detail=problem).model_dump(), status_code=503)
-        info = service.index.info
-        return HealthOut(status="ok", items=len(service.index), model=info.get("model"),
-                         generation=info.get("generation"))
+        """What is being served, or 503 and why when the default index cannot be read
+        (deleted, damaged): a health check that reflects the index, not just the process.
+        The top-level fields are the default index's; ``indexes`` lists every index, and
+        ``status`` is "degraded" when another one cannot be read."""
+        listed = [service.describe() for service in services]
+        default = listed[0]
+        if default.status != "ok":
+            return JSONResponse(UnavailableOut(detail=default.detail, indexes=listed
+                                               ).model_dump(), status_code=503)
+        status = "ok" if all(i.status == "ok" for i in listed) else "degraded"
+        return HealthOut(status=status, items=default.items, model=default.model,
+                         generation=default.generation, indexes=listed)
+
+    @app.get("/api/indexes", response_model=IndexesOut, tags=["service"])
+    def indexes() -> IndexesOut:
+        """The served indexes, by the names requests give as ``index``: their item counts
+        and models, or why one cannot be read."""
+        return IndexesOut(default=services.default.name,
+                          indexes=[service.describe() for service in services])
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    add_metrics_route(app, service.metrics, before_scrape=service.index_problem)
+    add_metrics_route(app, metrics, before_scrape=services.refresh)
 
 
 # ------------------------------------------------------------------------- connections
@@ -1295,13 +1437,15 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, *,
+def serve(indexes: SearchIndex | Mapping[str, SearchIndex], host: str = "127.0.0.1",
+          port: int = 8000, *,
           log_level: str = "info", allowed_hosts: Sequence[str] | None = None,
           limits: ServerLimits | None = None, sockets: list[socket.socket] | None = None,
           token: str | None = None, insecure_no_auth: bool = False,
           tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
           **options: Any) -> None:
-    """Serve ``index`` with uvicorn until interrupted; ``options`` go to :func:`create_app`.
+    """Serve ``indexes`` (one index, or a mapping name -> index: see :func:`create_app`) with
+    uvicorn until interrupted; ``options`` go to :func:`create_app`.
 
     Loopback by default.  Anyone who can reach the server can read every indexed image unless
     ``token`` is given, so another address needs one, or ``insecure_no_auth=True``
@@ -1316,13 +1460,15 @@ def serve(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, *,
     allowed = list(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
     _warn_about_exposure(host, token, allowed, tls=tls is not None)
     sockets = sockets or listen(host, port)
-    app = create_app(index, allowed_hosts=allowed, body_timeout=limits.body_timeout,
+    app = create_app(indexes, allowed_hosts=allowed, body_timeout=limits.body_timeout,
                      token=token, **options)
+    served = ", ".join(f"{name} ({index.path})" for name, index in
+                       named_indexes(indexes).items())  # the log may name paths
     ssl_files = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
     server = uvicorn.Server(limits.uvicorn_config(app, log_level=log_level, **ssl_files))
     for sock in sockets:
         address, bound_port = sock.getsockname()[:2]
-        log.info("serving %s on %s://%s:%d (Host names answered: %s; %s)", index.path,
+        log.info("serving %s on %s://%s:%d (Host names answered: %s; %s)", served,
                  "https" if tls else "http", host_pattern(address), bound_port,
                  ", ".join(allowed), "access token required" if token else "no access token")
     server.run(sockets=sockets)

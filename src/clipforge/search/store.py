@@ -5,12 +5,16 @@ Layout of an index directory::
     index.sqlite          info (model, weights fingerprint, generation...), items, failures
     staging/rank-N.sqlite embeddings a build has finished but not yet committed (one per rank)
     ann-G.faiss           the approximate-search structure of generation G (IVF-PQ or HNSW)
+    ondisk-G.*            generation G's rows, ids and IVF lists as memory-mapped files, when
+                          they do not fit the memory budget (vectors.py, build.py)
 
 Why SQLite: a commit is one transaction, so a reader sees the old state or the new one, never
 half of it, even while a build runs beside a server (write-ahead logging lets readers go on
 during the write).  A build stages each finished batch in its own rank's staging file, committed
 batch by batch, so a killed build resumes without redoing them; only the final merge into
 ``items`` changes what searches see, and it bumps ``generation`` so readers know to reload.
+Files a generation needs beside the database (``ondisk-G.*``) are written inside that
+transaction, before it commits, so no reader ever sees a generation without them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +121,15 @@ class Snapshot:
     info: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Head:
+    """The generation, info and item count of the committed state, without the rows."""
+
+    generation: int
+    info: dict[str, str]
+    count: int
+
+
 class Store:
     """The items database of one index directory."""
 
@@ -179,6 +192,21 @@ class Store:
                    if rows else np.zeros((0, dim), np.float16))
         return Snapshot(int(info.get("generation", 0)), ids, vectors, info)
 
+    def head(self) -> Head:
+        """The committed state's generation, info and count, read in one transaction."""
+        with transaction(self.con):
+            info = self.info()
+            count = self.count()
+        return Head(int(info.get("generation", 0)), info, count)
+
+    def row_chunks(self, dim: int, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float16 rows) of the items in ascending id order, ``size`` at a time, as this
+        connection sees them (inside :meth:`commit`: the state about to be committed)."""
+        cursor = self.con.execute("SELECT id, embedding FROM items ORDER BY id")
+        while rows := cursor.fetchmany(size):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            yield ids, np.frombuffer(b"".join(r[1] for r in rows), np.float16).reshape(-1, dim)
+
     def items(self, ids: Sequence[int]) -> dict[int, dict[str, object]]:
         """Metadata rows (no embedding) by id, as dicts by column; ids that no longer exist are
         absent.  Names are str as ``os.fsdecode`` gives them (see :func:`to_db`)."""
@@ -206,13 +234,16 @@ class Store:
 
     # ----------------------------------------------------------------- the commit
 
-    def commit(self, scan: Sequence[Entry], staging: Iterable[Path], info: dict[str, object]
-               ) -> dict[str, int]:
+    def commit(self, scan: Sequence[Entry], staging: Iterable[Path], info: dict[str, object],
+               prepare: Callable[[int], dict[str, object]] | None = None) -> dict[str, int]:
         """Make the scanned set the index's state, in one transaction.
 
         Items whose file is gone or changed are dropped; staged embeddings of scanned items
         (with the scanned size and time) are added; failures are those of the current files.
-        Returns counts: added, removed, failed, total, generation.
+        ``prepare(generation)``, if given, runs inside the transaction once the items are
+        merged (:meth:`row_chunks` reads them) and before the commit: it writes the files the
+        new generation needs and returns more info to record with it.  Returns counts: added,
+        removed, failed, total, generation.
         """
         stamps = {e.key: e.stamp for e in scan}
         con = self.con
@@ -246,6 +277,8 @@ class Store:
             con.execute("DELETE FROM failures WHERE key IN (SELECT key FROM items)")
             total = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             generation = self.generation() + 1
+            if prepare is not None:
+                info = {**info, **prepare(generation)}
             values = {**info, "generation": generation, "updated": time.time()}
             con.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
                             [(k, to_db(str(v))) for k, v in values.items()])

@@ -17,10 +17,23 @@ const grid = $("results");
 const cardTemplate = $("card-template");
 const tokenForm = $("token-form");
 const tokenInput = $("token-input");
+const picker = $("index-picker");
+const indexSelect = $("index-select");
 
 let latest = 0;  // number of the newest request: answers to older ones are dropped
 let retry = null;  // the query that was refused for want of a token: run again once given
 let thumbnailUrls = [];  // blob: URLs of the shown thumbnails, revoked with their cards
+let indexes = [];  // the served indexes, from /healthz: [{name, status, items, model}, ...]
+
+// A server with several indexes searches the first unless a request names another: the page
+// then shows a select, and every request (and the page's URL) carries the chosen name.
+function several() {
+  return indexes.length > 1;
+}
+
+function indexParam(name = indexSelect.value) {
+  return several() && name ? { index: name } : {};
+}
 
 // A server started with an access token answers 401 to API calls without it.  The page asks
 // once and keeps the token in sessionStorage (this tab only, gone when it closes); it is sent
@@ -132,13 +145,14 @@ function describe(query) {
 }
 
 function render(data) {
-  showCards(data.results.map(card));
+  showCards(data.results.map((hit) => card(hit, data.index)));
   const n = data.results.length;
   statusLine.textContent =
     `${n} result${n === 1 ? "" : "s"} ${describe(data.query)} in ${data.took_ms.toFixed(0)} ms`;
 }
 
-function card(hit) {
+// `index`: the index that answered, whose ids the card's "more like this" refers to.
+function card(hit, index) {
   const node = cardTemplate.content.firstElementChild.cloneNode(true);
   const name = baseName(hit.path);
   node.dataset.id = hit.id;
@@ -158,15 +172,15 @@ function card(hit) {
   else caption.remove();
   const more = node.querySelector("button.more");
   more.setAttribute("aria-label", `More like ${name}`);
-  more.addEventListener("click", () => similar(hit.id));
+  more.addEventListener("click", () => similar(hit.id, index));
   return node;
 }
 
 function searchText(q) {
   const url = new URL(location.href);
-  url.search = new URLSearchParams({ q }).toString();
+  url.search = new URLSearchParams({ q, ...indexParam() }).toString();
   history.replaceState(null, "", url);
-  return request(`/api/search?${new URLSearchParams({ q, k: K })}`);
+  return request(`/api/search?${new URLSearchParams({ q, k: K, ...indexParam() })}`);
 }
 
 preview.addEventListener("error", () => { preview.hidden = true; });
@@ -180,11 +194,13 @@ function searchImage(file) {
   body.append("file", file);
   body.append("k", K);
   if (mixText.checked && input.value.trim()) body.append("q", input.value.trim());
+  for (const [key, value] of Object.entries(indexParam())) body.append(key, value);
   return request("/api/search/image", { method: "POST", body });
 }
 
-function similar(id) {
-  return request(`/api/items/${encodeURIComponent(id)}/similar?k=${K}`);
+function similar(id, index) {
+  const query = new URLSearchParams({ k: K, ...indexParam(index) });
+  return request(`/api/items/${encodeURIComponent(id)}/similar?${query}`);
 }
 
 form.addEventListener("submit", (event) => {
@@ -212,21 +228,50 @@ dropZone.addEventListener("drop", (event) => {
   if (file) searchImage(file);
 });
 
-async function showIndexInfo() {
+function showIndexInfo() {
+  const info = indexes.find((i) => i.name === indexSelect.value) || indexes[0];
+  if (!info) return;
+  const model = info.model ? ` · model ${info.model}` : "";
+  $("index-info").textContent =
+    info.status === "ok" ? `${info.items} items${model}` : "this index cannot be read now";
+}
+
+// /healthz is open (no token) and lists every index; it answers 503 with the list too when
+// the first index cannot be read.
+async function loadIndexes(wanted) {
   try {
     const response = await fetch("/healthz");
-    if (!response.ok) return;
-    const info = await response.json();
-    const model = info.model ? ` · model ${info.model}` : "";
-    $("index-info").textContent = `${info.items} items${model}`;
+    const health = await response.json();
+    indexes = health.indexes || [];
   } catch (_) {
-    // informational only
+    return;  // informational only: requests then go to the default index
+  }
+  indexSelect.replaceChildren(...indexes.map((i) => new Option(i.name, i.name)));
+  if (indexes.some((i) => i.name === wanted)) indexSelect.value = wanted;
+  picker.hidden = !several();
+  showIndexInfo();
+}
+
+indexSelect.addEventListener("change", () => {
+  showIndexInfo();
+  const q = input.value.trim();
+  if (q) {
+    searchText(q);
+    return;
+  }
+  const url = new URL(location.href);
+  url.searchParams.set("index", indexSelect.value);
+  history.replaceState(null, "", url);
+});
+
+async function start() {
+  const params = new URLSearchParams(location.search);
+  await loadIndexes(params.get("index"));
+  const initial = params.get("q");
+  if (initial) {
+    input.value = initial;
+    searchText(initial);
   }
 }
 
-showIndexInfo();
-const initial = new URLSearchParams(location.search).get("q");
-if (initial) {
-  input.value = initial;
-  searchText(initial);
-}
+start();
