@@ -297,3 +297,26 @@ def test_command_line(folder, tmp_path, model, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["index", "build", str(folder), "--out", str(out), "--max-index-memory", "lots"])
     assert "memory size 'lots' is not a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["search", "IDX", "a cat"], ["serve", "IDX"]])
+def test_search_and_serve_pass_the_budget_to_open(command, monkeypatch, capsys) -> None:
+    """``clipforge search`` and ``serve`` open the index under ``--max-index-memory`` (an
+    index that would hold more is refused at open, tested above); a mistyped size is a usage
+    error before anything is opened."""
+    from clipforge.cli import main
+    from clipforge.commands import search as commands
+
+    seen = {}
+
+    def open_index(path, model=None, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(commands.SearchIndex, "open", open_index)
+    assert main([*command, "--max-index-memory", "512M"]) == 2
+    assert seen["max_index_memory"] == "512M" and "stop here" in capsys.readouterr().err
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main([*command, "--max-index-memory", "lots"])
+    assert not seen and "--max-index-memory" in capsys.readouterr().err

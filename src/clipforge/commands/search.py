@@ -147,7 +147,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.query is None and args.image is None:
         raise SystemExit('error: give a text query ("a dog on a beach") and/or --image FILE')
     index = SearchIndex.open(args.index, _named_model(args), device=args.device,
-                             precision=args.precision)
+                             precision=args.precision, max_index_memory=args.max_index_memory)
     hits = index.search(text=args.query, image=_query_image(args.image),
                         text_weight=args.text_weight, image_weight=args.image_weight, k=args.k,
                         threshold=args.threshold, collapse=args.collapse)
@@ -223,7 +223,8 @@ def _open_served(name: str, path: Path, args: argparse.Namespace) -> SearchIndex
     naming the index by ``name``: with several, the message must say which one failed."""
     try:
         return SearchIndex.open(path, _named_model(args), device=args.device,
-                                precision=args.precision)
+                                precision=args.precision,
+                                max_index_memory=args.max_index_memory)
     except (ValueError, RuntimeError, OSError) as exc:  # what `clipforge` reports in a line
         kind = next(k for k in (ValueError, RuntimeError, OSError) if isinstance(exc, k))
         raise kind(f"index {name!r}: {exc}") from exc
@@ -314,6 +315,13 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _memory_option(p: argparse.ArgumentParser) -> None:
+    """Opening an index for queries: refuse one that would hold more memory than this."""
+    p.add_argument("--max-index-memory", type=_memory_size, metavar="SIZE", help="refuse to "
+                   "open an index whose search would hold more memory than this (512M, 2G): "
+                   "rebuild it with `index build --max-index-memory` to keep its rows on disk")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     add_model_options(p, default=None, default_help="the model that built the index; "
                       "ViT-B-32 for a new one")
@@ -366,6 +374,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-weight", type=float, default=1.0)
     p.add_argument("--html", type=Path, help="also write a contact sheet of the results")
     p.add_argument("--json", action="store_true")
+    _memory_option(p)
     _model_options(p)
     p.set_defaults(handler=cmd_search)
 
@@ -420,6 +429,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--decode-budget-mpx", type=_positive(float), metavar="MPX", help="megapixels "
                    "of uploaded images decoded at once; an upload that finds none free within "
                    "2 s gets 503 with Retry-After (default 100)")
+    _memory_option(g)
     add_model_options(p, default=None, default_help="each index's own: the model that "
                       "built it. Given, it is loaded for every index, each of which must have "
                       "been built with it")
