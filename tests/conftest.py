@@ -124,3 +124,12 @@ def _photo_folder_stays_untouched(request: pytest.FixtureRequest):
     after = sorted(p.name for p in folder.iterdir())
     assert after == before, f"{request.node.nodeid} changed the shared photo folder {folder}: " \
         "write into tmp_path instead"
+
+
+@pytest.fixture(autouse=True)
+def _small_builtin_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training run on the built-in data ends with its full evaluation (thousands of rendered
+    images, dozens of probes: half a minute even for a tiny model); tests check that report's
+    shape, not its figures, so they evaluate on a few images (subprocesses inherit this)."""
+    monkeypatch.setenv("CLIPFORGE_EVAL_IMAGES", "48")
+    monkeypatch.setenv("CLIPFORGE_PROBE_PER_CLASS", "2")

@@ -43,7 +43,7 @@ def _sugar_crepe(tmp_path: Path, n: int = 12) -> Path:
     names = _images(tmp_path / "val2017", n)
     records = {}
     for i, name in enumerate(names):
-        scene = render_scene(i, image_size=64)
+        scene = render_scene(i, image_size=64, language="en")
         o = scene.objects[0]
         records[str(i * 3)] = {"filename": name, "caption": scene.caption,
                                "negative_caption": f"a {o['colour']} shape on a table"}
@@ -55,8 +55,8 @@ def _sugar_crepe(tmp_path: Path, n: int = 12) -> Path:
 def _winoground(tmp_path: Path, n: int = 8) -> Path:
     names = _images(tmp_path / "images", 2 * n)
     rows = [{"id": i, "image_0": names[2 * i][:-4], "image_1": names[2 * i + 1][:-4],
-             "caption_0": render_scene(2 * i).caption,
-             "caption_1": render_scene(2 * i + 1).caption} for i in range(n)]
+             "caption_0": render_scene(2 * i, language="en").caption,
+             "caption_1": render_scene(2 * i + 1, language="en").caption} for i in range(n)]
     path = tmp_path / "examples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -156,7 +156,7 @@ def test_missing_images_are_skipped_and_reported(tiny_vit, tmp_path) -> None:
 def test_an_image_the_model_cannot_take_drops_its_instance_only(tiny_vit, monkeypatch) -> None:
     """An image that opens but that the model's transform refuses (here 0x0 pixels) skips its
     instance, named, and the others keep their own embeddings (the rows stay aligned)."""
-    scenes = [render_scene(i, image_size=64) for i in range(24)]
+    scenes = [render_scene(i, image_size=64, language="en") for i in range(24)]
     instances = [Instance(str(i), [scenes[2 * i].image, scenes[2 * i + 1].image],
                           [scenes[2 * i].caption, scenes[2 * i + 1].caption]) for i in range(12)]
     # first in its batch of 3, so that misplaced rows would shift every later instance

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import clipforge
+from clipforge.text.vocabulary import fit_config
 from clipforge.cli import main
 from clipforge.data.sources import DataError
 from clipforge.training.loop import TrainConfig, TrainingDiverged, train
@@ -185,7 +186,10 @@ def test_run_directory_is_a_model(tmp_path, photos, capsys) -> None:
     report = json.loads((run / "eval.json").read_text())
     assert 0 <= report["eval"]["heldout_top1"] <= 1
     model, preprocess = clipforge.load(run)
-    assert model.config == clipforge.create_model("tiny-vit").config
+    # built-in data from scratch: the run learnt its own vocabulary, saved with the model
+    assert model.config == fit_config(clipforge.create_model("tiny-vit").config,
+                                      run / "vocabulary")
+    assert model.config.tokenizer.kind == "hf" and (run / "tokenizer.json").is_file()
     assert main(["classify", str(photos[0]), "--labels", "a cat,a dog", "--model",
                  str(run)]) == 0
 

@@ -29,6 +29,7 @@ from .onnx import MANIFEST, OnnxCLIP
 from .onnx.manifest import read_manifest
 from .precision import apply_precision, check_precision
 from .text import load_tokenizer
+from .text.vocabulary import fit_config
 from .weights.checkpoint import ARCHIVE_ATTRIBUTES, CheckpointError, StateDict
 from .weights.formats import read_model, read_weights
 from .weights.pretrained import HUB_PREFIX, download, resolve
@@ -109,7 +110,8 @@ def load_checked(model: CLIP, sd: StateDict, source: str) -> None:
 def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  activation: str | None = None, precision: str = "fp32",
-                 backend: str | None = None) -> CLIP | OnnxCLIP:
+                 backend: str | None = None, tokenizer: str | Path | None = None
+                 ) -> CLIP | OnnxCLIP:
     """A model in eval mode, ready to use: ``model.preprocess``, ``model.tokenizer`` and
     ``model.origin`` set (see :class:`~clipforge.encoder.Encoder`).
 
@@ -126,9 +128,16 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     ``backend``: ``"torch"`` (a :class:`CLIP`), ``"onnx"`` (an export directory run by
     :class:`~clipforge.onnx.OnnxCLIP` on the CPU, ``precision`` fp32 or int8 choosing the
     variant), or None: onnx for an export directory, torch otherwise.
+    ``tokenizer``: a vocabulary learnt for a model trained from scratch (a directory that
+    :func:`clipforge.text.vocabulary.train_bpe` wrote), read instead of the architecture's
+    tokenizer; the text tower's vocabulary size, length and end token follow it.  Only with
+    random initialisation: pretrained weights come with their own vocabulary.
     A CPU model tunes the process's malloc once (:mod:`clipforge.allocator`).
     """
     if resolve_backend(name_or_path, backend) == "onnx":
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is for a model from random initialisation; an ONNX "
+                             "export carries its own tokenizer")
         return _onnx_model(name_or_path, weights=weights, device=device, dtype=dtype,
                            activation=activation, precision=precision)
     check_precision(precision)
@@ -136,8 +145,15 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
         raise ValueError(f"precision={precision!r} converts float32 weights; leave dtype unset "
                          f"(got {dtype})")
     found = _resolve(name_or_path, weights, activation)
-    config = found.config
-    tokenizer = load_tokenizer(config, found.files)  # first: a missing file fails fast
+    config, files = found.config, found.files
+    if tokenizer is not None:
+        if found.sd is not None:
+            raise ValueError(f"tokenizer={str(tokenizer)!r} gives a text tower a new "
+                             f"vocabulary, but {found.source} brings trained weights (and their "
+                             "tokenizer): pass a learnt vocabulary only with random "
+                             "initialisation")
+        config, files = fit_config(config, tokenizer), Path(tokenizer)
+    text_tokenizer = load_tokenizer(config, files)  # first: a missing file fails fast
     if found.sd is None:
         model = CLIP(config)
     else:
@@ -148,7 +164,7 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
     if model.device.type == "cpu":
         keep_freed_memory()  # activations are reused, not page-faulted in per layer
     model.preprocess = Preprocess.from_config(config)
-    model.tokenizer = tokenizer
+    model.tokenizer = text_tokenizer
     model.origin = _origin(name_or_path, weights, activation)
     return apply_precision(model.eval(), precision)
 

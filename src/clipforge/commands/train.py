@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..configs import ACTIVATIONS
-from ..training.config import LOSSES, PRECISIONS, TrainConfig, setting_names
+from ..training.config import LOSSES, PRECISIONS, TOKENIZERS, TrainConfig, setting_names
 
 
 def _default(name: str):
@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="architecture, or a model to fine-tune")
     p.add_argument("--weights", help="initial weights for an architecture name")
     p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default=_default("tokenizer"),
+                   help="model: the architecture's own; learn: a byte-level BPE learnt from the "
+                   "first 10,000 training captions, saved with the run (a model trained from "
+                   "scratch only); auto (default): learn on the built-in data from scratch, "
+                   "model otherwise")
+    p.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
+                   help="most ids of a learnt vocabulary")
     p.add_argument("--steps", type=int, default=_default("steps"))
     p.add_argument("--batch-size", type=int, default=_default("batch_size"),
                    help="global batch (all processes)")
@@ -69,6 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv-image-key", default=_default("csv_image_key"))
     p.add_argument("--csv-caption-key", default=_default("csv_caption_key"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--baseline", action="store_true",
+                   help="then train the supervised baseline of the effective-robustness "
+                   "comparison (the same image tower on the class labels of the same images, for "
+                   "the same budget) into OUTPUT/baseline; built-in data only")
     p.set_defaults(handler=run)
 
 
@@ -79,5 +90,10 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     options["output"] = output
     options["progress"] = not args.no_progress
-    train(TrainConfig(**options))
+    config = TrainConfig(**options)
+    train(config)
+    if args.baseline:
+        from ..training.baseline import train_baseline
+
+        train_baseline(config)
     return 0

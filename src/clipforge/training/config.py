@@ -15,6 +15,13 @@ from typing import Any
 from ..configs import ACTIVATIONS
 
 LOSSES = ("clip", "siglip")
+# The text tower's tokenizer: the architecture's own ("model"), or a byte-level BPE learnt from
+# the training captions ("learn", see clipforge.text.vocabulary); "auto" learns one for a run
+# from scratch on the built-in data (captions in three languages), the model's otherwise.
+TOKENIZERS = ("auto", "model", "learn")
+# A run on the built-in data widens its scenes from easy to the full distribution over this
+# share of its samples (clipforge.data.synthetic.SyntheticCaptions' curriculum).
+CURRICULUM_SHARE = 0.6
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUILTIN_DATA = "builtin"
 
@@ -26,6 +33,8 @@ class TrainConfig:
     model: str = "small-rn"
     weights: str | None = None
     activation: str | None = None
+    tokenizer: str = "auto"
+    vocab_size: int = 1024
     steps: int = 450
     batch_size: int = 256
     micro_batch: int | None = None
@@ -61,6 +70,15 @@ class TrainConfig:
             problems.append(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and not self.device.startswith("cuda"):
             problems.append("--precision fp16 needs a CUDA device (use bf16 on CPU)")
+        if self.tokenizer not in TOKENIZERS:
+            problems.append(f"--tokenizer {self.tokenizer!r}: choose {', '.join(TOKENIZERS)}")
+        elif self.learns_vocabulary() and (self.weights or Path(self.model).exists()):
+            problems.append("--tokenizer learn gives the text tower a new vocabulary, which only "
+                            "a model trained from scratch can take: drop --weights (or give an "
+                            "architecture name as --model), or pass --tokenizer model")
+        if self.vocab_size < 300:
+            problems.append("--vocab-size must be at least 300 (the 256 byte tokens and the "
+                            "special tokens come first)")
         if self.activation is not None and self.activation not in ACTIVATIONS:
             problems.append(f"--activation {self.activation!r}: choose {', '.join(ACTIVATIONS)}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -79,6 +97,17 @@ class TrainConfig:
                                 f"choose from {', '.join(option_name(f)[2:] for f in checked)}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def curriculum(self) -> int:
+        """Samples over which the built-in data widens (CURRICULUM_SHARE of the run's)."""
+        return int(CURRICULUM_SHARE * self.steps * self.batch_size)
+
+    def learns_vocabulary(self) -> bool:
+        """Whether the run learns its tokenizer from its captions (see TOKENIZERS)."""
+        if self.tokenizer == "auto":
+            return (self.data == BUILTIN_DATA and self.weights is None
+                    and not Path(self.model).exists())
+        return self.tokenizer == "learn"
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in

@@ -19,6 +19,7 @@ and continues with exactly the samples an uninterrupted run would have read.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,22 @@ from ..image.augment import TrainTransform
 from ..reading import Sample
 
 MAX_REPLACEMENTS = 16
+
+
+def caption_texts(source: Dataset, limit: int) -> list[str]:
+    """Up to ``limit`` captions of the training data, to learn a vocabulary from: the first
+    items of the built-in data or of a stream, rows spread evenly over a table or folder.
+    Unreadable items are left out."""
+    if isinstance(source, IterableDataset):
+        items = islice(source.stream(StreamShare(0, 1, 0, 1)), limit)
+    elif getattr(source, "draws_by_index", False):
+        items = (source[i] for i in range(min(limit, len(source))))
+    else:
+        positions = np.unique(np.linspace(0, len(source) - 1, min(limit, len(source)))
+                              .astype(int)) if len(source) else []
+        items = (source[int(i)] for i in positions)
+    samples = (as_sample(item, "") for item in items)
+    return [s.caption for s in samples if s.error is None and s.caption]
 
 
 def as_sample(item: Any, key: str) -> Sample:

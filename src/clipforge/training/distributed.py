@@ -44,6 +44,12 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank), dev
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if _distributed():
+        dist.barrier()
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce and average ``.grad`` over ranks in one flat buffer (what DDP does in buckets);
     used after a GradCache step, whose many partial backwards run under ``no_sync``."""

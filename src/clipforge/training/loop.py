@@ -23,13 +23,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..configs import get_config
 from ..data.sources import check_readable, open_source
 from ..data.synthetic import SyntheticCaptions
 from ..factory import create_model
-from ..fileio import atomic_file
+from ..fileio import atomic_directory, atomic_file
 from ..image.augment import TrainTransform
 from ..loss import LOGIT_SCALE_MAX
 from ..reading import REASONS, skip_reason
+from ..text.vocabulary import train_bpe
 from ..weights.formats import save_into_directory
 from .checkpoint import (
     load_checkpoint,
@@ -45,11 +47,13 @@ from .config import (
     option_name,
     setting_names,
 )
-from .data import build_loader
+from .data import build_loader, caption_texts
 from .distributed import (
+    Dist,
     all_gather_objects,
     all_reduce_mean,
     average_gradients,
+    barrier,
     init_distributed,
     sum_counts,
 )
@@ -58,6 +62,8 @@ from .objective import Objective
 from .optim import build_optimizer, cosine_schedule
 
 log = logging.getLogger("clipforge.train")
+VOCABULARY_DIR = "vocabulary"  # a run's learnt tokenizer (TrainConfig.tokenizer "learn")
+VOCABULARY_TEXTS = 10_000  # captions it is learnt from
 
 
 def native_bf16(device: str) -> bool:
@@ -151,13 +157,36 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 def _open_data(config: TrainConfig, image_size: int):
     if config.data == BUILTIN_DATA:
-        return SyntheticCaptions(seed=config.seed, image_size=image_size, split="train")
+        return SyntheticCaptions(seed=config.seed, image_size=image_size, split="train",
+                                 curriculum=config.curriculum())
     # Shards are resampled: runs are counted in steps, never run dry, and no rank waits for
     # another at an epoch end.  (CSV and folder sources ignore the option.)
     source = open_source(config.data, image_key=config.csv_image_key,
                          caption_key=config.csv_caption_key, seed=config.seed, resampled=True)
     check_readable(source)
     return source
+
+
+def _learnt_vocabulary(config: TrainConfig, output: Path, ranks: Dist, resuming: bool
+                       ) -> Path | None:
+    """The run's own tokenizer when it learns one (TrainConfig.learns_vocabulary): a BPE
+    learnt by the main process from the first VOCABULARY_TEXTS captions into OUTPUT/vocabulary
+    (kept by a resumed run), which every process then reads."""
+    if not config.learns_vocabulary():
+        return None
+    directory = output / VOCABULARY_DIR
+    if ranks.is_main and not (resuming and (directory / "tokenizer.json").is_file()):
+        started = time.perf_counter()
+        source = _open_data(config, get_config(config.model).image_size)
+        texts = caption_texts(source, VOCABULARY_TEXTS)
+        if not texts:
+            raise ValueError(f"--tokenizer learn: no readable caption in {config.data}")
+        with atomic_directory(directory, "tokenizer.json") as tmp:
+            train_bpe(texts, tmp, config.vocab_size)
+        log.info("learnt a vocabulary from %d captions in %.1f s: %s", len(texts),
+                 time.perf_counter() - started, directory)
+    barrier()
+    return directory
 
 
 class MetricsLog:
@@ -207,8 +236,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if ranks.is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
 
+    vocabulary = _learnt_vocabulary(config, output, ranks, resuming=state is not None)
     torch.manual_seed(config.seed)
-    model = create_model(config.model, weights=config.weights, activation=config.activation)
+    model = create_model(config.model, weights=config.weights, activation=config.activation,
+                         tokenizer=vocabulary)
     model.visual.patch_dropout = config.patch_dropout if hasattr(model.visual, "proj") else 0.0
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
