@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import clipforge
-from clipforge.text.vocabulary import fit_config
 from clipforge.cli import main
 from clipforge.data.sources import DataError
+from clipforge.text.vocabulary import fit_config
 from clipforge.training.loop import TrainConfig, TrainingDiverged, train
 from clipforge.training.objective import Objective
 
