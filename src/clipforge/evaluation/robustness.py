@@ -267,7 +267,9 @@ def plot_suites(series: Mapping[str, Mapping[str, float]], suites: Sequence[str]
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(len(series), 4), loc="lower left")
+    # below the axis: inside it, the legend would hide bars
+    ax.legend(fontsize=7, ncol=min(len(series), 5), loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.tight_layout()
     _save(fig, Path(destination))
     plt.close(fig)

@@ -43,7 +43,7 @@ ROBUSTNESS_FILE = "robustness.json"
 BASELINE_DIR = "baseline"
 
 SUITE_LABELS = {"seen": "seen\ncompositions", "heldout": "held-out\ncompositions",
-                "style": "style:\nhatched", "background": "background:\npatterns",
+                "style": "other drawing\nstyles", "background": "other\nbackgrounds",
                 "smaller": "smaller\nobjects", "larger": "larger\nobjects",
                 "renderer": "independent\nrenderer"}
 
