@@ -233,6 +233,31 @@ def test_csv_training_skips_and_counts_bad_images(tmp_path) -> None:
                  "--checkpoint-every", "100", "--output", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(rows[-1]["skipped"].values()) > 0
+    # the architecture's own tokenizer unless asked: a CSV is not the built-in data
+    assert not (run / "vocabulary").exists()
+    assert clipforge.create_model(run).config.tokenizer.kind == "openai"
+
+
+def test_csv_training_can_learn_its_vocabulary(tmp_path, capsys) -> None:
+    """--tokenizer learn on the user's own captions (the bad rows skipped): the vocabulary
+    holds their words, and a resumed run keeps it."""
+    csv = _write_csv(tmp_path, good=12, bad=2)
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--data", str(csv), "--batch-size", "8", "--checkpoint-every", "2",
+            "--tokenizer", "learn", "--vocab-size", "300", "--output", str(run)]
+    assert main([*args, "--steps", "2"]) == 0
+    learnt = (run / "vocabulary" / "tokenizer.json").read_bytes()
+    model = clipforge.create_model(run)
+    assert model.config.tokenizer.kind == "hf" and model.config.text.vocab_size <= 300
+    assert [model.tokenizer.decode([i]) for i in model.tokenizer.encode("a yellow square")] \
+        == ["a", "yellow", "square"]
+    assert main([*args, "--steps", "4", "--resume", "latest", "--resume-override",
+                 "steps"]) == 0
+    assert (run / "vocabulary" / "tokenizer.json").read_bytes() == learnt
+    capsys.readouterr()
+    assert main(["train", *TINY, "--tokenizer", "learn", "--model", str(run), "--steps", "1",
+                 "--output", str(tmp_path / "again")]) == 2
+    assert "--tokenizer learn gives the text tower a new vocabulary" in capsys.readouterr().err
 
 
 def test_no_readable_sample_stops_at_once(tmp_path) -> None:
