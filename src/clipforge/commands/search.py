@@ -26,6 +26,7 @@ from ..image import ImageLoadError, load_image
 from ..reading import printable_name
 from ..search.build import build_index, memory_budget, recorded_origin
 from ..search.index import SearchIndex
+from ..search.milvus import EMBEDDED, TOKEN_ENV, parse_backend
 from ..search.store import Store
 from ..search.vectors import ANN_KINDS
 from .options import (
@@ -89,7 +90,8 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
                              num_workers=args.workers, ann=args.ann, ann_params=params or None,
                              progress=not args.no_progress, image_key=args.csv_image_key,
                              caption_key=args.csv_caption_key, fast_decode=args.fast_decode,
-                             max_index_memory=args.max_index_memory)
+                             max_index_memory=args.max_index_memory,
+                             vector_store=args.vector_store)
     except Exception as exc:  # SQLite says "database or disk is full", not OSError(ENOSPC)
         if isinstance(exc, DiskFullError) or not is_disk_full(exc):
             raise
@@ -99,7 +101,8 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
     if args.json:
         print(report.to_json())
     else:
-        storage = ", rows on disk" if report.storage == "ondisk" else ""
+        storage = {"ondisk": ", rows on disk", "milvus": ", vectors in Milvus"}.get(
+            report.storage, "")
         print(f"{report.index}: {report.total} items (generation {report.generation}, "
               f"{report.ann}{storage}); this run: {report.added} added, {report.removed} removed, "
               f"{report.unchanged} unchanged, {report.resumed} resumed, {report.embedded} read "
@@ -117,6 +120,16 @@ def _memory_size(value: str) -> str:
     """An argparse type: a size ``build_index`` takes, checked before the model loads."""
     try:
         memory_budget(value, {})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _vector_store(value: str) -> str:
+    """An argparse type: a ``--vector-store`` value ``build_index`` takes, checked before the model
+    loads."""
+    try:
+        parse_backend(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
@@ -348,6 +361,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the index's, else none). Rows that do not fit are kept in memory-mapped "
                    "files, searched with an IVF index whose lists are on disk, then re-ranked "
                    "exactly")
+    b.add_argument("--vector-store", type=_vector_store, metavar="URI", help="where the "
+                   "vectors are "
+                   f"searched: {EMBEDDED} (in the index folder, by faiss; the default for a new "
+                   "index), milvus://HOST[:PORT]/COLLECTION (a Milvus server or cluster, "
+                   f"milvus+https:// for TLS, token from ${TOKEN_ENV}) or "
+                   "milvus-lite:PATH.db/COLLECTION (Milvus Lite, one process at a time); "
+                   "default: the index's. Needs pip install 'clipforge[milvus]'")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")

@@ -15,6 +15,10 @@ temporary name and renamed once complete.  A build killed while writing them lea
 generation and its files untouched, and the next build writes them again; older generations'
 files are removed once the new one is committed.
 
+With a Milvus backend (``vector_store``, :mod:`clipforge.search.milvus`), the commit also mirrors
+the new state into the Milvus collection (rows an unfinished build left deleted, missing ones
+inserted) before it commits, and the rows it dropped are deleted from the collection after it.
+
 Under ``torchrun`` every rank scans the same source, embeds every world-size-th pending item
 into its own staging file, and rank 0 merges them all after a barrier; a resumed build may use
 another number of ranks, since the merge reads whatever is staged.
@@ -41,6 +45,7 @@ from ..fileio import atomic_file
 from ..inference import ImageBatch, embed_image_batches
 from ..reading import BadItem
 from ..weights.fingerprint import weights_fingerprint
+from .milvus import MilvusBackend, index_type, parse_backend, prune_collection, sync_collection
 from .sources import Entry, read_entry_image, scan_source
 from .store import (
     FORMAT_VERSION,
@@ -130,7 +135,7 @@ class BuildReport:
     total: int = 0
     generation: int = 0
     ann: str = "flat"
-    storage: str = "memory"  # or "ondisk": the rows did not fit max_index_memory
+    storage: str = "memory"  # "ondisk": the rows did not fit max_index_memory; or "milvus"
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # all current failures
 
@@ -195,7 +200,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
                 ann_params: dict[str, Any] | None = None, progress: bool = True,
                 image_key: str = "filepath", caption_key: str = "title",
                 separator: str | None = None, fast_decode: bool = False,
-                max_index_memory: int | str | None = None,
+                max_index_memory: int | str | None = None, vector_store: str | None = None,
                 on_batch: Callable[[int], None] | None = None) -> BuildReport:
     """Create or update the index ``out`` from ``source`` with ``model``.
 
@@ -213,6 +218,10 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     are kept in memory-mapped files instead, searched with an IVF index whose lists are on disk
     and re-ranked exactly (:func:`~clipforge.search.vectors.plan_storage`); ``info`` records the
     choice ("storage", "storage_plan").
+    ``vector_store``: where the vectors are searched: "embedded" (in this folder, by faiss),
+    ``milvus://HOST[:PORT]/COLLECTION`` or ``milvus-lite:PATH.db/COLLECTION`` (a Milvus
+    collection kept in step with the index, see :mod:`clipforge.search.milvus`); None keeps the
+    index's (embedded for a new one).  ``max_index_memory`` does not apply to a Milvus backend.
     ``on_batch(n)`` is called after each durable batch (tests use it to interrupt a build).
     Raises :class:`IndexMismatchError` if the index was made with other weights.
     """
@@ -240,6 +249,10 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     if kind not in ANN_KINDS:
         raise ValueError(f"unknown ann kind {kind!r}; choose one of {', '.join(ANN_KINDS)}")
     budget = memory_budget(max_index_memory, info)
+    milvus = (recorded_backend(info) if vector_store is None
+              else parse_backend(vector_store))
+    if milvus is not None:
+        index_type(kind)  # an --ann Milvus has no peer for: before anything is embedded
     indexed, failed = store.stamps()
     staged = staged_stamps(out, fingerprint)
     unchanged = [e for e in entries if indexed.get(e.key) == e.stamp
@@ -251,7 +264,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     current = {e.key: e.stamp for e in entries}
     stale = [k for k, stamp in (indexed | failed).items() if current.get(k) != stamp]
     changed = (bool(everything_pending or resumed or stale) or kind != info.get("ann")
-               or budget != memory_budget(None, info))
+               or budget != memory_budget(None, info) or milvus != recorded_backend(info))
     report = BuildReport(str(out), str(source), origin.get("model"), fingerprint,
                          scanned=len(entries), unchanged=len(unchanged), resumed=len(resumed),
                          ann=kind)
@@ -279,7 +292,10 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
         dim = model.config.embed_dim
 
         def prepare(generation: int) -> dict[str, object]:
-            return prepare_storage(out, store, kind, ann_params or {}, budget, dim, generation)
+            if milvus is not None:
+                return prepare_milvus(milvus, store, kind, ann_params or {}, dim, generation)
+            return {**prepare_storage(out, store, kind, ann_params or {}, budget, dim,
+                                      generation), "vector_store": ""}
 
         counts = store.commit(entries, staging_files(out), {
             "format_version": FORMAT_VERSION, "origin": json_text(origin) if origin else "",
@@ -289,6 +305,8 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
             "max_index_memory": "" if budget is None else budget, "source": str(source)},
             prepare=prepare)
         clear_staging(out)
+        if milvus is not None:
+            prune_collection(milvus, store.ids())
         report.added, report.removed = counts["added"], counts["removed"]
         report.total, report.generation = counts["total"], counts["generation"]
         report.failures = store.failures()
@@ -326,6 +344,22 @@ def memory_budget(value: int | str | None, info: dict[str, str]) -> int | None:
         raise ValueError(f"max index memory: {exc} (or 'none' for no limit)") from None
 
 
+def recorded_backend(info: dict[str, str]) -> MilvusBackend | None:
+    """The Milvus backend an index records, None for the embedded store."""
+    return parse_backend(info["vector_store"]) if info.get("vector_store") else None
+
+
+def prepare_milvus(backend: MilvusBackend, store: Store, kind: str, params: dict[str, Any],
+                   dim: int, generation: int) -> dict[str, str]:
+    """Inside the commit of ``generation``: mirror its rows into the Milvus collection (see
+    :func:`~clipforge.search.milvus.sync_collection`).  Returns the info recording it."""
+    counts = sync_collection(backend, store.row_chunks(dim), dim, kind, params,
+                             store.generation(), generation)
+    log.info("%s: %d rows inserted (%d left by an unfinished build deleted)", backend.text,
+             counts["inserted"], counts["dropped"])
+    return {"storage": "milvus", "storage_plan": "", "vector_store": backend.text}
+
+
 def prepare_storage(directory: Path, store: Store, kind: str, params: dict[str, Any],
                     budget: int | None, dim: int, generation: int) -> dict[str, str]:
     """Inside the commit of ``generation``: choose where its rows live under ``budget`` and,
@@ -348,7 +382,7 @@ def write_ann(directory: Path, store: Store, kind: str, params: dict[str, Any],
     """Train and save the approximate structure of ``generation`` (nothing for flat, nor for
     rows kept on disk), then remove older generations' files.  Until it exists, searches of
     that generation are exact."""
-    if kind != "flat" and store.info().get("storage") != "ondisk":
+    if kind != "flat" and store.info().get("storage") not in ("ondisk", "milvus"):
         snapshot = store.snapshot()
         if snapshot.generation == generation and len(snapshot.ids):
             VectorIndex.build(snapshot.vectors, snapshot.ids, kind, params=params

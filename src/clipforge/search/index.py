@@ -15,6 +15,11 @@ is not read into memory: its generation's files are opened memory-mapped
 same choice for the reader's own budget: rows that fit are read into memory, and an index built
 in memory that does not fit is refused with what to do.
 
+An index whose vectors live in Milvus (``index build --vector-store milvus://...``) is searched
+there (:class:`~clipforge.search.milvus.MilvusVectors`, filtered to its committed generation);
+its items and metadata are read from the folder as for any index.  Milvus errors raise
+:class:`IndexUnavailableError` naming the backend, so the server answers 503 while it lasts.
+
 A connection opened on a file that is then deleted goes on reading the deleted file, so every
 read first compares the database file's identity (device, inode, size, modification time; one
 ``stat``) with the one its connection was opened on: a deleted folder raises
@@ -54,8 +59,10 @@ from .build import (
     memory_budget,
     mismatch_message,
     ondisk_files,
+    recorded_backend,
     recorded_origin,
 )
+from .milvus import MilvusError, MilvusVectors
 from .sources import read_entry_image
 from .store import DB_NAME, Head, IndexFormatError, Store
 from .vectors import ONDISK, VectorIndex, memory_bytes, plan_storage
@@ -94,7 +101,7 @@ class Hit:
 class _State:
     generation: int
     ann_file: Path | None
-    vectors: VectorIndex
+    vectors: VectorIndex | MilvusVectors
     database: tuple[int, int]  # (device, inode) of the index.sqlite it was read from
 
 
@@ -197,8 +204,11 @@ class SearchIndex:
             if head.info.get("fingerprint") != self._info.get("fingerprint"):
                 raise IndexMismatchError(f"{self.path} was rebuilt with another model while "
                                          "open; open it again")
-            if self._storage(head) == "memory":
+            storage = self._storage(head)
+            if storage == "memory":
                 state = self._load_memory(store, head)
+            elif storage == "milvus":
+                state = self._load_milvus(head)
             else:
                 state = self._load_ondisk(store, head)
             if state is not None:
@@ -211,7 +221,7 @@ class SearchIndex:
         """"memory" or "ondisk": where the build put the rows, or what the budget given to
         :meth:`open` makes of them."""
         recorded = head.info.get("storage") or "memory"
-        if self._budget == RECORDED:
+        if self._budget == RECORDED or recorded == "milvus":  # Milvus holds the rows
             return recorded
         kind, dim = head.info.get("ann", "flat"), int(head.info.get("embed_dim", 0))
         params = json.loads(head.info.get("ann_params") or "{}")
@@ -260,6 +270,23 @@ class SearchIndex:
             raise IndexUnavailableError(str(exc)) from None
         return _State(head.generation, None, vectors, self._local.stamp[:2])
 
+    def _load_milvus(self, head: Head) -> _State:
+        """The generation's collection in Milvus, checked and loaded for search."""
+        params = json.loads(head.info.get("ann_params") or "{}")
+        with self._milvus():
+            vectors = MilvusVectors.open(recorded_backend(head.info),
+                                         int(head.info.get("embed_dim", 0)), head.count,
+                                         head.generation, head.info.get("ann", "flat"), params)
+        return _State(head.generation, None, vectors, self._local.stamp[:2])
+
+    @contextlib.contextmanager
+    def _milvus(self) -> Iterator[None]:
+        """Milvus errors (unreachable, collection gone) become :class:`IndexUnavailableError`."""
+        try:
+            yield
+        except MilvusError as exc:
+            raise IndexUnavailableError(str(exc)) from None
+
     def refresh(self) -> bool:
         """Load a newer committed generation, or an index rebuilt in place of this one, if
         there is one; True if it did.  Cheap when nothing changed (a ``stat`` and two small
@@ -297,7 +324,8 @@ class SearchIndex:
                 "embed_dim": self.model.config.embed_dim, "count": len(state.vectors),
                 "generation": state.generation, "ann": self._info.get("ann", "flat"),
                 "searching": state.vectors.kind,
-                "storage": "ondisk" if state.vectors.kind == ONDISK else "memory"}
+                "storage": {ONDISK: "ondisk", "milvus": "milvus"}.get(state.vectors.kind,
+                                                                      "memory")}
 
     def collection_root(self) -> str | None:
         """The folder the items were collected from (see :func:`collection_root`), worked out
@@ -382,7 +410,8 @@ class SearchIndex:
         _check_options(k, threshold, collapse)
         state = self._state
         try:
-            query = state.vectors.rows(np.array([item_id], np.int64))[0]
+            with self._milvus():
+                query = state.vectors.rows(np.array([item_id], np.int64))[0]
         except KeyError:
             raise KeyError(f"no item {item_id} in {self.path}") from None
         query = query / max(float(np.linalg.norm(query)), 1e-12)
@@ -405,14 +434,16 @@ class SearchIndex:
         excluded = np.asarray(list(exclude), np.int64) if len(exclude) else None
         fetch = min(k if collapse is None else 4 * k, max(size, 1))
         while True:
-            scores, ids = state.vectors.search(query, fetch, exclude=excluded)
+            with self._milvus():
+                scores, ids = state.vectors.search(query, fetch, exclude=excluded)
             keep = ids[0] >= 0
             if threshold is not None:
                 keep &= scores[0] >= threshold
             chosen_ids, chosen_scores = ids[0][keep], scores[0][keep]
             if collapse is not None:
-                chosen_ids, chosen_scores = _collapse(state.vectors, chosen_ids, chosen_scores,
-                                                      collapse)
+                with self._milvus():
+                    chosen_ids, chosen_scores = _collapse(state.vectors, chosen_ids,
+                                                          chosen_scores, collapse)
             exhausted = fetch >= size or keep.sum() < fetch
             if len(chosen_ids) >= k or exhausted:
                 break
@@ -423,7 +454,8 @@ class SearchIndex:
         """The stored unit embeddings of items (float32, one row per id, in order), for
         comparing results with each other or with prompts after a search; KeyError for an id
         the newest generation does not hold."""
-        rows = self._state.vectors.rows(np.asarray(ids, np.int64).reshape(-1))
+        with self._milvus():
+            rows = self._state.vectors.rows(np.asarray(ids, np.int64).reshape(-1))
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
     def item(self, item_id: int) -> Hit | None:
@@ -508,8 +540,8 @@ def _reloadable(path: Path, info: dict[str, str]) -> dict[str, Any]:
     return origin
 
 
-def _collapse(vectors: VectorIndex, ids: np.ndarray, scores: np.ndarray, limit: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _collapse(vectors: VectorIndex | MilvusVectors, ids: np.ndarray, scores: np.ndarray,
+              limit: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy near-duplicate removal in score order."""
     if len(ids) == 0:
         return ids, scores

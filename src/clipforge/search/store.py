@@ -8,6 +8,9 @@ Layout of an index directory::
     ondisk-G.*            generation G's rows, ids and IVF lists as memory-mapped files, when
                           they do not fit the memory budget (vectors.py, build.py)
 
+With a Milvus backend (milvus.py) the database stays as it is, and a Milvus collection mirrors
+its committed rows for searches; ``info`` records the backend URI (never a token).
+
 Why SQLite: a commit is one transaction, so a reader sees the old state or the new one, never
 half of it, even while a build runs beside a server (write-ahead logging lets readers go on
 during the write).  A build stages each finished batch in its own rank's staging file, committed
@@ -228,6 +231,11 @@ class Store:
     def failures(self) -> list[tuple[str, str]]:
         rows = self.con.execute("SELECT key, reason FROM failures ORDER BY key")
         return sorted((from_db(k), from_db(r)) for k, r in rows)
+
+    def ids(self) -> np.ndarray:
+        """The item ids (int64, ascending), without their rows."""
+        return np.array([i for (i,) in self.con.execute("SELECT id FROM items ORDER BY id")],
+                        np.int64)
 
     def count(self) -> int:
         return self.con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
