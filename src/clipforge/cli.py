@@ -1,5 +1,5 @@
-"""The ``clipforge`` command line: models, classify, embed, convert, train, eval, plots, rank,
-score, samples; index, search and serve (each in :mod:`clipforge.commands`)."""
+"""The ``clipforge`` command line: models, classify, embed, convert, train, finetune, eval, plots,
+rank, score, samples; index, search and serve (each in :mod:`clipforge.commands`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .commands import (
     convert,
     embed,
     evaluate,
+    finetune,
     models,
     plots,
     samples,
@@ -21,7 +22,8 @@ from .commands import (
 )
 
 # The order ``clipforge --help`` lists the commands in.
-COMMANDS = (models, classify, plots, scoring, embed, convert, train, evaluate, samples, search)
+COMMANDS = (models, classify, plots, scoring, embed, convert, train, finetune, evaluate, samples,
+            search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .allocator import keep_freed_memory
+from .classifier import read_classifier, split_classifier
 from .configs import ARCHITECTURES, CLIPConfig, get_config
 from .image import Preprocess
 from .model import CLIP
@@ -154,19 +155,29 @@ def create_model(name_or_path: str | Path, *, weights: str | Path | None = None,
                              "initialisation")
         config, files = fit_config(config, tokenizer), Path(tokenizer)
     text_tokenizer = load_tokenizer(config, files)  # first: a missing file fails fast
-    if found.sd is None:
+    sd, head = split_classifier(found.sd) if found.sd is not None else (None, {})
+    classifier = read_classifier(head, files or _folder_of_file(weights or name_or_path),
+                                 found.source)
+    if sd is None:
         model = CLIP(config)
     else:
         with torch.device("meta"):
             model = CLIP(config)
-        load_checked(model, found.sd, found.source)
+        load_checked(model, sd, found.source)
     model = model.to(device=device, dtype=dtype or torch.float32)
     if model.device.type == "cpu":
         keep_freed_memory()  # activations are reused, not page-faulted in per layer
     model.preprocess = Preprocess.from_config(config)
     model.tokenizer = text_tokenizer
     model.origin = _origin(name_or_path, weights, activation)
+    model.classifier = classifier  # a fine-tuned model's classes and head (clipforge.classifier)
     return apply_precision(model.eval(), precision)
+
+
+def _folder_of_file(spec: str | Path) -> Path | None:
+    """The folder of a weights file given by path (where its classifier file would be)."""
+    path = Path(spec)
+    return path.parent if path.is_file() else None
 
 
 def is_export_directory(path: str | Path) -> bool:

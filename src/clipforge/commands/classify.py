@@ -1,6 +1,8 @@
 """``clipforge classify``: zero-shot classification of image files against text labels, with
 the model's own probabilities (:class:`~clipforge.evaluation.zeroshot.ZeroShotClassifier`:
-softmax over the labels, or a sigmoid per label for SigLIP-style models)."""
+softmax over the labels, or a sigmoid per label for SigLIP-style models).  Without ``--labels``,
+a fine-tuned model (``clipforge finetune``) answers with its own classes and head
+(``model.classifier``, :class:`~clipforge.classifier.LinearClassifier`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..classifier import LinearClassifier
+from ..encoder import Encoder
 from ..evaluation.zeroshot import ZeroShotClassifier
 from ..inference import embed_images
 from ..reading import find_images
@@ -18,9 +22,11 @@ from .options import add_model_options, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("classify", help="zero-shot classify images against text labels")
+    p = sub.add_parser("classify", help="zero-shot classify images against text labels, or "
+                       "with a fine-tuned model's own classes")
     p.add_argument("images", nargs="+", help="image files or directories")
-    p.add_argument("--labels", required=True, help='comma-separated, e.g. "cat,dog,a diagram"')
+    p.add_argument("--labels", help='comma-separated, e.g. "cat,dog,a diagram" (zero-shot); '
+                   "default: the classes of a model written by `clipforge finetune`")
     p.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
     p.add_argument("--top", type=int, default=5, help="labels shown per image")
     p.add_argument("--batch-size", type=int, default=32)
@@ -31,17 +37,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+def _labels(text: str, template: str) -> list[str]:
+    """The zero-shot labels of ``--labels``, checked with ``--template``."""
+    labels = [label.strip() for label in text.split(",") if label.strip()]
     if len(labels) < 2:
         raise SystemExit("error: --labels needs at least two comma-separated labels")
-    if "{}" not in args.template:
-        raise SystemExit(f"error: --template {args.template!r} has no '{{}}' for the label")
+    if "{}" not in template:
+        raise SystemExit(f"error: --template {template!r} has no '{{}}' for the label")
+    return labels
+
+
+def _classifier(model: Encoder, args: argparse.Namespace
+                ) -> ZeroShotClassifier | LinearClassifier:
+    """Zero-shot over ``--labels`` when given, else the model's own classifier."""
+    if args.labels is not None:
+        return ZeroShotClassifier.build(model, _labels(args.labels, args.template),
+                                        [args.template])
+    own = getattr(model, "classifier", None)
+    if own is None:
+        raise SystemExit(f"error: {args.model} has no classes of its own (only a model written "
+                         "by `clipforge finetune` has); give --labels to classify zero-shot")
+    return own
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.labels is not None:
+        _labels(args.labels, args.template)  # before loading the model
     paths = find_images(args.images)
     if not paths:
         raise SystemExit(f"error: no image files in {' '.join(args.images)}")
     model = load_model(args)
-    classifier = ZeroShotClassifier.build(model, labels, [args.template])
+    classifier = _classifier(model, args)
+    labels = classifier.classnames
     images = embed_images(model, paths, batch_size=args.batch_size, progress=False)
     probs = classifier.predict_proba(torch.from_numpy(images.vectors))
     results = []

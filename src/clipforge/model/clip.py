@@ -54,6 +54,9 @@ class CLIP(nn.Module):
                                            if config.tokenizer.kind == "openai" else None)
         # How to load these weights again ({"model": ..., "weights": ...}), set by create_model.
         self.origin: dict[str, str | None] | None = None
+        # A fine-tuned model's own classes and head (clipforge.classifier.LinearClassifier,
+        # attached by create_model; not a submodule, so state_dict() stays the CLIP weights)
+        self.classifier = None
         # "fp32", or "bf16" / "int8" for an inference model made by clipforge.precision, which
         # then also records the digest of the float32 weights it came from (weights_fingerprint
         # returns it; None: computed from the weights themselves)

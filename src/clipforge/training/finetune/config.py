@@ -1,0 +1,113 @@
+"""What ``clipforge finetune`` is asked: :class:`FinetuneConfig`, its per-method defaults and
+its checks (no torch here, as :mod:`clipforge.training.config` for ``train``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METHODS = ("full", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
+# OpenAI's seven-template ensemble, chosen on ImageNet but generic (no dataset's vocabulary):
+# the default prompts of the zero-shot head when neither --templates nor the data give any.
+GENERIC_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                     "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                     "a photo of the small {}.")
+# Per method: (learning rate, epochs, weight decay).  End to end: WiSE-FT's and FLYP's small rate
+# (the pretrained features must move little); a probe on frozen features: a rate a hundred
+# times larger over many cheap epochs, and no decay, which would pull the head away from its
+# zero-shot start towards zero.
+METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "linear": (1e-3, 100, 0.0)}
+WARMUP_SHARE = 0.1  # default warm-up: this share of the steps
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning run.  None means "the method's default" (:data:`METHOD_DEFAULTS`) for
+    ``lr``, ``epochs`` and ``weight_decay``, and :data:`WARMUP_SHARE` of the steps for
+    ``warmup``; :meth:`resolved` fills them in."""
+
+    data: str
+    output: Path
+    model: str = "ViT-B-32"
+    weights: str | None = None
+    activation: str | None = None
+    method: str = "full"
+    classnames: str | None = None  # a file, or a known dataset name (as clipforge eval)
+    templates: str | None = None  # likewise
+    val: str | None = None  # a validation set; else val_fraction of data is held out
+    val_fraction: float = 0.1
+    wise_ft: tuple[float, ...] = ()
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: int | None = None
+    grad_clip: float = 1.0  # max gradient norm; 0: off
+    precision: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    image_key: str = "filepath"
+    label_key: str = "label"
+    log_every: int = 10
+    progress: bool = True
+
+    def resolved(self, steps_per_epoch: int | None = None) -> FinetuneConfig:
+        """The config with the method's defaults filled in (and the warm-up, once the number
+        of steps per epoch is known)."""
+        lr, epochs, decay = METHOD_DEFAULTS[self.method]
+        config = dataclasses.replace(
+            self, lr=lr if self.lr is None else self.lr,
+            epochs=epochs if self.epochs is None else self.epochs,
+            weight_decay=decay if self.weight_decay is None else self.weight_decay)
+        if config.warmup is None and steps_per_epoch is not None:
+            total = config.epochs * steps_per_epoch
+            config = dataclasses.replace(config, warmup=math.ceil(WARMUP_SHARE * total))
+        return config
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run, naming the option and what to give."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r}: choose one of "
+                             f"{', '.join(PRECISIONS)}")
+        for name in ("batch_size", "epochs", "log_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.val is None and not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.wise_ft and self.val is None and self.val_fraction == 0:
+            raise ValueError("--wise-ft chooses the mixing coefficient on validation data: give "
+                             "--val DATA or a --val-fraction above 0")
+        bad = [a for a in self.wise_ft if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"--wise-ft coefficients must lie in [0, 1] (0: the zero-shot "
+                             f"model, 1: the fine-tuned one), got {bad[0]}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or not math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                 f"got {value}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (what the run directory records)."""
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``--wise-ft 0,0.25,0.5`` -> the sorted distinct coefficients."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--wise-ft takes comma-separated numbers in [0, 1], e.g. "
+                         f"0,0.25,0.5,0.75,1; got {text!r}") from None
+    if not values:
+        raise ValueError("--wise-ft needs at least one coefficient, e.g. 0,0.25,0.5,0.75,1")
+    return tuple(sorted(set(values)))

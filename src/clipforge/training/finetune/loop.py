@@ -1,0 +1,375 @@
+"""The fine-tuning run: zero-shot head, training, WiSE-FT sweep, the run's model and record.
+
+Every method starts from the zero-shot classifier (:class:`~clipforge.evaluation.zeroshot.
+ZeroShotClassifier`, the one place zero-shot logic lives) turned into a linear head over unit
+image embeddings (:meth:`~clipforge.classifier.LinearClassifier.from_zeroshot`): training then
+starts from the zero-shot accuracy instead of chance, which is what lets a probe beat a plain
+one with few labels and lets WiSE-FT mix the weights of two models that agree on what each
+output means.
+
+* ``linear``: the image tower is frozen; its embeddings are computed once and the head is
+  trained on them with cross-entropy.
+* ``full``: the image tower and the head are trained end to end with cross-entropy (the text
+  tower is not needed: the head holds the class embeddings), AdamW with a cosine schedule
+  after a linear warm-up, bf16 autocast where the hardware computes it natively.  The tower
+  trains in eval mode: BatchNorm statistics (ResNets) stay those of pretraining, which small
+  batches of few classes would spoil and which WiSE-FT could not mix meaningfully.
+
+The run directory is a model directory like any other (``clipforge.load(DIR)``, with
+``model.classifier``), and also holds ``finetune_config.json``, ``metrics.jsonl``,
+``finetune.json`` (accuracies, the WiSE-FT table, what was skipped) and, with ``--wise-ft``,
+``wise-ft/alpha-A/``: each mix as a model directory of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ...classifier import LinearClassifier
+from ...evaluation.datasets import ClassificationData, ImageFiles
+from ...evaluation.tasks import _classnames_option, choose_templates
+from ...evaluation.zeroshot import ZeroShotClassifier
+from ...factory import create_model
+from ...fileio import atomic_file
+from ...inference import embed_image_batches
+from ...model import CLIP
+from ...reading import DataError, skip_reason
+from ..loop import MetricsLog, TrainingDiverged, native_bf16
+from ..optim import build_optimizer, cosine_schedule
+from .config import GENERIC_TEMPLATES, FinetuneConfig
+from .data import Labelled, check_classes, check_same_classes, read_labelled, split_off
+from .wise_ft import (
+    alpha_name,
+    apply_state,
+    interpolate,
+    save_model_directory,
+    save_run_model,
+    tuned_state,
+)
+
+log = logging.getLogger("clipforge.finetune")
+CONFIG_FILE = "finetune_config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "finetune.json"
+WISE_FT_DIR = "wise-ft"
+
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Tuned(nn.Module):
+    """What is trained: the head over unit image embeddings, after the image tower (``full``)
+    or on embeddings computed beforehand (``linear``: ``visual`` None)."""
+
+    def __init__(self, head: LinearClassifier, visual: nn.Module | None = None):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(head.weight.shape[1], head.weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(head.weight)
+            self.head.bias.copy_(head.bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = inputs if self.visual is None else self.visual(inputs)
+        return self.head(F.normalize(features.float(), dim=-1))
+
+    def classifier(self, like: LinearClassifier) -> LinearClassifier:
+        """The trained head, with ``like``'s class names and info."""
+        return LinearClassifier(self.head.weight, self.head.bias, like.classnames, like.info)
+
+
+@dataclasses.dataclass
+class Skips:
+    """Items skipped while training or validating, each counted once however many epochs meet
+    it, with the first reason given."""
+
+    items: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, reason: str) -> None:
+        if name not in self.items:
+            log.warning("skipped %s: %s", name, reason)
+            self.items[name] = reason
+
+    def summary(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for reason in self.items.values():
+            kinds[skip_reason(reason)] = kinds.get(skip_reason(reason), 0) + 1
+        return {"count": len(self.items), "reasons": kinds,
+                "items": [{"item": k, "reason": v} for k, v in self.items.items()]}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_sets(config: FinetuneConfig, preprocess: Any) -> tuple[Labelled, Labelled | None]:
+    """(training part, validation part or None): ``--val`` read as its own set, or a held-out
+    share of the data.  Raises :class:`DataError` for classes without training images."""
+    options = dict(classnames=_classnames_option(config.classnames), preprocess=preprocess,
+                   image_key=config.image_key, label_key=config.label_key,
+                   workers=config.workers)
+    data = read_labelled(config.data, split="train", **options)
+    if config.val is not None:
+        val = read_labelled(config.val, split="val", **options)
+        check_same_classes(data, val, config.val)
+        train = data
+    else:
+        train_idx, val_idx = split_off(data.targets, config.val_fraction, config.seed)
+        train = data.subset(train_idx, data.name, keep_skipped=True)
+        val = data.subset(val_idx, f"{data.name} (held out)") if val_idx else None
+    check_classes(train, f"{config.data} (the training part)")
+    return train, val
+
+
+def templates_for(data: Labelled, option: str | None
+                  ) -> tuple[list[str] | dict[str, list[str]], str]:
+    """The zero-shot head's prompts, as ``clipforge eval`` picks them (``--templates``, the
+    data's own, a known dataset's), falling back to a small generic ensemble rather than a
+    single prompt: the head is the training's starting point."""
+    described = ClassificationData(data.name, data.classnames, ImageFiles([], []),
+                                   data.templates)  # what choose_templates reads of a set
+    templates, source = choose_templates(described, option)
+    if source == "default":
+        return list(GENERIC_TEMPLATES), "generic ensemble"
+    return templates, source
+
+
+def _pixel_batches(part: Labelled, config: FinetuneConfig, skips: Skips, device: torch.device
+                   ) -> Batches:
+    """Each epoch's batches of (pixels, targets) in a fresh order drawn from (seed, epoch);
+    unreadable images are left out of their batch and counted."""
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(part), generator=generator).tolist()
+        loader = DataLoader(part.items, batch_size=config.batch_size, sampler=order,
+                            num_workers=config.workers, collate_fn=list)
+        for batch in loader:
+            for tag, pixels, reason in batch:
+                if pixels is None:
+                    skips.add(tag.name, reason)
+            good = [(tag.payload, pixels) for tag, pixels, _ in batch if pixels is not None]
+            if good:
+                yield (torch.stack([p for _, p in good]).to(device),
+                       torch.tensor([t for t, _ in good], device=device))
+    return epoch_batches
+
+
+def _feature_batches(features: torch.Tensor, targets: torch.Tensor, config: FinetuneConfig
+                     ) -> Batches:
+    """Each epoch's batches of (embeddings, targets), in a fresh order drawn from (seed,
+    epoch)."""
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start:start + config.batch_size]
+            yield features[index], targets[index]
+    return epoch_batches
+
+
+def embed(model: CLIP, part: Labelled, config: FinetuneConfig, skips: Skips
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit image embeddings and targets of a part's readable images (the evaluation path:
+    :func:`~clipforge.inference.embed_image_batches`, eval mode, float32)."""
+    vectors, targets = [], []
+    for batch in embed_image_batches(model, part.items, config.batch_size, config.workers,
+                                     config.progress, desc=part.name):
+        vectors.append(torch.from_numpy(batch.vectors))
+        targets += [tag.payload for tag in batch.tags]
+        for tag, reason in batch.failures:
+            skips.add(tag.name, reason)
+    if not targets:
+        raise DataError(f"no image of {part.name} could be read ({len(skips.items)} skipped)")
+    return torch.cat(vectors), torch.tensor(targets)
+
+
+def accuracy(classifier: LinearClassifier, vectors: torch.Tensor, targets: torch.Tensor
+             ) -> float:
+    """The share of images whose most likely class is their own."""
+    return int((classifier.predict(vectors) == targets).sum()) / len(targets)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _autocast(config: FinetuneConfig, device: torch.device):
+    """bf16 autocast (float32 weights) when asked; otherwise float32 throughout."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def fit(tuned: Tuned, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
+        metrics: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
+    """Cross-entropy training of ``tuned``'s trainable parameters for ``config.epochs``:
+    AdamW with decoupled weight decay (none on gains and biases), linear warm-up then cosine
+    decay, gradient clipping; ``after_epoch(epoch, step)`` validates."""
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    optimizer = build_optimizer(tuned, config.lr, config.weight_decay)
+    total = config.epochs * steps_per_epoch
+    scheduler = cosine_schedule(optimizer, config.warmup, total)
+    device = tuned.head.weight.device
+    step = 0
+    with tqdm(total=total, disable=not config.progress, desc="finetune", unit="step",
+              dynamic_ncols=True) as bar:
+        for epoch in range(1, config.epochs + 1):
+            for inputs, targets in batches(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(config, device):
+                    loss = F.cross_entropy(tuned(inputs).float(), targets)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"loss became {value} at step {step}; stopped. "
+                                           "Lower --lr or raise --warmup.")
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                bar.update(1)
+                if step % config.log_every == 0:
+                    metrics.write({"step": step, "epoch": epoch, "loss": value,
+                                   "lr": optimizer.param_groups[0]["lr"]})
+            after_epoch(epoch, step)
+
+
+def _steps_per_epoch(size: int, batch_size: int) -> int:
+    return max(1, math.ceil(size / batch_size))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Run a fine-tuning; returns the record also written to ``OUTPUT/finetune.json``."""
+    config.validate()
+    if config.precision == "auto":
+        config = dataclasses.replace(
+            config, precision="bf16" if native_bf16(config.device) else "fp32")
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, weights=config.weights, activation=config.activation,
+                         device=config.device)
+    train, val = load_sets(config, model.preprocess)
+    config = config.resolved(_steps_per_epoch(len(train), config.batch_size))
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
+    metrics = MetricsLog(output / METRICS_FILE, -1, False)  # -1: a fresh history
+    try:
+        return _run(config, model, train, val, output, metrics, started)
+    finally:
+        metrics.close()
+
+
+def _zero_shot_head(model: CLIP, train: Labelled, config: FinetuneConfig) -> LinearClassifier:
+    templates, source = templates_for(train, config.templates)
+    zeroshot = ZeroShotClassifier.build(model, train.classnames, templates)
+    count = len(templates) if isinstance(templates, list) else \
+        sum(len(t) for t in templates.values())
+    info = {"method": config.method, "templates": {"source": source, "count": count}}
+    return LinearClassifier.from_zeroshot(zeroshot, info)
+
+
+def _validate(model: CLIP, classifier: LinearClassifier, val: Labelled | None,
+              config: FinetuneConfig, skips: Skips) -> float | None:
+    if val is None:
+        return None
+    model.eval()
+    vectors, targets = embed(model, val, config, skips)
+    return accuracy(classifier, vectors, targets)
+
+
+def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | None,
+         output: Path, metrics: MetricsLog, started: float) -> dict[str, Any]:
+    skips = Skips()
+    for item, reason in train.skipped + (val.skipped if val is not None else []):
+        skips.add(item, reason)
+    zero_shot = _zero_shot_head(model, train, config)
+    zero_shot_acc = _validate(model, zero_shot, val, config, skips)
+    metrics.write({"step": 0, "epoch": 0, "val_acc1": zero_shot_acc})
+    start_state = tuned_state(model, zero_shot)
+    tuned = _train(config, model, zero_shot, train, val, metrics, skips)
+    end_state = tuned_state(model, tuned)
+    final_acc = _validate(model, tuned, val, config, skips)
+    steps = config.epochs * _steps_per_epoch(len(train), config.batch_size)
+    sweep = _wise_ft(config, model, zero_shot, start_state, end_state, val, output, skips,
+                     metrics, steps)
+    chosen = max(sweep, key=lambda r: (r["val_acc1"], -r["alpha"])) if sweep else \
+        {"alpha": 1.0, "val_acc1": final_acc}
+    classifier = apply_state(model, interpolate(start_state, end_state, chosen["alpha"]),
+                             tuned)
+    classifier.info |= {"wise_ft_alpha": chosen["alpha"], "val_acc1": chosen["val_acc1"]}
+    model.eval()
+    save_run_model(model, classifier, output)
+    record = {"method": config.method, "model": config.model, "weights": config.weights,
+              "data": config.data, "val": config.val or f"{config.val_fraction:g} of the data",
+              "classes": train.classnames, "n_train": len(train),
+              "n_val": len(val) if val is not None else 0,
+              "templates": zero_shot.info["templates"],
+              "zero_shot": {"val_acc1": zero_shot_acc}, "fine_tuned": {"val_acc1": final_acc},
+              "wise_ft": sweep, "chosen": chosen, "skipped": skips.summary(),
+              "precision": config.precision,
+              "seconds": round(time.perf_counter() - started, 2)}
+    with atomic_file(output / RESULT_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, train: Labelled,
+           val: Labelled | None, metrics: MetricsLog, skips: Skips) -> LinearClassifier:
+    """Train by ``config.method``; returns the trained head (the image tower, for ``full``,
+    is trained in place)."""
+    model.requires_grad_(False)
+    frozen_val = None  # a frozen tower's validation embeddings, computed once
+    if config.method == "linear":
+        features, targets = embed(model, train, config, skips)
+        tuned = Tuned(start).to(features.device)
+        batches = _feature_batches(features, targets, config)
+        frozen_val = embed(model, val, config, skips) if val is not None else None
+    else:
+        model.visual.requires_grad_(True)
+        tuned = Tuned(start, model.visual).to(model.device)
+        batches = _pixel_batches(train, config, skips, model.device)
+    model.eval()  # see the module docstring: BatchNorm statistics stay pretraining's
+
+    def after_epoch(epoch: int, step: int) -> None:
+        classifier = tuned.classifier(start)
+        acc = accuracy(classifier, *frozen_val) if frozen_val is not None else \
+            _validate(model, classifier, val, config, skips)
+        metrics.write({"step": step, "epoch": epoch, "val_acc1": acc})
+
+    fit(tuned, batches, _steps_per_epoch(len(train), config.batch_size), config, metrics,
+        after_epoch)
+    model.requires_grad_(False)
+    return tuned.classifier(start)
+
+
+def _wise_ft(config: FinetuneConfig, model: CLIP, like: LinearClassifier,
+             start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], val: Labelled | None,
+             output: Path, skips: Skips, metrics: MetricsLog, steps: int
+             ) -> list[dict[str, Any]]:
+    """Each mix of ``config.wise_ft``: written as ``OUTPUT/wise-ft/alpha-A`` and validated
+    (recorded in the metrics at the run's last step, ``steps``)."""
+    rows = []
+    for alpha in config.wise_ft:
+        classifier = apply_state(model, interpolate(start, end, alpha), like)
+        classifier.info |= {"wise_ft_alpha": alpha}
+        acc = _validate(model, classifier, val, config, skips)
+        path = save_model_directory(model, classifier, output / WISE_FT_DIR / alpha_name(alpha))
+        rows.append({"alpha": alpha, "val_acc1": acc, "path": str(path.relative_to(output))})
+        metrics.write({"step": steps, "wise_ft_alpha": alpha, "val_acc1": acc})
+        log.info("WiSE-FT alpha %g: validation accuracy %.4f", alpha, acc)
+    return rows
