@@ -279,6 +279,12 @@ def _is_remote(url: str) -> bool:
     return bool(_URL_SCHEME.match(url)) and not re.match(r"^[a-zA-Z]:[\\/]", url)
 
 
+def is_remote(url: str) -> bool:
+    """Whether a shard URL names a remote stream (``https://``, ``pipe:``...), not a local file
+    (a Windows drive letter is local)."""
+    return _is_remote(url)
+
+
 def _is_tar(spec: str) -> bool:
     return spec.lower().endswith((".tar", ".tar.gz", ".tgz"))
 
@@ -301,9 +307,10 @@ def is_shard_spec(spec: str | Path) -> bool:
     return _is_remote(text) or _is_tar(text) or _is_shard_pattern(text)
 
 
-def expand_shards(urls: str | Path | Iterable[str | Path]) -> list[str]:
+def expand_shards(urls: str | Path | Iterable[str | Path], must_exist: bool = True) -> list[str]:
     """Shard URLs from ``::``-separated brace patterns (``shards/{00000..00009}.tar``), globs
-    and lists.  A local shard that does not exist is an error."""
+    and lists.  A local shard that does not exist is an error, unless ``must_exist`` is False
+    (``clipforge embed --shards`` records such a shard as failed and goes on)."""
     import braceexpand
 
     specs = str(urls).split("::") if isinstance(urls, (str, Path)) else [str(u) for u in urls]
@@ -321,6 +328,8 @@ def expand_shards(urls: str | Path | Iterable[str | Path]) -> list[str]:
                 result.append(url)
     if not result:
         raise DataError(f"no shards in {urls!r}")
+    if not must_exist:
+        return result
     missing = [u for u in result if not _is_remote(u) and not Path(u).is_file()]
     if missing:
         odd = [u for u in missing if Path(u).exists()]  # a FIFO or a directory named x.tar

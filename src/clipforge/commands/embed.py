@@ -1,4 +1,7 @@
-"""``clipforge embed``: normalised image and text embeddings as .npy files, with .csv ids."""
+"""``clipforge embed``: normalised image and text embeddings as .npy files, with .csv ids.
+
+With ``--shards``, webdataset shards are embedded shard by shard into per-shard files, resumably
+and under ``torchrun`` (:mod:`clipforge.commands.embed_shards`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import numpy as np
 from ..fileio import atomic_directory
 from ..inference import embed_images, embed_texts
 from ..reading import find_images, name_bytes_hex, printable_name
+from . import embed_shards
+from .embed_shards import DTYPES
 from .options import FAST_DECODE_HELP, add_model_options, load_model
 
 
@@ -20,12 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write normalised image/text embeddings (.npy + .csv ids)")
     p.add_argument("--images", nargs="+", help="image files or directories")
     p.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--shards", help="webdataset shards (img2dataset layout), e.g. "
+                   "'data/{000000..000999}.tar': one STEM.npy + STEM.csv + STEM.json per shard "
+                   "in --out; re-running skips done shards; runs under torchrun "
+                   "(docs/scale-plan.md)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (with "
+                   "--shards: each reads whole shards, so at most one per shard is used)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of "
                    "skipping them")
+    p.add_argument("--captions", action="store_true", help="with --shards: also embed each "
+                   "sample's .txt caption (STEM.captions.npy); a sample without one is skipped")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="with --shards: the "
+                   "embeddings' file type (default float16: half the bytes, ~1e-3 round-off)")
     add_model_options(p)
     p.set_defaults(handler=run)
 
@@ -48,8 +62,10 @@ def _read_texts(path: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.shards:
+        return embed_shards.run(args)
     if not args.images and not args.texts:
-        raise SystemExit("error: give --images and/or --texts")
+        raise SystemExit("error: give --images and/or --texts, or --shards")
     texts = _read_texts(args.texts)
     paths = find_images(args.images or [])
     if args.images and not paths:
