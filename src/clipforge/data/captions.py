@@ -89,24 +89,33 @@ ZH_FRAMES = ("{}", "{}", "图中有{}", "图片里有{}", "画面上有{}", "这
 # --------------------------------------------------------------------------- Russian
 
 # Adjective forms: masculine, feminine, neuter (nominative singular), nominative plural,
-# genitive plural.
-_RU_FORMS = ("m", "f", "n", "pl", "gen_pl")
+# genitive plural, and the genitive singular of "{} цвета" ("of ... colour").
+_RU_FORMS = ("m", "f", "n", "pl", "gen_pl", "gen")
 
 
 def _ru(*forms: str) -> dict[str, str]:
-    return dict(zip(_RU_FORMS, forms, strict=True))
+    """An adjective's forms (sizes and styles have no "цвета" form)."""
+    return dict(zip(_RU_FORMS[:len(forms)], forms, strict=True))
 
 
 RU_COLOURS = {
-    "red": _ru("красный", "красная", "красное", "красные", "красных"),
-    "green": _ru("зелёный", "зелёная", "зелёное", "зелёные", "зелёных"),
-    "blue": _ru("синий", "синяя", "синее", "синие", "синих"),
-    "yellow": _ru("жёлтый", "жёлтая", "жёлтое", "жёлтые", "жёлтых"),
-    "purple": _ru("фиолетовый", "фиолетовая", "фиолетовое", "фиолетовые", "фиолетовых"),
-    "orange": _ru("оранжевый", "оранжевая", "оранжевое", "оранжевые", "оранжевых"),
-    "white": _ru("белый", "белая", "белое", "белые", "белых"),
-    "black": _ru("чёрный", "чёрная", "чёрное", "чёрные", "чёрных"),
+    "red": _ru("красный", "красная", "красное", "красные", "красных", "красного"),
+    "green": _ru("зелёный", "зелёная", "зелёное", "зелёные", "зелёных", "зелёного"),
+    "blue": _ru("синий", "синяя", "синее", "синие", "синих", "синего"),
+    "yellow": _ru("жёлтый", "жёлтая", "жёлтое", "жёлтые", "жёлтых", "жёлтого"),
+    "purple": _ru("фиолетовый", "фиолетовая", "фиолетовое", "фиолетовые", "фиолетовых",
+                  "фиолетового"),
+    "orange": _ru("оранжевый", "оранжевая", "оранжевое", "оранжевые", "оранжевых",
+                  "оранжевого"),
+    "white": _ru("белый", "белая", "белое", "белые", "белых", "белого"),
+    "black": _ru("чёрный", "чёрная", "чёрное", "чёрные", "чёрных", "чёрного"),
 }
+# How often a Russian caption names the colour after the noun, "звезда зелёного цвета" (a
+# star of green colour), a phrase that does not agree with the noun: star is the only feminine
+# shape and heart the only neuter one, so a held-out pair such as green star would otherwise
+# need an adjective form (зелёная) that no training caption shows.  Russian zero-shot prompts
+# use this phrasing (class_name).
+RU_COLOUR_AFTER_P = 0.5
 RU_SIZES = {
     "small": _ru("маленький", "маленькая", "маленькое", "маленькие", "маленьких"),
     "medium": _ru("средний", "средняя", "среднее", "средние", "средних"),
@@ -163,9 +172,8 @@ def class_name(language: str, colour: str, shape: str) -> str:
     if language == "zh":
         noun, measure = ZH_SHAPES[shape][0]
         return f"一{measure}{ZH_COLOURS[colour]}的{noun}"
-    if language == "ru":
-        noun, gender, _ = RU_SHAPES[shape]
-        return f"{RU_COLOURS[colour][gender]} {noun}"
+    if language == "ru":  # "звезда зелёного цвета": see RU_COLOUR_AFTER_P
+        return f"{RU_SHAPES[shape][0]} {RU_COLOURS[colour]['gen']} цвета"
     raise ValueError(f"unknown language {language!r}: choose one of {', '.join(LANGUAGES)}")
 
 
@@ -207,7 +215,8 @@ def noun_phrase(language: str, obj: dict, rng: np.random.Generator | None,
     if language == "zh":
         return _zh_phrase(obj, modifier, pick)
     if language == "ru":
-        return _ru_phrase(obj, modifier, pick, one)
+        after = rng is not None and rng.random() < RU_COLOUR_AFTER_P
+        return _ru_phrase(obj, modifier, pick, one, after)
     raise ValueError(f"unknown language {language!r}: choose one of {', '.join(LANGUAGES)}")
 
 
@@ -250,23 +259,27 @@ def _zh_phrase(obj: dict, modifier: tuple[str, str] | None, pick: Picker) -> str
     return f"{head}{prefix}{colour}{noun}"
 
 
-def _ru_phrase(obj: dict, modifier: tuple[str, str] | None, pick: Picker, one: bool) -> str:
+def _ru_phrase(obj: dict, modifier: tuple[str, str] | None, pick: Picker, one: bool,
+               after: bool = False) -> str:
+    """``after``: the colour follows the noun, "звезда зелёного цвета" (RU_COLOUR_AFTER_P)."""
     noun, gender, genitive = RU_SHAPES[obj["shape"]]
     adjectives = []
     if modifier is not None:
         kind, value = modifier
         adjectives.append((RU_SIZES if kind == "size" else RU_STYLES)[value])
-    if obj["colour"] is not None:
-        adjectives.append(RU_COLOURS[obj["colour"]])
+    colour = RU_COLOURS[obj["colour"]] if obj["colour"] is not None else None
+    if colour is not None and not after:
+        adjectives.append(colour)
+    of_colour = [colour["gen"], "цвета"] if colour is not None and after else []
     count = obj["count"]
     if count == 1:
         words = [a[gender] for a in adjectives] + [noun]
-        return " ".join(([RU_ONE[gender]] if one else []) + words)
+        return " ".join(([RU_ONE[gender]] if one else []) + words + of_colour)
     # 2-4: genitive singular noun; adjectives in the genitive plural, or with a feminine noun
     # in the nominative plural (две красные звезды, два красных круга).
     form = "pl" if gender == "f" else "gen_pl"
     numeral = RU_TWO[gender] if count == 2 else "три"
-    return " ".join([numeral, *(a[form] for a in adjectives), genitive])
+    return " ".join([numeral, *(a[form] for a in adjectives), genitive, *of_colour])
 
 
 def _join(language: str, phrases: Sequence[str]) -> str:
