@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from PIL import Image
 
 import clipforge
 from clipforge.search import SearchIndex, build_index
@@ -89,6 +91,28 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def photo_dir(photos: list[Path]) -> Path:
     """The folder holding exactly the sample photos (read only: copy before changing it)."""
     return photos[0].parent
+
+
+@pytest.fixture
+def generated_images() -> int:
+    """How many generated images :func:`folder` adds; a module that needs more rows (an index
+    too large for a memory budget) overrides this fixture."""
+    return 20
+
+
+@pytest.fixture
+def folder(tmp_path: Path, photos: list[Path], generated_images: int) -> Path:
+    """A writable folder of the sample photos and ``generated_images`` generated 48x48 images
+    ``c00.png``, ``c01.png``..., their colours stepping from blue to red: neighbours are
+    near-duplicates, for collapse.  (test_search and test_finetune define their own.)"""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for path in photos:
+        shutil.copy(path, root / path.name)
+    step = 240 // generated_images
+    for i in range(generated_images):
+        Image.new("RGB", (48, 48), (step * i, 100, 255 - step * i)).save(root / f"c{i:02d}.png")
+    return root
 
 
 @pytest.fixture(scope="module")

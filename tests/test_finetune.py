@@ -19,9 +19,10 @@ from clipforge.cli import main
 from clipforge.evaluation.zeroshot import ZeroShotClassifier
 from clipforge.inference import embed_images
 from clipforge.reading import DataError
-from clipforge.training.finetune import FinetuneConfig, finetune
+from clipforge.training.finetune import FinetuneConfig
 from clipforge.training.finetune.config import GENERIC_TEMPLATES
 from clipforge.training.finetune.data import split_off
+from clipforge.training.finetune.loop import finetune
 from clipforge.training.finetune.wise_ft import interpolate
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}

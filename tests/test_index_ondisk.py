@@ -184,15 +184,10 @@ def test_rows_are_written_whole_or_not_at_all(data, tmp_path) -> None:
 
 # ------------------------------------------------------------------------- end to end
 @pytest.fixture
-def folder(tmp_path: Path, photos: list[Path]) -> Path:
-    """The sample photos and 40 generated images."""
-    root = tmp_path / "photos"
-    root.mkdir()
-    for path in photos:
-        shutil.copy(path, root / path.name)
-    for i in range(40):
-        Image.new("RGB", (48, 48), (6 * i, 100, 255 - 6 * i)).save(root / f"c{i:02d}.png")
-    return root
+def generated_images() -> int:
+    """40 generated images beside the 8 sample photos in conftest's ``folder``: the tests below
+    count on its 48 rows."""
+    return 40
 
 
 def _ondisk_names(out: Path) -> list[str]:

@@ -22,8 +22,9 @@ LAYERS = (
      "clipforge.image", "clipforge.reading", "clipforge.data", "clipforge.prompts",
      "clipforge.samples", "clipforge.encoder"),
     ("clipforge.model", "clipforge.weights", "clipforge.precision", "clipforge.factory",
-     "clipforge.onnx", "clipforge.loss"),
-    ("clipforge.inference", "clipforge.evaluation", "clipforge.search", "clipforge.training"),
+     "clipforge.onnx", "clipforge.loss", "clipforge.classifier"),
+    ("clipforge.inference", "clipforge.inference_shards", "clipforge.evaluation",
+     "clipforge.search", "clipforge.training"),
     ("clipforge.commands", "clipforge.cli", "clipforge.__main__"),
 )
 

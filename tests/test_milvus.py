@@ -6,7 +6,6 @@ skipped when it cannot start here."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,18 +36,6 @@ def lite(tmp_path_factory) -> Path:
     except Exception as exc:  # noqa: BLE001 - any reason it cannot start is a reason to skip
         pytest.skip(f"Milvus Lite cannot start on this machine: {exc}")
     return folder
-
-
-@pytest.fixture
-def folder(tmp_path: Path, photos: list[Path]) -> Path:
-    """The sample photos and 20 generated images (some near-duplicates, for collapse)."""
-    root = tmp_path / "photos"
-    root.mkdir()
-    for path in photos:
-        shutil.copy(path, root / path.name)
-    for i in range(20):
-        Image.new("RGB", (48, 48), (12 * i, 100, 255 - 12 * i)).save(root / f"c{i:02d}.png")
-    return root
 
 
 def _build(source: Path, out: Path, model, **kw):

@@ -1,7 +1,7 @@
 """``clipforge embed``: normalised image and text embeddings as .npy files, with .csv ids.
 
 With ``--shards``, webdataset shards are embedded shard by shard into per-shard files, resumably
-and under ``torchrun`` (:mod:`clipforge.commands.embed_shards`)."""
+and under ``torchrun`` (:func:`clipforge.inference_shards.embed_shards`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import numpy as np
 
 from ..fileio import atomic_directory
 from ..inference import embed_images, embed_texts
+from ..inference_shards import DTYPES, FAILED_SHARDS, ShardReport, ShardsError, embed_shards
 from ..reading import find_images, name_bytes_hex, printable_name
-from . import embed_shards
-from .embed_shards import DTYPES
 from .options import FAST_DECODE_HELP, add_model_options, load_model
 
 
@@ -61,9 +60,57 @@ def _read_texts(path: str | None) -> list[str]:
         raise SystemExit(f"error: cannot read --texts {path}: {exc}") from None
 
 
+def _print_rank(report: ShardReport) -> None:
+    """This rank's account, printed as soon as its shards are written (before the ranks wait
+    for each other), with the shards it could not read."""
+    print(f"rank {report.rank}: {report.embedded_shards} shard(s) embedded, "
+          f"{report.already_done} already done, {len(report.failed)} failed; "
+          f"{report.samples} samples, {report.skipped} skipped", flush=True)
+    for url, reason in report.failed:
+        print(f"failed shard {url}: {reason}", flush=True)
+
+
+def _print_folder(out: Path, manifest: dict) -> None:
+    """The folder's totals (earlier runs' shards too), and how to retry the failed ones."""
+    failed = manifest["shards_failed"]
+    retry = (f" (listed in {out / FAILED_SHARDS}; run the same command again to retry them)"
+             if failed else "")
+    print(f"{out}: {manifest['shards_done']} of {manifest['shards']} shard(s) done, "
+          f"{manifest['samples']} samples, {manifest['skipped']} skipped, "
+          f"{failed} shard(s) failed{retry}", flush=True)
+
+
+def _embed_shards(args: argparse.Namespace) -> int:
+    """``clipforge embed --shards``, in one process or as one torchrun rank: this process joins
+    the process group, and leaves it whatever happens."""
+    import torch.distributed as dist
+
+    from ..training.distributed import init_distributed
+
+    if args.images or args.texts:
+        raise SystemExit("error: --shards cannot be combined with --images or --texts")
+    ranks, device = init_distributed(args.device)
+    try:
+        args.device = str(device)
+        model = load_model(args)
+        try:
+            report = embed_shards(model, args.shards, args.out, batch_size=args.batch_size,
+                                  workers=args.workers, captions=args.captions,
+                                  dtype=args.dtype, truncate=args.truncate,
+                                  fast_decode=args.fast_decode, on_rank_done=_print_rank)
+        except ShardsError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if report.manifest is not None:
+            _print_folder(Path(args.out), report.manifest)
+        return 0
+    finally:
+        if ranks.enabled:
+            dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.shards:
-        return embed_shards.run(args)
+        return _embed_shards(args)
     if not args.images and not args.texts:
         raise SystemExit("error: give --images and/or --texts, or --shards")
     texts = _read_texts(args.texts)

@@ -1,21 +1,21 @@
-"""``clipforge embed --shards``: webdataset shards to per-shard embedding files, resumable, and
-spread over ``torchrun`` ranks.
+"""Webdataset shards to per-shard embedding files, resumable and spread over ``torchrun`` ranks:
+what ``clipforge embed --shards`` runs (:func:`embed_shards`).
 
 Built for collections too large for one index folder (a billion images: docs/scale-plan.md).
-Every shard gets its own files in ``--out``, so the unit of work, of failure and of retry is one
-shard:
+Every shard gets its own files in the output folder, so the unit of work, of failure and of
+retry is one shard:
 
-* ``STEM.npy`` -- unit-norm image embeddings, N x D (float16 by default, ``--dtype``);
+* ``STEM.npy`` -- unit-norm image embeddings, N x D (float16 by default, ``dtype``);
 * ``STEM.csv`` -- the N rows' key, caption, url and raw ``.json`` record, in tar order;
-* ``STEM.captions.npy`` -- with ``--captions``, the captions' embeddings, row for row;
+* ``STEM.captions.npy`` -- with ``captions``, the captions' embeddings, row for row;
 * ``STEM.json`` -- written last, each file before it atomically: the shard is done once it
   exists; it records the counts, the skipped samples and their reasons, and the model's
   fingerprint, so that a folder never mixes embeddings from two models.
 
-Re-running the same command skips the done shards, so a run killed by preemption, node loss or
-a full disk is resumed by running it again (with any number of ranks).  A sample that cannot be
-used is skipped and counted; a shard that cannot be read (missing, truncated, not a tar) writes
-nothing, is listed in ``failed-shards.txt`` and is tried again by the next run.  Rank 0 writes
+Running it again skips the done shards, so a run killed by preemption, node loss or a full disk
+is resumed by running it again (with any number of ranks).  A sample that cannot be used is
+skipped and counted; a shard that cannot be read (missing, truncated, not a tar) writes nothing,
+is listed in ``failed-shards.txt`` and is tried again by the next run.  Rank 0 writes
 ``manifest.json``, the totals over all shards, after the other ranks are done.
 
 Each rank takes every world_size-th shard of the sorted list of shards not done yet (the ranks
@@ -23,11 +23,15 @@ check the files together, then split the leftovers, so a resumed run spreads the
 ranks); its DataLoader workers read, decode and preprocess every workers-th of those, while the
 model runs in the main process through :func:`clipforge.inference.embed_image_batches`, the one
 embedding path.
+
+This sits beside :mod:`clipforge.inference`, below training and search: it talks to
+``torch.distributed`` directly (as :mod:`clipforge.search.build` does) and leaves joining the
+process group to the caller (the command line uses
+:func:`clipforge.training.distributed.init_distributed`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -39,13 +43,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..data.sources import WDS_CAPTION_KEY, WDS_IMAGE_KEYS
-from ..encoder import Encoder
-from ..fileio import atomic_file
-from ..inference import ImageBatch, embed_image_batches, embed_texts
-from ..reading import (
+from .data.sources import WDS_CAPTION_KEY, WDS_IMAGE_KEYS
+from .encoder import Encoder
+from .fileio import atomic_file
+from .inference import ImageBatch, embed_image_batches, embed_texts
+from .reading import (
     CORRUPT_SHARD,
     EMPTY_CAPTION,
     MISSING_CAPTION,
@@ -61,7 +66,10 @@ from ..reading import (
     read_shard,
     skip_reason,
 )
-from ..weights.fingerprint import weights_fingerprint
+from .weights.fingerprint import weights_fingerprint
+
+__all__ = ["DTYPES", "FAILED_SHARDS", "FORMAT", "MANIFEST", "ShardReport", "ShardsError",
+           "embed_shards", "shard_stem"]
 
 MANIFEST = "manifest.json"
 FAILED_SHARDS = "failed-shards.txt"
@@ -69,6 +77,51 @@ FORMAT = "clipforge-shard-embeddings"
 TABLE_COLUMNS = ("key", "caption", "url", "json")
 DTYPES = ("float16", "float32")
 _SHARD_SUFFIX = re.compile(r"(\.tar|\.tar\.gz|\.tgz)$", re.IGNORECASE)
+
+
+class ShardsError(ValueError):
+    """The shards or the output folder cannot be used as asked; ``str()`` says what to do."""
+
+
+@dataclass
+class ShardReport:
+    """What one rank did in this run; on rank 0 also the folder's ``manifest.json`` (totals
+    over every shard, earlier runs' too).  Every rank's report is gathered on rank 0, so it
+    stays a plain, picklable record."""
+
+    rank: int = 0
+    embedded_shards: int = 0
+    already_done: int = 0
+    samples: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (shard url, reason)
+    manifest: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- the ranks
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the process group the caller joined; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order (``[value]`` in a single process); also a
+    barrier, since every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 # --------------------------------------------------------------------------- the shard list
@@ -103,7 +156,8 @@ class ShardFiles:
 
 
 def shard_stem(url: str) -> str:
-    """``data/000123.tar`` -> ``000123`` (also for URLs and ``.tar.gz``)."""
+    """``data/000123.tar`` -> ``000123`` (also for URLs and ``.tar.gz``): the name a shard's
+    files share in the output folder."""
     name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
     return _SHARD_SUFFIX.sub("", name) or name
 
@@ -115,14 +169,14 @@ def plan_shards(spec: str, out: Path) -> list[ShardFiles]:
     try:
         urls = sorted(set(expand_shards(spec, must_exist=False)))
     except DataError as exc:
-        raise SystemExit(f"error: --shards: {exc}") from None
+        raise ShardsError(f"--shards: {exc}") from None
     shards = [ShardFiles(url, shard_stem(url), out) for url in urls]
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.stem in seen:
-            raise SystemExit(f"error: shards {seen[shard.stem]} and {shard.url} would both be "
-                             f"written as {shard.stem}.npy in {out}; embed them into separate "
-                             "--out folders")
+            raise ShardsError(f"shards {seen[shard.stem]} and {shard.url} would both be "
+                              f"written as {shard.stem}.npy in {out}; embed them into separate "
+                              "--out folders")
         seen[shard.stem] = shard.url
     return shards
 
@@ -151,9 +205,8 @@ class Settings:
         if theirs != ours:
             diff = ", ".join(f"{k} {theirs[k]} there, {ours[k]} now" for k in ours
                              if theirs[k] != ours[k])
-            raise SystemExit(f"error: {where} holds embeddings made differently ({diff}): "
-                             "use the same --model, --weights and --dtype to resume, or "
-                             "another --out")
+            raise ShardsError(f"{where} holds embeddings made differently ({diff}): use the "
+                              "same --model, --weights and --dtype to resume, or another --out")
 
 
 def is_done(shard: ShardFiles, settings: Settings, captions: bool) -> bool:
@@ -165,6 +218,18 @@ def is_done(shard: ShardFiles, settings: Settings, captions: bool) -> bool:
     settings.check(record, shard.record)
     files = [shard.vectors, shard.table] + ([shard.captions] if captions else [])
     return all(f.is_file() for f in files)
+
+
+def pending_shards(shards: Sequence[ShardFiles], settings: Settings, captions: bool, rank: int,
+                   world: int) -> tuple[list[ShardFiles], int]:
+    """The shards not done yet, the same sorted list on every rank, and how many of its share
+    this rank found done.  Each rank checks every world-th shard's files, then the ranks pool
+    their lists: a resumed run splits only the leftover shards between all its ranks, so that
+    the shards a lost node left behind do not all fall to one rank."""
+    mine = list(shards[rank::world])
+    todo = [s.stem for s in mine if not is_done(s, settings, captions)]
+    pending = {stem for part in _gather(todo) for stem in part}  # type: ignore[union-attr]
+    return [s for s in shards if s.stem in pending], len(mine) - len(todo)
 
 
 # --------------------------------------------------------------------------- reading (workers)
@@ -202,6 +267,8 @@ def _text(raw: dict[str, Any], name: str) -> tuple[str, str]:
 
 
 def _row(shard: int, position: int, raw: dict[str, Any]) -> Row:
+    """A sample's table fields, read before its image so that a skipped sample still has its
+    key for the shard's record."""
     caption, caption_error = _text(raw, WDS_CAPTION_KEY)
     record, _ = _text(raw, "json")
     url = ""
@@ -247,6 +314,7 @@ class ShardImages(IterableDataset):
             yield from self._read(index)
 
     def _read(self, index: int) -> Iterator[tuple[Row | ShardEnd, Any, str]]:
+        """One shard's items, then its end marker (with the error that stopped it, if any)."""
         url = self.urls[index]
         if not is_remote(url) and not Path(url).is_file():
             yield ShardEnd(index, f"{CORRUPT_SHARD} (no such file)"), None, "end"
@@ -262,6 +330,8 @@ class ShardImages(IterableDataset):
         yield ShardEnd(index, short_shard(url, position)), None, "end"
 
     def _item(self, row: Row, raw: dict[str, Any]) -> tuple[Row, Any, str]:
+        """A sample's pixels, or the reason it is skipped (never raised: one bad sample must
+        not stop its shard)."""
         ext = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
         if ext is None:
             has = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "nothing"
@@ -279,20 +349,15 @@ class ShardImages(IterableDataset):
 # --------------------------------------------------------------------------- writing (main)
 
 
-@dataclass
-class Totals:
-    """What one rank did in this run."""
+@dataclass(frozen=True)
+class _Options:
+    """How the shards are embedded: the keyword arguments of :func:`embed_shards`."""
 
-    embedded_shards: int = 0
-    already_done: int = 0
-    samples: int = 0
-    skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    def line(self, rank: int) -> str:
-        return (f"rank {rank}: {self.embedded_shards} shard(s) embedded, {self.already_done} "
-                f"already done, {len(self.failed)} failed; {self.samples} samples, "
-                f"{self.skipped} skipped")
+    batch_size: int
+    workers: int
+    captions: bool
+    truncate: bool
+    fast_decode: bool
 
 
 @dataclass
@@ -304,29 +369,43 @@ class _Pending:
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` under a temporary name, renamed once complete (a killed run leaves none)."""
     with atomic_file(path) as tmp, tmp.open("wb") as f:
         np.save(f, array)
 
 
 def _save_table(path: Path, rows: Sequence[Row]) -> None:
+    """The shard's CSV, written atomically like its arrays."""
     with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(TABLE_COLUMNS)
         writer.writerows((r.key, r.caption, r.url, r.json) for r in rows)
 
 
+def _shard_record(shard: ShardFiles, settings: Settings, samples: int,
+                  skipped: list[tuple[str, str]], captions: bool) -> dict[str, Any]:
+    """``STEM.json``: the shard's counts, its skipped samples, and the settings the folder
+    must agree on."""
+    return {"format": FORMAT, "shard": shard.url, "samples": samples, "skipped": len(skipped),
+            "skipped_by_reason": dict(Counter(skip_reason(r) for _, r in skipped)),
+            "skipped_samples": [{"key": k, "reason": r} for k, r in skipped],
+            "fingerprint": settings.fingerprint, "dim": settings.dim,
+            "dtype": settings.dtype, "captions": captions}
+
+
 class ShardWriter:
     """Collects batches into shards and writes each shard's files when its end arrives."""
 
     def __init__(self, model: Encoder, shards: Sequence[ShardFiles], settings: Settings,
-                 args: argparse.Namespace, totals: Totals):
+                 options: _Options, report: ShardReport):
         self.model, self.shards, self.settings = model, shards, settings
-        self.captions, self.truncate = args.captions, args.truncate
-        self.text_batch = args.batch_size * 8
-        self.totals = totals
+        self.captions, self.truncate = options.captions, options.truncate
+        self.text_batch = options.batch_size * 8
+        self.report = report
         self.pending: dict[int, _Pending] = {}
 
     def add(self, batch: ImageBatch) -> None:
+        """Sort a batch's samples into their shards; finish the shards whose end it holds."""
         for row, vector in zip(batch.tags, batch.vectors):
             self.pending.setdefault(row.shard, _Pending()).rows.append((row, vector))
         ends = []
@@ -339,10 +418,11 @@ class ShardWriter:
             self.finish(end)
 
     def finish(self, end: ShardEnd) -> None:
+        """Write a shard read to its end, in tar order; a failed one only goes in the report."""
         shard = self.shards[end.shard]
         pending = self.pending.pop(end.shard, _Pending())
         if end.error is not None:
-            self.totals.failed.append((shard.url, end.error))
+            self.report.failed.append((shard.url, end.error))
             return
         pending.rows.sort(key=lambda item: item[0].position)
         rows = [row for row, _ in pending.rows]
@@ -359,7 +439,7 @@ class ShardWriter:
     def _embed_captions(self, rows: list[Row], vectors: np.ndarray
                         ) -> tuple[list[Row], np.ndarray, np.ndarray, list[tuple[str, str]]]:
         """The captions' embeddings; a caption the model cannot take (over-long without
-        --truncate) drops its sample from both files."""
+        ``truncate``) drops its sample from both files."""
         result = embed_texts(self.model, [r.caption for r in rows], self.text_batch,
                              truncate=self.truncate, progress=False)
         kept = [int(i) for i in result.ids]
@@ -368,58 +448,41 @@ class ShardWriter:
 
     def _write(self, shard: ShardFiles, rows: list[Row], vectors: np.ndarray,
                text_vectors: np.ndarray | None, skipped: list[tuple[str, str]]) -> None:
+        """The shard's files, its record last (the shard is done once that exists)."""
         dtype = np.dtype(self.settings.dtype)
         _save_array(shard.vectors, vectors.astype(dtype))
         _save_table(shard.table, rows)
         if text_vectors is not None:
             _save_array(shard.captions, text_vectors.astype(dtype))
-        record = {"format": FORMAT, "shard": shard.url, "samples": len(rows),
-                  "skipped": len(skipped),
-                  "skipped_by_reason": dict(Counter(skip_reason(r) for _, r in skipped)),
-                  "skipped_samples": [{"key": k, "reason": r} for k, r in skipped],
-                  "fingerprint": self.settings.fingerprint, "dim": self.settings.dim,
-                  "dtype": self.settings.dtype, "captions": text_vectors is not None}
-        with atomic_file(shard.record) as tmp:  # last: the shard is done once this exists
+        record = _shard_record(shard, self.settings, len(rows), skipped,
+                               text_vectors is not None)
+        with atomic_file(shard.record) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        self.totals.embedded_shards += 1
-        self.totals.samples += len(rows)
-        self.totals.skipped += len(skipped)
-
-
-# --------------------------------------------------------------------------- the run
-
-
-def pending_shards(shards: Sequence[ShardFiles], settings: Settings, captions: bool, rank: int,
-                   world: int, gather: Callable[[object], list[object]]
-                   ) -> tuple[list[ShardFiles], int]:
-    """The shards not done yet, the same sorted list on every rank, and how many of its share
-    this rank found done.  Each rank checks every world-th shard's files, then the ranks pool
-    their lists: a resumed run splits only the leftover shards between all its ranks, so that
-    the shards a lost node left behind do not all fall to one rank."""
-    mine = list(shards[rank::world])
-    todo = [s.stem for s in mine if not is_done(s, settings, captions)]
-    pending = {stem for part in gather(todo) for stem in part}  # type: ignore[union-attr]
-    return [s for s in shards if s.stem in pending], len(mine) - len(todo)
+        self.report.embedded_shards += 1
+        self.report.samples += len(rows)
+        self.report.skipped += len(skipped)
 
 
 def embed_shard_files(model: Encoder, shards: Sequence[ShardFiles], settings: Settings,
-                      args: argparse.Namespace, totals: Totals, progress: bool) -> None:
-    """Embed ``shards`` into their files, counting into ``totals``."""
+                      options: _Options, report: ShardReport, progress: bool) -> None:
+    """Embed ``shards`` into their files, counting into ``report``."""
     if not shards:
         return
-    draft = model.preprocess.image_size if args.fast_decode else None
-    dataset = ShardImages(shards, model.preprocess, draft, need_caption=args.captions)
-    writer = ShardWriter(model, shards, settings, args, totals)
-    for batch in embed_image_batches(model, dataset, args.batch_size,
-                                     min(args.workers, len(shards)), progress=progress,
+    draft = model.preprocess.image_size if options.fast_decode else None
+    dataset = ShardImages(shards, model.preprocess, draft, need_caption=options.captions)
+    writer = ShardWriter(model, shards, settings, options, report)
+    for batch in embed_image_batches(model, dataset, options.batch_size,
+                                     min(options.workers, len(shards)), progress=progress,
                                      desc=f"shards ({len(shards)})"):
         writer.add(batch)
 
 
-def write_manifest(out: Path, shards: Sequence[ShardFiles], settings: Settings,
-                   origin: dict[str, Any], failed: list[tuple[str, str]]) -> dict[str, Any]:
-    """Totals over every shard's record (earlier runs' too), and the failed shards, in
-    ``manifest.json`` and ``failed-shards.txt`` (removed when nothing failed)."""
+# --------------------------------------------------------------------------- the manifest
+
+
+def _count_done(shards: Sequence[ShardFiles]) -> tuple[int, int, int, Counter]:
+    """(shards done, samples, skipped, skipped by reason) over the shards' records, earlier
+    runs' too: the manifest describes the folder, not one run."""
     done, samples, skipped, reasons = 0, 0, 0, Counter()
     for shard in shards:
         record = read_record(shard.record)
@@ -429,6 +492,26 @@ def write_manifest(out: Path, shards: Sequence[ShardFiles], settings: Settings,
         samples += int(record.get("samples", 0))
         skipped += int(record.get("skipped", 0))
         reasons.update(record.get("skipped_by_reason") or {})
+    return done, samples, skipped, reasons
+
+
+def _write_failed(out: Path, failed: list[tuple[str, str]]) -> None:
+    """``failed-shards.txt``, one ``url<TAB>reason`` a line; removed when nothing failed, so
+    its presence alone says a rerun is needed."""
+    path = out / FAILED_SHARDS
+    if failed:
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(f"{url}\t{reason}\n" for url, reason in failed),
+                           encoding="utf-8")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_manifest(out: Path, shards: Sequence[ShardFiles], settings: Settings,
+                   origin: dict[str, Any], failed: list[tuple[str, str]]) -> dict[str, Any]:
+    """Totals over every shard's record (earlier runs' too), and the failed shards, in
+    ``manifest.json`` and ``failed-shards.txt`` (removed when nothing failed)."""
+    done, samples, skipped, reasons = _count_done(shards)
     failed = sorted(failed)
     manifest = {"format": FORMAT, "format_version": 1, "updated": time.time(),
                 "model": origin.get("model"), "weights": origin.get("weights"),
@@ -439,60 +522,67 @@ def write_manifest(out: Path, shards: Sequence[ShardFiles], settings: Settings,
                 "failed": [{"shard": url, "reason": reason} for url, reason in failed]}
     with atomic_file(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    failed_path = out / FAILED_SHARDS
-    if failed:
-        with atomic_file(failed_path) as tmp:
-            tmp.write_text("".join(f"{url}\t{reason}\n" for url, reason in failed),
-                           encoding="utf-8")
-    else:
-        failed_path.unlink(missing_ok=True)
+    _write_failed(out, failed)
     return manifest
 
 
-def run(args: argparse.Namespace) -> int:
-    """``clipforge embed --shards``, in one process or as one torchrun rank."""
-    import torch.distributed as dist
-
-    from ..training.distributed import all_gather_objects, barrier, init_distributed
-    from .options import load_model
-
-    if args.images or args.texts:
-        raise SystemExit("error: --shards cannot be combined with --images or --texts")
-    ranks, device = init_distributed(args.device)
-    try:
-        args.device = str(device)
-        return _run(args, load_model(args), ranks.rank, ranks.world_size,
-                    all_gather_objects, barrier)
-    finally:
-        if ranks.enabled:
-            dist.destroy_process_group()
+# --------------------------------------------------------------------------- the run
 
 
-def _run(args: argparse.Namespace, model: Encoder, rank: int, world: int,
-         gather: Callable[[object], list[object]], barrier: Callable[[], None]) -> int:
-    out = Path(args.out)
-    shards = plan_shards(args.shards, out)
-    settings = Settings(weights_fingerprint(model), model.config.embed_dim, args.dtype)
+def _open_folder(out: Path, settings: Settings, rank: int) -> None:
+    """Create ``out`` (rank 0, before the others look in it) and refuse a folder whose
+    manifest records another model or dtype."""
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    barrier()
+    _barrier()
     previous = read_record(out / MANIFEST)
     if previous is not None:
         settings.check(previous, out / MANIFEST)
-    pending, done_here = pending_shards(shards, settings, args.captions, rank, world, gather)
-    totals = Totals(already_done=done_here)
-    embed_shard_files(model, pending[rank::world], settings, args, totals, progress=rank == 0)
-    print(totals.line(rank), flush=True)
-    for url, reason in totals.failed:
-        print(f"failed shard {url}: {reason}", flush=True)
-    everyone = gather(totals)  # also the barrier: every rank has written its shards
-    if rank == 0:
-        failed = [f for t in everyone for f in t.failed]  # type: ignore[attr-defined]
-        manifest = write_manifest(out, shards, settings, model.origin or {}, failed)
-        print(f"{out}: {manifest['shards_done']} of {manifest['shards']} shard(s) done, "
-              f"{manifest['samples']} samples, {manifest['skipped']} skipped, "
-              f"{len(failed)} shard(s) failed" + (f" (listed in {out / FAILED_SHARDS}; run "
-                                                   "the same command again to retry them)"
-                                                   if failed else ""), flush=True)
-    barrier()
-    return 0
+
+
+def _finish(out: Path, shards: Sequence[ShardFiles], settings: Settings, origin: dict[str, Any],
+            report: ShardReport) -> None:
+    """Gather every rank's report (also the wait for every rank's shards) and, on rank 0, write
+    the manifest over them into ``report.manifest``."""
+    everyone = _gather(report)
+    if report.rank == 0:
+        failed = [f for r in everyone for f in r.failed]  # type: ignore[attr-defined]
+        report.manifest = write_manifest(out, shards, settings, origin, failed)
+    _barrier()
+
+
+def embed_shards(model: Encoder, shards: str, out: str | Path, *, batch_size: int = 32,
+                 workers: int = 0, captions: bool = False, dtype: str = "float16",
+                 truncate: bool = False, fast_decode: bool = False, progress: bool = True,
+                 on_rank_done: Callable[[ShardReport], None] | None = None) -> ShardReport:
+    """Embed the webdataset ``shards`` (brace patterns, globs, ``::``-separated) into per-shard
+    files in ``out``, skipping the shards an earlier run finished; this rank's share under
+    ``torchrun`` (the caller joins the process group; every rank must call).
+
+    ``captions`` also embeds each sample's ``.txt`` (a sample without one is skipped);
+    ``truncate`` cuts an over-long caption instead of skipping its sample; ``dtype`` is the
+    files' float type (one of :data:`DTYPES`); ``fast_decode`` decodes large JPEGs at a reduced
+    scale; ``workers`` DataLoader processes each read whole shards; the progress bar shows on
+    rank 0 only.  ``on_rank_done(report)`` is called once this rank's shards are written, before
+    it waits for the others, so that each rank's account is out even if another rank fails.
+
+    Returns this rank's :class:`ShardReport` (with the manifest on rank 0).  Raises
+    :class:`ShardsError` for a shard list that names nothing or two shards with one file name,
+    and for a folder holding embeddings of another model or dtype.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    files = plan_shards(shards, out)
+    settings = Settings(weights_fingerprint(model), model.config.embed_dim, dtype)
+    rank, world = _ranks()
+    _open_folder(out, settings, rank)
+    pending, done_here = pending_shards(files, settings, captions, rank, world)
+    report = ShardReport(rank=rank, already_done=done_here)
+    options = _Options(batch_size, workers, captions, truncate, fast_decode)
+    embed_shard_files(model, pending[rank::world], settings, options, report,
+                      progress=progress and rank == 0)
+    if on_rank_done is not None:
+        on_rank_done(report)
+    _finish(out, files, settings, model.origin or {}, report)
+    return report
