@@ -239,3 +239,65 @@ def test_held_out_split_is_per_class_seeded_and_keeps_a_training_image() -> None
     assert [targets[i] for i in val].count(0) == 3 and [targets[i] for i in val].count(1) == 1
     assert 12 in train  # a class of one image keeps it for training
     assert split_off(targets, 0.3, seed=0) == (train, val) != split_off(targets, 0.3, seed=1)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_run(folder, model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    pytest.importorskip("peft")
+    output = tmp_path_factory.mktemp("runs") / "lora"
+    return output, finetune(config(folder, output, model_dir, method="lora", lr=None,
+                                   wise_ft=(0.0, 1.0)))
+
+
+def test_lora_beats_the_zero_shot_start(lora_run) -> None:
+    _, record = lora_run
+    assert record["zero_shot"]["val_acc1"] < 0.9 and record["fine_tuned"]["val_acc1"] == 1.0
+    assert record["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "adapter": "adapter"}
+
+
+def test_lora_trains_adapters_alone_and_they_reproduce_the_merged_model(lora_run, folder,
+                                                                        model_dir) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    output, _ = lora_run
+    saved = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # adapters only
+    assert any("in_proj_weight" in k or ".attn.lora_" in k for k in saved)  # fused q/k/v
+    merged, start = clipforge.create_model(output), clipforge.create_model(model_dir)
+    for key, value in start.state_dict().items():  # the text tower and untargeted tensors
+        if not key.startswith("visual.transformer.") or key.endswith(("bias", "ln_1.weight",
+                                                                      "ln_2.weight")):
+            assert torch.equal(merged.state_dict()[key], value), key
+    assert not torch.equal(merged.visual.transformer.resblocks[0].mlp.c_fc.weight,
+                           start.visual.transformer.resblocks[0].mlp.c_fc.weight)
+
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    expected = torch.from_numpy(embed_images(merged, paths, progress=False).vectors)
+    start.visual = PeftModel.from_pretrained(start.visual, output / "adapter")  # unmerged
+    reapplied = torch.from_numpy(embed_images(start, paths, progress=False).vectors)
+    logits = merged.classifier.logits
+    assert torch.allclose(logits(reapplied), logits(expected), atol=1e-4)
+
+
+def test_lora_wise_ft_mixes_the_merged_model(lora_run, model_dir) -> None:
+    output, record = lora_run
+    at_zero = clipforge.create_model(output / "wise-ft" / "alpha-0")
+    for key, value in clipforge.create_model(model_dir).state_dict().items():
+        assert torch.equal(at_zero.state_dict()[key], value), key
+    assert [row["alpha"] for row in record["wise_ft"]] == [0.0, 1.0]
+
+
+def test_lora_refuses_a_resnet_tower_and_dropout(folder, tmp_path) -> None:
+    pytest.importorskip("peft")
+    from conftest import seeded_model
+
+    clipforge.save_model(seeded_model("tiny-rn", seed=2), tmp_path / "rn")
+    with pytest.raises(ValueError, match="ModifiedResNet, without transformer blocks"):
+        finetune(config(folder, tmp_path / "run", tmp_path / "rn", method="lora"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--lora-dropout 0.1: only 0 is supported"):
+        config(folder, tmp_path / "run", tmp_path / "rn", lora_dropout=0.1).validate()

@@ -55,7 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", choices=ACTIVATIONS)
     p.add_argument("--method", choices=METHODS, default=_default("method"),
                    help="full: image tower and head end to end (default); linear: the head "
-                   "alone, on frozen image embeddings")
+                   "alone, on frozen image embeddings; lora: low-rank adapters on the image "
+                   "tower's attention and MLP projections, and the head (needs peft; the "
+                   "adapters are saved in OUTPUT/adapter and merged into the model)")
+    p.add_argument("--lora-rank", type=int, default=_default("lora_rank"),
+                   help="--method lora: the adapters' rank")
+    p.add_argument("--lora-alpha", type=float, default=_default("lora_alpha"),
+                   help="--method lora: the adapters' scale is alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=_default("lora_dropout"),
+                   help="--method lora: only 0 is supported (peft cannot drop out on the fused "
+                   "q/k/v projection)")
     p.add_argument("--classnames", help="class names: a file (one per line, or JSON), or a "
                    "known dataset name; default: the folder names or CSV labels")
     p.add_argument("--templates", help="prompt templates of the zero-shot head: a file or a "
@@ -98,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, weights=default_weights(args.model, args.weights),
         activation=args.activation, method=args.method, classnames=args.classnames,
         templates=args.templates, val=args.val, val_fraction=args.val_fraction,
-        wise_ft=args.wise_ft, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        wise_ft=args.wise_ft, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
         precision=args.precision, seed=args.seed, workers=args.workers, device=args.device,
         image_key=args.csv_image_key, label_key=args.csv_label_key,

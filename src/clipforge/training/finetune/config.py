@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "linear")
+METHODS = ("full", "linear", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 # OpenAI's seven-template ensemble, chosen on ImageNet but generic (no dataset's vocabulary):
 # the default prompts of the zero-shot head when neither --templates nor the data give any.
@@ -19,8 +19,9 @@ GENERIC_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
 # Per method: (learning rate, epochs, weight decay).  End to end: WiSE-FT's and FLYP's small rate
 # (the pretrained features must move little); a probe on frozen features: a rate a hundred
 # times larger over many cheap epochs, and no decay, which would pull the head away from its
-# zero-shot start towards zero.
-METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "linear": (1e-3, 100, 0.0)}
+# zero-shot start towards zero.  LoRA: the probe's rate (its adapters start at zero and are
+# small, as the head's changes are) over the end-to-end epochs, and no decay, for the head's sake.
+METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "linear": (1e-3, 100, 0.0), "lora": (1e-3, 10, 0.0)}
 WARMUP_SHARE = 0.1  # default warm-up: this share of the steps
 
 
@@ -41,6 +42,9 @@ class FinetuneConfig:
     val: str | None = None  # a validation set; else val_fraction of data is held out
     val_fraction: float = 0.1
     wise_ft: tuple[float, ...] = ()
+    lora_rank: int = 8  # --method lora: the adapters' rank, scale lora_alpha / lora_rank
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     epochs: int | None = None
     batch_size: int = 32
     lr: float | None = None
@@ -76,7 +80,7 @@ class FinetuneConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: choose one of "
                              f"{', '.join(PRECISIONS)}")
-        for name in ("batch_size", "epochs", "log_every"):
+        for name in ("batch_size", "epochs", "log_every", "lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -89,11 +93,23 @@ class FinetuneConfig:
         if bad:
             raise ValueError(f"--wise-ft coefficients must lie in [0, 1] (0: the zero-shot "
                              f"model, 1: the fine-tuned one), got {bad[0]}")
+        self._validate_lora()
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if value is not None and (value < 0 or not math.isfinite(value)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                  f"got {value}")
+
+    def _validate_lora(self) -> None:
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"--lora-alpha must be a finite number above 0, got "
+                             f"{self.lora_alpha}")
+        if self.lora_dropout != 0:
+            # peft adapts the fused q/k/v projection, a bare parameter, through its
+            # ``target_parameters`` wrapper, which cannot apply dropout to the input
+            raise ValueError(f"--lora-dropout {self.lora_dropout}: only 0 is supported, since "
+                             "the attention's fused q/k/v projection is adapted as a parameter, "
+                             "where peft cannot apply dropout; leave --lora-dropout at 0")
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON values (what the run directory records)."""

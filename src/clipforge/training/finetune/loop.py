@@ -14,6 +14,9 @@ output means.
   after a linear warm-up, bf16 autocast where the hardware computes it natively.  The tower
   trains in eval mode: BatchNorm statistics (ResNets) stay those of pretraining, which small
   batches of few classes would spoil and which WiSE-FT could not mix meaningfully.
+* ``lora``: as ``full``, but the pretrained tower stays frozen and low-rank adapters on its
+  attention and MLP projections are trained with the head (:mod:`.lora`); they are saved in
+  ``adapter/`` and merged into the run's model, which WiSE-FT then mixes as it mixes ``full``'s.
 
 The run directory is a model directory like any other (``clipforge.load(DIR)``, with
 ``model.classifier``), and also holds ``finetune_config.json``, ``metrics.jsonl``,
@@ -51,6 +54,8 @@ from ..loop import MetricsLog, TrainingDiverged, native_bf16
 from ..optim import build_optimizer, cosine_schedule
 from .config import GENERIC_TEMPLATES, FinetuneConfig
 from .data import Labelled, check_classes, check_same_classes, read_labelled, split_off
+from .lora import ADAPTER_DIR, add_adapters, save_and_merge
+from .lora import check as check_lora
 from .wise_ft import (
     alpha_name,
     apply_state,
@@ -261,6 +266,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = create_model(config.model, weights=config.weights, activation=config.activation,
                          device=config.device)
+    if config.method == "lora":
+        check_lora(model)
     train, val = load_sets(config, model.preprocess)
     config = config.resolved(_steps_per_epoch(len(train), config.batch_size))
     output = Path(config.output)
@@ -301,7 +308,7 @@ def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | N
     zero_shot_acc = _validate(model, zero_shot, val, config, skips)
     metrics.write({"step": 0, "epoch": 0, "val_acc1": zero_shot_acc})
     start_state = tuned_state(model, zero_shot)
-    tuned = _train(config, model, zero_shot, train, val, metrics, skips)
+    tuned = _train(config, model, zero_shot, train, val, metrics, skips, output)
     end_state = tuned_state(model, tuned)
     final_acc = _validate(model, tuned, val, config, skips)
     steps = config.epochs * _steps_per_epoch(len(train), config.batch_size)
@@ -321,27 +328,40 @@ def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | N
               "templates": zero_shot.info["templates"],
               "zero_shot": {"val_acc1": zero_shot_acc}, "fine_tuned": {"val_acc1": final_acc},
               "wise_ft": sweep, "chosen": chosen, "skipped": skips.summary(),
-              "precision": config.precision,
+              "precision": config.precision, **_lora_record(config),
               "seconds": round(time.perf_counter() - started, 2)}
     with atomic_file(output / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
 
+def _lora_record(config: FinetuneConfig) -> dict[str, Any]:
+    if config.method != "lora":
+        return {}
+    return {"lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
+                     "dropout": config.lora_dropout, "adapter": ADAPTER_DIR}}
+
+
 def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, train: Labelled,
-           val: Labelled | None, metrics: MetricsLog, skips: Skips) -> LinearClassifier:
+           val: Labelled | None, metrics: MetricsLog, skips: Skips, output: Path
+           ) -> LinearClassifier:
     """Train by ``config.method``; returns the trained head (the image tower, for ``full``,
-    is trained in place)."""
+    is trained in place; for ``lora``, its adapters are saved in ``output`` and merged into
+    it)."""
     model.requires_grad_(False)
     frozen_val = None  # a frozen tower's validation embeddings, computed once
+    adapted = None
     if config.method == "linear":
         features, targets = embed(model, train, config, skips)
         tuned = Tuned(start).to(features.device)
         batches = _feature_batches(features, targets, config)
         frozen_val = embed(model, val, config, skips) if val is not None else None
     else:
-        model.visual.requires_grad_(True)
-        tuned = Tuned(start, model.visual).to(model.device)
+        if config.method == "lora":  # the adapters alone require grad
+            adapted = add_adapters(model, config)
+        else:
+            model.visual.requires_grad_(True)
+        tuned = Tuned(start, adapted or model.visual).to(model.device)
         batches = _pixel_batches(train, config, skips, model.device)
     model.eval()  # see the module docstring: BatchNorm statistics stay pretraining's
 
@@ -353,6 +373,8 @@ def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, train: 
 
     fit(tuned, batches, _steps_per_epoch(len(train), config.batch_size), config, metrics,
         after_epoch)
+    if adapted is not None:
+        save_and_merge(adapted, output)
     model.requires_grad_(False)
     return tuned.classifier(start)
 
