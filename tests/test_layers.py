@@ -20,7 +20,7 @@ PACKAGE = Path(clipforge.__file__).parent
 LAYERS = (
     ("clipforge.configs", "clipforge.fileio", "clipforge.allocator", "clipforge.text",
      "clipforge.image", "clipforge.reading", "clipforge.data", "clipforge.prompts",
-     "clipforge.samples", "clipforge.encoder"),
+     "clipforge.samples", "clipforge.encoder", "clipforge.ranks"),
     ("clipforge.model", "clipforge.weights", "clipforge.precision", "clipforge.factory",
      "clipforge.onnx", "clipforge.loss", "clipforge.classifier"),
     ("clipforge.inference", "clipforge.inference_shards", "clipforge.evaluation",

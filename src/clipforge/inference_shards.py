@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .data.sources import WDS_CAPTION_KEY, WDS_IMAGE_KEYS
 from .encoder import Encoder
 from .fileio import atomic_file
 from .inference import ImageBatch, embed_image_batches, embed_texts
+from .ranks import all_gather_objects, barrier, rank_and_world
 from .reading import (
     CORRUPT_SHARD,
     EMPTY_CAPTION,
@@ -96,32 +96,6 @@ class ShardReport:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (shard url, reason)
     manifest: dict[str, Any] | None = None
-
-
-# --------------------------------------------------------------------------- the ranks
-
-
-def _ranks() -> tuple[int, int]:
-    """(rank, world size) of the process group the caller joined; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(value: object) -> list[object]:
-    """Every rank's ``value``, in rank order (``[value]`` in a single process); also a
-    barrier, since every rank must call it."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 # --------------------------------------------------------------------------- the shard list
@@ -228,7 +202,7 @@ def pending_shards(shards: Sequence[ShardFiles], settings: Settings, captions: b
     the shards a lost node left behind do not all fall to one rank."""
     mine = list(shards[rank::world])
     todo = [s.stem for s in mine if not is_done(s, settings, captions)]
-    pending = {stem for part in _gather(todo) for stem in part}  # type: ignore[union-attr]
+    pending = {stem for part in all_gather_objects(todo) for stem in part}  # type: ignore[union-attr]
     return [s for s in shards if s.stem in pending], len(mine) - len(todo)
 
 
@@ -534,7 +508,7 @@ def _open_folder(out: Path, settings: Settings, rank: int) -> None:
     manifest records another model or dtype."""
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     previous = read_record(out / MANIFEST)
     if previous is not None:
         settings.check(previous, out / MANIFEST)
@@ -544,11 +518,11 @@ def _finish(out: Path, shards: Sequence[ShardFiles], settings: Settings, origin:
             report: ShardReport) -> None:
     """Gather every rank's report (also the wait for every rank's shards) and, on rank 0, write
     the manifest over them into ``report.manifest``."""
-    everyone = _gather(report)
+    everyone = all_gather_objects(report)
     if report.rank == 0:
         failed = [f for r in everyone for f in r.failed]  # type: ignore[attr-defined]
         report.manifest = write_manifest(out, shards, settings, origin, failed)
-    _barrier()
+    barrier()
 
 
 def embed_shards(model: Encoder, shards: str, out: str | Path, *, batch_size: int = 32,
@@ -575,7 +549,7 @@ def embed_shards(model: Encoder, shards: str, out: str | Path, *, batch_size: in
     out = Path(out)
     files = plan_shards(shards, out)
     settings = Settings(weights_fingerprint(model), model.config.embed_dim, dtype)
-    rank, world = _ranks()
+    rank, world = rank_and_world()
     _open_folder(out, settings, rank)
     pending, done_here = pending_shards(files, settings, captions, rank, world)
     report = ShardReport(rank=rank, already_done=done_here)

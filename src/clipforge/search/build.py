@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ..encoder import Encoder
 from ..fileio import atomic_file
 from ..inference import ImageBatch, embed_image_batches
+from ..ranks import barrier, rank_and_world
 from ..reading import BadItem
 from ..weights.fingerprint import weights_fingerprint
 from .milvus import MilvusBackend, index_type, parse_backend, prune_collection, sync_collection
@@ -184,17 +184,6 @@ def _rows(entries: Sequence[Entry], batch: ImageBatch) -> tuple[list[tuple], lis
     return done, failed
 
 
-def _ranks() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_size: int = 32,
                 num_workers: int = 0, ann: str | None = None,
                 ann_params: dict[str, Any] | None = None, progress: bool = True,
@@ -227,7 +216,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     """
     started = time.perf_counter()
     out = Path(out)
-    rank, world = _ranks()
+    rank, world = rank_and_world()
     fingerprint = weights_fingerprint(model)
     origin = model.origin or {}
     entries = scan_source(source, image_key=image_key, caption_key=caption_key,
@@ -241,7 +230,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
         if not info:
             store.set_info({"format_version": FORMAT_VERSION, "created": time.time(),
                             "generation": 0})
-    _barrier()
+    barrier()
     if rank != 0:
         store = Store(out)
         info = store.info()
@@ -284,7 +273,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
                     on_batch(n)
         finally:
             staging.close()
-    _barrier()
+    barrier()
     if rank == 0 and not changed:  # nothing to do: readers keep their generation
         report.total, report.generation = store.count(), store.generation()
         report.failures = store.failures()
@@ -318,7 +307,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     if rank == 0:
         with atomic_file(out / REPORT_NAME) as tmp:
             tmp.write_text(report.to_json(), encoding="utf-8")
-    _barrier()
+    barrier()
     return report
 
 

@@ -60,7 +60,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from .index import MAX_K
-from .schema import MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, HitOut, QueryOut
+from .schema import MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, HitOut, QueryOut, shown_name
 
 if TYPE_CHECKING:
     from . import Hit, SearchIndex
@@ -467,9 +467,8 @@ class _KnnIndexes:
             return self.default
         knn = self.by_name.get(name)
         if knn is None:
-            shown = name if len(name) <= 100 else name[:100] + "..."
-            raise HTTPException(400, f"indice_name {shown!r} is not served here; the valid "
-                                     f"names are {list(self.by_name)} (GET /indices-list)")
+            raise HTTPException(400, f"indice_name {shown_name(name)!r} is not served here; the "
+                                     f"valid names are {list(self.by_name)} (GET /indices-list)")
         return knn
 
 

@@ -14,6 +14,12 @@ MAX_UPLOAD_BYTES = 20 * 2**20  # a multipart body (an image upload)
 MAX_INDEX_NAME_CHARS = 64  # a served index's name (it appears in URLs and metric labels)
 
 
+def shown_name(name: str, limit: int = 100) -> str:
+    """A client-given name as an error message quotes it: cut to ``limit`` characters, so a
+    huge query parameter cannot make a huge response."""
+    return name if len(name) <= limit else name[:limit] + "..."
+
+
 # ------------------------------------------------------------------------------ JSON shapes
 class HitOut(BaseModel):
     id: int

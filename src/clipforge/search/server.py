@@ -111,6 +111,7 @@ from .schema import (
     QueryOut,
     SearchOut,
     UnavailableOut,
+    shown_name,
 )
 
 if TYPE_CHECKING:
@@ -983,9 +984,8 @@ class _Services:
             return self.default
         service = self.by_name.get(name)
         if service is None:
-            shown = name if len(name) <= 100 else name[:100] + "..."
-            raise HTTPException(404, f"no index {shown!r} is served here; the names are "
-                                     f"{self.names} (GET /api/indexes)")
+            raise HTTPException(404, f"no index {shown_name(name)!r} is served here; the names "
+                                     f"are {self.names} (GET /api/indexes)")
         return service
 
     def refresh(self) -> None:

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..ranks import all_gather_objects, barrier
+
+__all__ = ["Dist", "all_gather_objects", "all_reduce_mean", "average_gradients", "barrier",
+           "init_distributed", "sum_counts"]
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -44,12 +49,6 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank), dev
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
-    if _distributed():
-        dist.barrier()
-
-
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce and average ``.grad`` over ranks in one flat buffer (what DDP does in buckets);
     used after a GradCache step, whose many partial backwards run under ``no_sync``."""
@@ -75,15 +74,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_objects(value: object) -> list[object]:
-    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
-    if not _distributed():
-        return [value]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def sum_counts(counts: dict[str, int], keys: tuple[str, ...]) -> dict[str, int]:
