@@ -15,6 +15,11 @@ of CLIP weights (evaluation, index building, the server, ONNX export) sees a pla
 The head computes ``logits = W @ unit(image embedding) + b``.  Initialised from the zero-shot
 classifier (``W`` = temperature x class embeddings, ``b`` = 0) it gives the zero-shot logits
 exactly; this is the starting point of every fine-tuning method (WiSE-FT, FLYP, probes).
+
+:class:`CacheClassifier` (Tip-Adapter, Zhang et al. 2022) adds a cache of the training images to
+that head: ``logits += alpha * exp(-beta * (1 - image @ keys^T)) @ one_hot(labels)``.  Its keys,
+labels, alpha and beta travel in the same weights file under :data:`CACHE_KEYS`, so the head and
+its cache are always from one run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ CLASSIFIER_FILE = "classifier.json"
 FORMAT = "clipforge-classifier"
 PREFIX = "classifier."
 WEIGHT_KEYS = (PREFIX + "weight", PREFIX + "bias")
+CACHE_KEYS = (PREFIX + "cache_keys", PREFIX + "cache_labels", PREFIX + "cache_alpha",
+              PREFIX + "cache_beta")
 
 
 class LinearClassifier:
@@ -108,6 +115,62 @@ class LinearClassifier:
         return path
 
 
+class CacheClassifier(LinearClassifier):
+    """Tip-Adapter's classifier: the linear head plus a key-value cache of labelled images.
+
+    A test image's affinity to each cached image, ``a = image @ keys^T`` (cosines when the keys
+    are unit embeddings, as the training-free cache holds; Tip-Adapter-F trains the keys), is
+    sharpened by ``exp(-beta * (1 - a))`` and votes for the cached image's class; ``alpha``
+    weighs the votes against the head.  Without labelled images of its own, a class is still
+    scored by the head: the cache only adds what the few labels know."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, classnames: Sequence[str],
+                 keys: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
+                 info: Mapping[str, Any] | None = None):
+        super().__init__(weight, bias, classnames, info)
+        if keys.ndim != 2 or keys.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"the cache's keys must be [images, {self.weight.shape[1]}], got "
+                             f"{tuple(keys.shape)}")
+        if tuple(labels.shape) != (keys.shape[0],) or labels.is_floating_point():
+            raise ValueError(f"the cache needs one integer label per key ({keys.shape[0]}), got "
+                             f"{labels.dtype} {tuple(labels.shape)}")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.classnames):
+            raise ValueError(f"cache labels must lie in [0, {len(self.classnames)}), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
+        self.keys = keys.detach().float().cpu()
+        self.labels = labels.detach().long().cpu()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    @classmethod
+    def from_head(cls, head: LinearClassifier, keys: torch.Tensor, labels: torch.Tensor,
+                  alpha: float, beta: float) -> CacheClassifier:
+        return cls(head.weight, head.bias, head.classnames, keys, labels, alpha, beta, head.info)
+
+    def cache_logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """The cache's votes ``[N, classes]`` before ``alpha``."""
+        image = F.normalize(torch.as_tensor(image_embeddings).float().cpu(), dim=-1)
+        return cache_votes(image @ self.keys.t(), self.labels, len(self.classnames), self.beta)
+
+    def logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        return super().logits(image_embeddings) + self.alpha * self.cache_logits(
+            image_embeddings)
+
+    def state_dict(self) -> StateDict:
+        return super().state_dict() | dict(zip(CACHE_KEYS, (
+            self.keys.contiguous(), self.labels.contiguous(),
+            torch.tensor(self.alpha, dtype=torch.float64),  # the chosen values, not rounded
+            torch.tensor(self.beta, dtype=torch.float64))))
+
+
+def cache_votes(affinity: torch.Tensor, labels: torch.Tensor, classes: int, beta: float
+                ) -> torch.Tensor:
+    """Tip-Adapter's ``exp(-beta * (1 - affinity)) @ one_hot(labels)``, summed per class
+    without building the one-hot matrix."""
+    weights = torch.exp(-beta * (1 - affinity))
+    votes = weights.new_zeros(affinity.shape[0], classes)
+    return votes.index_add_(1, labels.to(affinity.device), weights)
+
+
 def split_classifier(sd: StateDict) -> tuple[StateDict, StateDict]:
     """``(the CLIP tensors, the head's tensors)`` of a state dict: the loader checks the first
     against the architecture key by key and attaches the second."""
@@ -123,9 +186,10 @@ def read_classifier(head: StateDict, folder: Path | None, source: str
     that do not fit it, is an error naming the file."""
     if not head:
         return None
-    if sorted(head) != sorted(WEIGHT_KEYS):
+    if sorted(head) not in (sorted(WEIGHT_KEYS), sorted(WEIGHT_KEYS + CACHE_KEYS)):
         raise CheckpointError(f"weights from {source} hold classifier tensors "
-                              f"{', '.join(sorted(head))}, expected {', '.join(WEIGHT_KEYS)}")
+                              f"{', '.join(sorted(head))}, expected {', '.join(WEIGHT_KEYS)} "
+                              f"(and, with a Tip-Adapter cache, {', '.join(CACHE_KEYS)})")
     path = None if folder is None else folder / CLASSIFIER_FILE
     if path is None or not path.is_file():
         raise CheckpointError(f"weights from {source} hold a classifier head but its class "
@@ -143,7 +207,11 @@ def read_classifier(head: StateDict, folder: Path | None, source: str
     info = {k: v for k, v in document.items()
             if k not in ("format", "format_version", "classnames", "probability")}
     try:
-        return LinearClassifier(head[WEIGHT_KEYS[0]], head[WEIGHT_KEYS[1]], names, info)
+        linear = LinearClassifier(head[WEIGHT_KEYS[0]], head[WEIGHT_KEYS[1]], names, info)
+        if CACHE_KEYS[0] not in head:
+            return linear
+        keys, labels, alpha, beta = (head[k] for k in CACHE_KEYS)
+        return CacheClassifier.from_head(linear, keys, labels, float(alpha), float(beta))
     except ValueError as exc:
         raise CheckpointError(f"{path} names {len(names)} classes, which do not fit the head "
                               f"in {source}: {exc}") from None

@@ -145,10 +145,17 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
                 ) -> torch.Tensor:
-        all_text = gather_with_grad(text)
-        logits = upcast(logit_scale.exp() * image @ all_text.t() + self.logit_bias)
-        offset = _rank() * image.shape[0]
-        signs = -torch.ones_like(logits)
-        rows = torch.arange(image.shape[0], device=image.device)
-        signs[rows, rows + offset] = 1.0
-        return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+        return sigmoid_loss(image, text, logit_scale, self.logit_bias)
+
+
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """:class:`SigLipLoss` with a given bias (a SigLIP model's own ``logit_bias``, when it is
+    fine-tuned with the loss it was pretrained with)."""
+    all_text = gather_with_grad(text)
+    logits = upcast(logit_scale.exp() * image @ all_text.t() + logit_bias)
+    offset = _rank() * image.shape[0]
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(image.shape[0], device=image.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]

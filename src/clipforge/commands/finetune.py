@@ -10,9 +10,11 @@ from pathlib import Path
 
 from ..configs import ACTIVATIONS
 from ..training.finetune.config import (
+    FREEZE,
     METHOD_DEFAULTS,
     METHODS,
     PRECISIONS,
+    TRAINING_FREE,
     FinetuneConfig,
     parse_alphas,
 )
@@ -25,7 +27,8 @@ def _default(name: str):
 
 
 def _defaults(index: int) -> str:
-    return ", ".join(f"{method} {values[index]:g}" for method, values in METHOD_DEFAULTS.items())
+    return ", ".join(f"{method} {values[index]:g}" for method, values in METHOD_DEFAULTS.items()
+                     if method not in TRAINING_FREE)
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -54,10 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: its first published tag)")
     p.add_argument("--activation", choices=ACTIVATIONS)
     p.add_argument("--method", choices=METHODS, default=_default("method"),
-                   help="full: image tower and head end to end (default); linear: the head "
-                   "alone, on frozen image embeddings; lora: low-rank adapters on the image "
-                   "tower's attention and MLP projections, and the head (needs peft; the "
-                   "adapters are saved in OUTPUT/adapter and merged into the model)")
+                   help="full: image tower and head end to end with cross-entropy (default); "
+                   "flyp: both towers with the contrastive loss against the class prompts, the "
+                   "head rebuilt from them; lora: low-rank adapters on the image tower's "
+                   "attention and MLP projections, and the head (needs peft; the adapters are "
+                   "saved in OUTPUT/adapter and merged into the model); linear: the head alone, "
+                   "on frozen image embeddings; tip-adapter: a training-free cache of the "
+                   "training images' embeddings on the zero-shot head; tip-adapter-f: its "
+                   "keys trained")
     p.add_argument("--lora-rank", type=int, default=_default("lora_rank"),
                    help="--method lora: the adapters' rank")
     p.add_argument("--lora-alpha", type=float, default=_default("lora_alpha"),
@@ -65,6 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-dropout", type=float, default=_default("lora_dropout"),
                    help="--method lora: only 0 is supported (peft cannot drop out on the fused "
                    "q/k/v projection)")
+    p.add_argument("--layer-decay", type=float, default=_default("layer_decay"),
+                   help="full, flyp: layer-wise learning-rate decay, e.g. 0.65 (each block "
+                   "down from the head learns at this factor of the one above; 1: off)")
+    p.add_argument("--freeze", choices=FREEZE,
+                   help="flyp: leave this tower as it is (text: the class prompts' embeddings "
+                   "move only through the temperature)")
+    p.add_argument("--image-size", type=int,
+                   help="full, flyp, lora: fine-tune (and save the model) at this resolution, "
+                   "the position embeddings resampled (a multiple of the patch size, or of 32 "
+                   "for a ResNet)")
     p.add_argument("--classnames", help="class names: a file (one per line, or JSON), or a "
                    "known dataset name; default: the folder names or CSV labels")
     p.add_argument("--templates", help="prompt templates of the zero-shot head: a file or a "
@@ -108,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         activation=args.activation, method=args.method, classnames=args.classnames,
         templates=args.templates, val=args.val, val_fraction=args.val_fraction,
         wise_ft=args.wise_ft, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lora_dropout=args.lora_dropout, layer_decay=args.layer_decay, freeze=args.freeze,
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
         precision=args.precision, seed=args.seed, workers=args.workers, device=args.device,
         image_key=args.csv_image_key, label_key=args.csv_label_key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,15 +17,21 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float = 0.2,
-                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
-                    ) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters, without decay where
+    :func:`no_weight_decay` says; ``lr_scale(name)`` (e.g. layer-wise decay) multiplies a
+    parameter's rate, one group per (decay, scale)."""
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+            key = (not no_weight_decay(name, param), 1.0 if lr_scale is None else lr_scale(name))
+            groups.setdefault(key, []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale}
+         for (decayed, scale), params in sorted(groups.items(), key=lambda kv: kv[0],
+                                                reverse=True)],
+        lr=lr, betas=betas, eps=eps)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "linear", "lora")
+METHODS = ("full", "flyp", "lora", "linear", "tip-adapter", "tip-adapter-f")
+TRAINING_FREE = ("tip-adapter",)
+FROZEN_TOWER = ("linear", "tip-adapter", "tip-adapter-f")  # on embeddings computed once
+FREEZE = ("image", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 # OpenAI's seven-template ensemble, chosen on ImageNet but generic (no dataset's vocabulary):
 # the default prompts of the zero-shot head when neither --templates nor the data give any.
@@ -21,7 +24,11 @@ GENERIC_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
 # times larger over many cheap epochs, and no decay, which would pull the head away from its
 # zero-shot start towards zero.  LoRA: the probe's rate (its adapters start at zero and are
 # small, as the head's changes are) over the end-to-end epochs, and no decay, for the head's sake.
-METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "linear": (1e-3, 100, 0.0), "lora": (1e-3, 10, 0.0)}
+# FLYP: the paper's rate and decay.  Tip-Adapter-F: the paper's (lr 1e-3, 20 epochs, AdamW's
+# default decay 0.01); Tip-Adapter itself trains nothing.
+METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "flyp": (1e-5, 10, 0.1), "lora": (1e-3, 10, 0.0),
+                   "linear": (1e-3, 100, 0.0), "tip-adapter": (0.0, 0, 0.0),
+                   "tip-adapter-f": (1e-3, 20, 0.01)}
 WARMUP_SHARE = 0.1  # default warm-up: this share of the steps
 
 
@@ -45,6 +52,9 @@ class FinetuneConfig:
     lora_rank: int = 8  # --method lora: the adapters' rank, scale lora_alpha / lora_rank
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    layer_decay: float = 1.0  # layer-wise learning-rate decay (1: off), see .layer_decay
+    freeze: str | None = None  # --method flyp: "image" or "text", the tower left as it is
+    image_size: int | None = None  # fine-tune at this resolution (positions resampled)
     epochs: int | None = None
     batch_size: int = 32
     lr: float | None = None
@@ -81,6 +91,8 @@ class FinetuneConfig:
             raise ValueError(f"--precision {self.precision!r}: choose one of "
                              f"{', '.join(PRECISIONS)}")
         for name in ("batch_size", "epochs", "log_every", "lora_rank"):
+            if name == "epochs" and self.method in TRAINING_FREE:
+                continue
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -94,11 +106,46 @@ class FinetuneConfig:
             raise ValueError(f"--wise-ft coefficients must lie in [0, 1] (0: the zero-shot "
                              f"model, 1: the fine-tuned one), got {bad[0]}")
         self._validate_lora()
+        self._validate_method_options()
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if value is not None and (value < 0 or not math.isfinite(value)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                  f"got {value}")
+
+    def _validate_method_options(self) -> None:
+        """Options that only some methods have, refused where they would be ignored."""
+        if self.method in TRAINING_FREE:
+            given = [f"--{n.replace('_', '-')}" for n in ("epochs", "lr", "weight_decay",
+                                                          "warmup") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"--method {self.method} trains nothing, so {', '.join(given)} "
+                                 "would be ignored: drop it, or use --method tip-adapter-f")
+        if self.wise_ft and self.method.startswith("tip-adapter"):
+            raise ValueError(f"--wise-ft mixes a fine-tuned model's weights with the zero-shot "
+                             f"model's; --method {self.method} leaves the towers as they are "
+                             "(its cache's alpha, chosen on validation, is its own mix): drop "
+                             "--wise-ft")
+        if not (0 < self.layer_decay <= 1):
+            raise ValueError(f"--layer-decay must lie in (0, 1] (1: off), got {self.layer_decay}")
+        if self.layer_decay != 1 and self.method not in ("full", "flyp"):
+            raise ValueError(f"--layer-decay scales the rates of the tower's layers, which "
+                             f"--method {self.method} does not train; use it with full or flyp")
+        if self.freeze is not None:
+            if self.freeze not in FREEZE:
+                raise ValueError(f"--freeze {self.freeze!r}: choose image or text")
+            if self.method != "flyp":
+                raise ValueError(f"--freeze chooses which tower --method flyp leaves as it is; "
+                                 f"--method {self.method} trains the image tower only (its "
+                                 "head holds the class embeddings): use --method linear to "
+                                 "freeze it")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image-size must be a positive number of pixels, got "
+                             f"{self.image_size}")
+        if self.image_size is not None and self.method in FROZEN_TOWER:
+            raise ValueError(f"--image-size fine-tunes at a new resolution, but --method "
+                             f"{self.method} does not train the image tower, whose resampled "
+                             "positions would stay untrained: use full, flyp or lora")
 
     def _validate_lora(self) -> None:
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):

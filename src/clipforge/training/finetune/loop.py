@@ -17,6 +17,14 @@ output means.
 * ``lora``: as ``full``, but the pretrained tower stays frozen and low-rank adapters on its
   attention and MLP projections are trained with the head (:mod:`.lora`); they are saved in
   ``adapter/`` and merged into the run's model, which WiSE-FT then mixes as it mixes ``full``'s.
+* ``flyp``: both towers trained with the contrastive loss against the class prompts; the head
+  is the zero-shot head of the trained towers (:mod:`.flyp`).
+* ``tip-adapter`` / ``tip-adapter-f``: a cache of the training images' embeddings on top of the
+  zero-shot head, training-free or with trained keys (:mod:`.tip_adapter`).
+
+``--layer-decay`` scales each layer's rate (:mod:`.layer_decay`); ``--image-size`` resamples the
+position embeddings first (:func:`clipforge.model.resize.with_image_size`), so the run, its
+WiSE-FT mixes and its model are all at the new resolution.
 
 The run directory is a model directory like any other (``clipforge.load(DIR)``, with
 ``model.classifier``), and also holds ``finetune_config.json``, ``metrics.jsonl``,
@@ -41,19 +49,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ...classifier import LinearClassifier
+from ...classifier import CacheClassifier, LinearClassifier
 from ...evaluation.datasets import ClassificationData, ImageFiles
 from ...evaluation.tasks import _classnames_option, choose_templates
-from ...evaluation.zeroshot import ZeroShotClassifier
+from ...evaluation.zeroshot import Templates, ZeroShotClassifier
 from ...factory import create_model
 from ...fileio import atomic_file
 from ...inference import embed_image_batches
 from ...model import CLIP
+from ...model.resize import with_image_size
 from ...reading import DataError, skip_reason
 from ..loop import MetricsLog, TrainingDiverged, native_bf16
 from ..optim import build_optimizer, cosine_schedule
-from .config import GENERIC_TEMPLATES, FinetuneConfig
+from . import tip_adapter
+from .config import FROZEN_TOWER, GENERIC_TEMPLATES, FinetuneConfig
 from .data import Labelled, check_classes, check_same_classes, read_labelled, split_off
+from .flyp import Flyp, head_of
+from .layer_decay import layer_scales
 from .lora import ADAPTER_DIR, add_adapters, save_and_merge
 from .lora import check as check_lora
 from .wise_ft import (
@@ -89,6 +101,9 @@ class Tuned(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         features = inputs if self.visual is None else self.visual(inputs)
         return self.head(F.normalize(features.float(), dim=-1))
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(inputs).float(), targets)
 
     def classifier(self, like: LinearClassifier) -> LinearClassifier:
         """The trained head, with ``like``'s class names and info."""
@@ -213,16 +228,18 @@ def _autocast(config: FinetuneConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
-def fit(tuned: Tuned, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
+def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
         metrics: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
-    """Cross-entropy training of ``tuned``'s trainable parameters for ``config.epochs``:
-    AdamW with decoupled weight decay (none on gains and biases), linear warm-up then cosine
-    decay, gradient clipping; ``after_epoch(epoch, step)`` validates."""
+    """Training of ``tuned``'s trainable parameters on ``tuned.loss(inputs, targets)`` for
+    ``config.epochs``: AdamW with decoupled weight decay (none on gains and biases), each
+    layer's rate scaled by ``--layer-decay``, linear warm-up then cosine decay, gradient
+    clipping; ``after_epoch(epoch, step)`` validates."""
     trainable = [p for p in tuned.parameters() if p.requires_grad]
-    optimizer = build_optimizer(tuned, config.lr, config.weight_decay)
+    scales = layer_scales(tuned, config.layer_decay) if config.layer_decay != 1 else None
+    optimizer = build_optimizer(tuned, config.lr, config.weight_decay, lr_scale=scales)
     total = config.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, config.warmup, total)
-    device = tuned.head.weight.device
+    device = trainable[0].device
     step = 0
     with tqdm(total=total, disable=not config.progress, desc="finetune", unit="step",
               dynamic_ncols=True) as bar:
@@ -230,7 +247,7 @@ def fit(tuned: Tuned, batches: Batches, steps_per_epoch: int, config: FinetuneCo
             for inputs, targets in batches(epoch):
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(config, device):
-                    loss = F.cross_entropy(tuned(inputs).float(), targets)
+                    loss = tuned.loss(inputs, targets)
                 loss.backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -245,7 +262,7 @@ def fit(tuned: Tuned, batches: Batches, steps_per_epoch: int, config: FinetuneCo
                 bar.update(1)
                 if step % config.log_every == 0:
                     metrics.write({"step": step, "epoch": epoch, "loss": value,
-                                   "lr": optimizer.param_groups[0]["lr"]})
+                                   "lr": max(g["lr"] for g in optimizer.param_groups)})
             after_epoch(epoch, step)
 
 
@@ -268,6 +285,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                          device=config.device)
     if config.method == "lora":
         check_lora(model)
+    if config.image_size is not None:
+        model = with_image_size(model, config.image_size)
     train, val = load_sets(config, model.preprocess)
     config = config.resolved(_steps_per_epoch(len(train), config.batch_size))
     output = Path(config.output)
@@ -281,13 +300,15 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         metrics.close()
 
 
-def _zero_shot_head(model: CLIP, train: Labelled, config: FinetuneConfig) -> LinearClassifier:
+def _zero_shot_head(model: CLIP, train: Labelled, config: FinetuneConfig
+                    ) -> tuple[LinearClassifier, Templates]:
+    """The zero-shot head every method starts from, and the templates it was built from."""
     templates, source = templates_for(train, config.templates)
     zeroshot = ZeroShotClassifier.build(model, train.classnames, templates)
     count = len(templates) if isinstance(templates, list) else \
         sum(len(t) for t in templates.values())
     info = {"method": config.method, "templates": {"source": source, "count": count}}
-    return LinearClassifier.from_zeroshot(zeroshot, info)
+    return LinearClassifier.from_zeroshot(zeroshot, info), templates
 
 
 def _validate(model: CLIP, classifier: LinearClassifier, val: Labelled | None,
@@ -304,20 +325,26 @@ def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | N
     skips = Skips()
     for item, reason in train.skipped + (val.skipped if val is not None else []):
         skips.add(item, reason)
-    zero_shot = _zero_shot_head(model, train, config)
+    zero_shot, templates = _zero_shot_head(model, train, config)
     zero_shot_acc = _validate(model, zero_shot, val, config, skips)
     metrics.write({"step": 0, "epoch": 0, "val_acc1": zero_shot_acc})
-    start_state = tuned_state(model, zero_shot)
-    tuned = _train(config, model, zero_shot, train, val, metrics, skips, output)
-    end_state = tuned_state(model, tuned)
+    whole = config.method == "flyp"  # both towers change; otherwise the image tower only
+    start_state = tuned_state(model, zero_shot, whole)
+    tuned = _train(config, model, zero_shot, templates, train, val, metrics, skips, output)
     final_acc = _validate(model, tuned, val, config, skips)
-    steps = config.epochs * _steps_per_epoch(len(train), config.batch_size)
-    sweep = _wise_ft(config, model, zero_shot, start_state, end_state, val, output, skips,
-                     metrics, steps)
-    chosen = max(sweep, key=lambda r: (r["val_acc1"], -r["alpha"])) if sweep else \
-        {"alpha": 1.0, "val_acc1": final_acc}
-    classifier = apply_state(model, interpolate(start_state, end_state, chosen["alpha"]),
-                             tuned)
+    chosen = {"alpha": 1.0, "val_acc1": final_acc}
+    classifier, sweep = tuned, []
+    if config.wise_ft:
+        end_state = tuned_state(model, tuned, whole)
+
+        def mix(alpha: float) -> LinearClassifier:
+            mixed = apply_state(model, interpolate(start_state, end_state, alpha), tuned)
+            return head_of(model, train.classnames, templates, mixed) if whole else mixed
+
+        steps = config.epochs * _steps_per_epoch(len(train), config.batch_size)
+        sweep = _wise_ft(config, model, mix, val, output, skips, metrics, steps)
+        chosen = max(sweep, key=lambda r: (r["val_acc1"], -r["alpha"]))
+        classifier = mix(chosen["alpha"])
     classifier.info |= {"wise_ft_alpha": chosen["alpha"], "val_acc1": chosen["val_acc1"]}
     model.eval()
     save_run_model(model, classifier, output)
@@ -325,69 +352,108 @@ def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | N
               "data": config.data, "val": config.val or f"{config.val_fraction:g} of the data",
               "classes": train.classnames, "n_train": len(train),
               "n_val": len(val) if val is not None else 0,
-              "templates": zero_shot.info["templates"],
+              "templates": zero_shot.info["templates"], "image_size": model.config.image_size,
+              "layer_decay": config.layer_decay, "freeze": config.freeze,
               "zero_shot": {"val_acc1": zero_shot_acc}, "fine_tuned": {"val_acc1": final_acc},
               "wise_ft": sweep, "chosen": chosen, "skipped": skips.summary(),
-              "precision": config.precision, **_lora_record(config),
+              "precision": config.precision, **_method_record(config, classifier),
               "seconds": round(time.perf_counter() - started, 2)}
     with atomic_file(output / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
 
-def _lora_record(config: FinetuneConfig) -> dict[str, Any]:
-    if config.method != "lora":
-        return {}
-    return {"lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
-                     "dropout": config.lora_dropout, "adapter": ADAPTER_DIR}}
+def _method_record(config: FinetuneConfig, classifier: LinearClassifier) -> dict[str, Any]:
+    """What only some methods have: LoRA's adapters, Tip-Adapter's cache."""
+    if config.method == "lora":
+        return {"lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
+                         "dropout": config.lora_dropout, "adapter": ADAPTER_DIR}}
+    if isinstance(classifier, CacheClassifier):
+        return {"tip_adapter": {"alpha": classifier.alpha, "beta": classifier.beta,
+                                "cache_size": len(classifier.labels)}}
+    return {}
 
 
-def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, train: Labelled,
-           val: Labelled | None, metrics: MetricsLog, skips: Skips, output: Path
-           ) -> LinearClassifier:
-    """Train by ``config.method``; returns the trained head (the image tower, for ``full``,
-    is trained in place; for ``lora``, its adapters are saved in ``output`` and merged into
-    it)."""
+def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, templates: Templates,
+           train: Labelled, val: Labelled | None, metrics: MetricsLog, skips: Skips,
+           output: Path) -> LinearClassifier:
+    """Train by ``config.method``; returns the classifier.  The towers are trained in place
+    (``full``, ``flyp``); ``lora``'s adapters are saved in ``output`` and merged into the image
+    tower; the other methods leave the towers as they are."""
     model.requires_grad_(False)
-    frozen_val = None  # a frozen tower's validation embeddings, computed once
+    if config.method in FROZEN_TOWER:
+        return _train_on_embeddings(config, model, start, train, val, metrics, skips)
     adapted = None
-    if config.method == "linear":
-        features, targets = embed(model, train, config, skips)
-        tuned = Tuned(start).to(features.device)
-        batches = _feature_batches(features, targets, config)
-        frozen_val = embed(model, val, config, skips) if val is not None else None
+    if config.method == "lora":  # the adapters alone require grad
+        adapted = add_adapters(model, config)
+        tuned: nn.Module = Tuned(start, adapted)
+    elif config.method == "flyp":
+        _unfreeze_towers(model, config.freeze)
+        tuned = Flyp(model, train.classnames, templates, config.seed)
     else:
-        if config.method == "lora":  # the adapters alone require grad
-            adapted = add_adapters(model, config)
-        else:
-            model.visual.requires_grad_(True)
-        tuned = Tuned(start, adapted or model.visual).to(model.device)
-        batches = _pixel_batches(train, config, skips, model.device)
+        model.visual.requires_grad_(True)
+        tuned = Tuned(start, model.visual)
+    tuned = tuned.to(model.device)
     model.eval()  # see the module docstring: BatchNorm statistics stay pretraining's
 
     def after_epoch(epoch: int, step: int) -> None:
-        classifier = tuned.classifier(start)
-        acc = accuracy(classifier, *frozen_val) if frozen_val is not None else \
-            _validate(model, classifier, val, config, skips)
+        acc = _validate(model, tuned.classifier(start), val, config, skips)
         metrics.write({"step": step, "epoch": epoch, "val_acc1": acc})
 
-    fit(tuned, batches, _steps_per_epoch(len(train), config.batch_size), config, metrics,
-        after_epoch)
+    fit(tuned, _pixel_batches(train, config, skips, model.device),
+        _steps_per_epoch(len(train), config.batch_size), config, metrics, after_epoch)
     if adapted is not None:
         save_and_merge(adapted, output)
     model.requires_grad_(False)
     return tuned.classifier(start)
 
 
-def _wise_ft(config: FinetuneConfig, model: CLIP, like: LinearClassifier,
-             start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], val: Labelled | None,
-             output: Path, skips: Skips, metrics: MetricsLog, steps: int
+def _unfreeze_towers(model: CLIP, freeze: str | None) -> None:
+    """FLYP trains both towers, the temperature and a SigLIP model's logit bias, less the
+    tower ``--freeze`` names."""
+    for name, param in model.named_parameters():
+        tower = "image" if name.startswith("visual.") else "text"
+        param.requires_grad_(name in ("logit_scale", "logit_bias") or tower != freeze)
+
+
+def _train_on_embeddings(config: FinetuneConfig, model: CLIP, start: LinearClassifier,
+                         train: Labelled, val: Labelled | None, metrics: MetricsLog,
+                         skips: Skips) -> LinearClassifier:
+    """The methods of a frozen tower, on embeddings computed once: the linear probe, and
+    Tip-Adapter's cache (its keys trained for ``tip-adapter-f``, its alpha and beta chosen on
+    the validation images)."""
+    features, targets = embed(model, train, config, skips)
+    frozen_val = embed(model, val, config, skips) if val is not None else None
+    steps = _steps_per_epoch(len(targets), config.batch_size)
+    if config.method == "linear":
+        tuned: nn.Module = Tuned(start).to(features.device)
+        like: LinearClassifier = start
+    else:
+        like = tip_adapter.build_cache(start, features, targets)
+        if config.method == "tip-adapter":
+            return like if frozen_val is None else tip_adapter.search(like, *frozen_val)[0]
+        tuned = tip_adapter.TrainedKeys(like)
+
+    def after_epoch(epoch: int, step: int) -> None:
+        acc = None if frozen_val is None else accuracy(tuned.classifier(like), *frozen_val)
+        metrics.write({"step": step, "epoch": epoch, "val_acc1": acc})
+
+    fit(tuned, _feature_batches(features, targets, config), steps, config, metrics, after_epoch)
+    trained = tuned.classifier(like)
+    if isinstance(trained, CacheClassifier) and frozen_val is not None:
+        trained = tip_adapter.search(trained, *frozen_val)[0]
+    return trained
+
+
+def _wise_ft(config: FinetuneConfig, model: CLIP, mix: Callable[[float], LinearClassifier],
+             val: Labelled | None, output: Path, skips: Skips, metrics: MetricsLog, steps: int
              ) -> list[dict[str, Any]]:
-    """Each mix of ``config.wise_ft``: written as ``OUTPUT/wise-ft/alpha-A`` and validated
-    (recorded in the metrics at the run's last step, ``steps``)."""
+    """Each mix of ``config.wise_ft`` (``mix(alpha)`` loads it into ``model`` and returns its
+    classifier): written as ``OUTPUT/wise-ft/alpha-A`` and validated (recorded in the metrics
+    at the run's last step, ``steps``)."""
     rows = []
     for alpha in config.wise_ft:
-        classifier = apply_state(model, interpolate(start, end, alpha), like)
+        classifier = mix(alpha)
         classifier.info |= {"wise_ft_alpha": alpha}
         acc = _validate(model, classifier, val, config, skips)
         path = save_model_directory(model, classifier, output / WISE_FT_DIR / alpha_name(alpha))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...classifier import CLASSIFIER_FILE, WEIGHT_KEYS, LinearClassifier
+from ...classifier import CLASSIFIER_FILE, PREFIX, WEIGHT_KEYS, LinearClassifier
 from ...fileio import atomic_directory
 from ...model import CLIP
 from ...weights.checkpoint import StateDict
@@ -24,10 +24,13 @@ from ...weights.formats import MODEL_FILES, MODEL_MARKER, save_into_directory
 VISUAL = "visual."
 
 
-def tuned_state(model: CLIP, classifier: LinearClassifier) -> StateDict:
-    """What fine-tuning changes, as detached copies: the image tower's tensors (``visual.*``)
-    and the head's (``classifier.*``)."""
-    state = {VISUAL + k: v.detach().clone() for k, v in model.visual.state_dict().items()}
+def tuned_state(model: CLIP, classifier: LinearClassifier, whole: bool = False) -> StateDict:
+    """What fine-tuning changes, as detached copies: the image tower's tensors (``visual.*``),
+    or with ``whole`` every tensor of the model (FLYP trains both towers), and the head's
+    (``classifier.*``)."""
+    tensors = model.state_dict() if whole else \
+        {VISUAL + k: v for k, v in model.visual.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in tensors.items()}
     return state | {k: v.clone() for k, v in classifier.state_dict().items()}
 
 
@@ -50,11 +53,16 @@ def interpolate(zero_shot: StateDict, tuned: StateDict, alpha: float) -> StateDi
 
 def apply_state(model: CLIP, state: StateDict, classifier: LinearClassifier
                 ) -> LinearClassifier:
-    """Load a (mixed) state into ``model``'s image tower; its head, as a classifier with
-    ``classifier``'s class names and info."""
-    visual = {k[len(VISUAL):]: v for k, v in state.items() if k.startswith(VISUAL)}
+    """Load a (mixed) state into ``model`` (its image tower, or all of it if the state holds
+    more, see :func:`tuned_state`); its head, as a classifier with ``classifier``'s class names
+    and info."""
+    tensors = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
     with torch.no_grad():
-        model.visual.load_state_dict(visual, strict=True)
+        if all(k.startswith(VISUAL) for k in tensors):
+            model.visual.load_state_dict({k[len(VISUAL):]: v for k, v in tensors.items()},
+                                         strict=True)
+        else:
+            model.load_state_dict(tensors, strict=True)
     return LinearClassifier(state[WEIGHT_KEYS[0]], state[WEIGHT_KEYS[1]], classifier.classnames,
                             classifier.info)
 
