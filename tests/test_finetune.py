@@ -291,13 +291,26 @@ def test_lora_wise_ft_mixes_the_merged_model(lora_run, model_dir) -> None:
     assert [row["alpha"] for row in record["wise_ft"]] == [0.0, 1.0]
 
 
-def test_lora_refuses_a_resnet_tower_and_dropout(folder, tmp_path) -> None:
+def test_lora_adapts_a_resnet_tower_and_refuses_dropout(folder, tmp_path) -> None:
     pytest.importorskip("peft")
     from conftest import seeded_model
 
-    clipforge.save_model(seeded_model("tiny-rn", seed=2), tmp_path / "rn")
-    with pytest.raises(ValueError, match="ModifiedResNet, without transformer blocks"):
-        finetune(config(folder, tmp_path / "run", tmp_path / "rn", method="lora"))
-    assert not (tmp_path / "run").exists()
+    start = seeded_model("tiny-rn", seed=2)
+    clipforge.save_model(start, tmp_path / "rn")
+    finetune(config(folder, tmp_path / "run", tmp_path / "rn", method="lora", lr=1e-2))
+    tuned = clipforge.create_model(tmp_path / "run")
+    assert tuned.state_dict().keys() == start.state_dict().keys()  # merged and unwrapped
+    for key, value in start.state_dict().items():
+        adapted = ".conv" in key and ".layer" in key or "attnpool." in key and "_proj.w" in key
+        assert torch.equal(tuned.state_dict()[key], value) != adapted, key
+    # the saved adapters, applied to the pretrained tower unmerged, give the merged model
+    from peft import PeftModel
+
+    paths = sorted(str(p) for p in folder.rglob("*.png"))[:6]
+    expected = torch.from_numpy(embed_images(tuned, paths, progress=False).vectors)
+    base = clipforge.create_model(tmp_path / "rn")
+    base.visual = PeftModel.from_pretrained(base.visual, tmp_path / "run" / "adapter")
+    assert torch.allclose(torch.from_numpy(embed_images(base, paths, progress=False).vectors),
+                          expected, atol=1e-4)
     with pytest.raises(ValueError, match="--lora-dropout 0.1: only 0 is supported"):
         config(folder, tmp_path / "run", tmp_path / "rn", lora_dropout=0.1).validate()

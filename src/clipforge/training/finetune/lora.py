@@ -2,7 +2,10 @@
 
 The adapters sit on every transformer block's attention and MLP projections: the fused q/k/v
 projection (``attn.in_proj_weight``, a bare parameter in openai/CLIP's layout, adapted through
-peft's ``target_parameters``), the attention's output projection and the MLP's two layers.
+peft's ``target_parameters``), the attention's output projection and the MLP's two layers.  In
+OpenAI's ResNet they sit where its computation is: every bottleneck's three convolutions (peft's
+convolutional LoRA: a rank-r convolution of the same kernel, then a 1x1 back up) and the
+attention pool's q, k, v and output projections; the BatchNorms stay as pretrained.
 The pretrained weights stay frozen; the adapters and the head are trained.  At the end the
 adapters are saved on their own (``OUTPUT/adapter/``, peft's format, to re-apply to the base
 model) and merged into the tower, so the run's model is a plain CLIP that loads without peft
@@ -27,6 +30,8 @@ ADAPTER_DIR = "adapter"
 # The Linear projections of the transformer blocks (peft matches the full module name)
 TARGET_MODULES = r".*transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
 TARGET_PARAMETERS = ["in_proj_weight"]
+# OpenAI's ResNet: the bottlenecks' convolutions and the attention pool's projections
+RESNET_MODULES = r".*(layer[1-4]\.\d+\.conv[123]|attnpool\.(q_proj|k_proj|v_proj|c_proj))"
 
 
 def _peft() -> Any:
@@ -39,15 +44,8 @@ def _peft() -> Any:
 
 
 def check(model: CLIP) -> None:
-    """Refuse a LoRA run that cannot work before reading any data: peft missing, or a tower
-    without transformer blocks (a ResNet: its convolutions and attention pool are not what the
-    method adapts here)."""
+    """Refuse a LoRA run that cannot work before reading any data: peft missing."""
     _peft()
-    if not hasattr(model.visual, "transformer"):
-        raise ValueError(f"--method lora adapts the attention and MLP projections of a "
-                         f"transformer image tower; this model's image tower is a "
-                         f"{type(model.visual).__name__}, without transformer blocks. Use "
-                         "--method full or --method linear for it")
 
 
 def add_adapters(model: CLIP, config: FinetuneConfig) -> nn.Module:
@@ -55,9 +53,12 @@ def add_adapters(model: CLIP, config: FinetuneConfig) -> nn.Module:
     what it did); returns the peft model, whose only trainable parameters are the adapters."""
     check(model)
     peft = _peft()
+    if model.config.vision.is_vit:
+        targets = {"target_modules": TARGET_MODULES, "target_parameters": TARGET_PARAMETERS}
+    else:
+        targets = {"target_modules": RESNET_MODULES}
     lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout, target_modules=TARGET_MODULES,
-                           target_parameters=TARGET_PARAMETERS, bias="none")
+                           lora_dropout=config.lora_dropout, bias="none", **targets)
     return peft.get_peft_model(model.visual, lora)
 
 
