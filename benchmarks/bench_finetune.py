@@ -1,6 +1,7 @@
 """``clipforge finetune`` on the built-in data: accuracy in distribution and under shift for
-zero-shot, the linear probe, end-to-end fine-tuning and the WiSE-FT sweep; a few-shot curve of
-the linear probe; time and peak memory per method.
+zero-shot and every method (linear probe, Tip-Adapter and -F, LoRA, FLYP, end-to-end
+fine-tuning and its WiSE-FT sweep); few-shot curves of the linear probe, Tip-Adapter(-F) and
+LoRA; time and peak memory per method.
 
 The starting point is a trained model directory (the first run's, ``runs/first-run``).  The
 labelled set is drawn from the training distribution (``synthetic.probe_set``: single-kind
@@ -22,7 +23,8 @@ time and memory, which include writing and validating every mix.
 Evaluation uses the library's classifiers only: ``ZeroShotClassifier.build`` for zero-shot (the
 40 seen class names, the English caption templates, which are also given to ``finetune`` so its
 zero-shot start is the same head), and each run directory's ``model.classifier`` (each WiSE-FT
-mix is a model directory of its own, ``OUT/wise-ft/alpha-A``).  Every suite of
+mix is a model directory of its own, ``OUT/wise-ft/alpha-A``).  Tip-Adapter chooses its alpha
+and beta on the validation images, as WiSE-FT chooses its mix.  Every suite of
 ``synthetic.SUITES`` except ``heldout`` is drawn from the seen pairs and is scored over the 40
 seen classes; ``heldout`` is not applicable to heads trained on the seen classes only.
 
@@ -56,13 +58,16 @@ SEEN_NAMES = tuple(synthetic.CLASSNAMES[synthetic.class_index(c, s)]
 EVAL_SUITES = tuple(name for name in synthetic.SUITES if name != "heldout")
 SHIFT_SUITES = tuple(name for name in EVAL_SUITES if synthetic.SUITES[name].shift)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# Budgets (see the report): the linear probe keeps the library's defaults (lr 1e-3, 100 epochs
-# over cached embeddings: seconds); end to end gets FULL_EPOCHS at FULL_LR, a tenth of the first
-# run's pretraining rate (1e-3): the library's default 1e-5 suits towers pretrained at small
-# rates and barely moves this one in a few epochs.
+# Budgets (see the report): the probe and Tip-Adapter keep the library's defaults (epochs over
+# cached embeddings: seconds); end to end (full, flyp) gets FULL_EPOCHS at FULL_LR, a tenth of the
+# first run's pretraining rate (1e-3): the library's default 1e-5 suits towers pretrained at
+# small rates and barely moves this one in a few epochs; LoRA its default rate for as many
+# epochs.
 FULL_EPOCHS, FULL_LR = 5, 1e-4
+FEW_SHOT_METHODS = ("linear", "tip-adapter", "tip-adapter-f", "lora")
+FROZEN = ("linear", "tip-adapter", "tip-adapter-f")  # the tower is the starting model's
 QUICK = {"per_class": 2, "val_per_class": 1, "shots": (1, 2), "eval_images": 40,
-         "full_epochs": 1, "linear_epochs": 5}
+         "full_epochs": 1, "linear_epochs": 5, "adapter_epochs": 1}
 
 
 @dataclass
@@ -205,26 +210,54 @@ def evaluate_directory(path: Path, suites: Suites) -> dict[str, float]:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def options(args: argparse.Namespace, method: str) -> list[str]:
+    """The benchmark's budget for ``method`` (see FULL_EPOCHS)."""
+    if method in ("full", "flyp"):
+        return list(args.full_options)
+    if method == "linear":
+        return list(args.linear_options)
+    if method in ("lora", "tip-adapter-f"):
+        return list(args.adapter_options)
+    return []
+
+
+def run_method(args: argparse.Namespace, work: Workdir, method: str, train: Path,
+               output: Path, extra: list[str] = ()) -> dict:
+    """One ``clipforge finetune`` run in a fresh process: its seconds and peak memory."""
+    argv = finetune_argv(work, args.model, output, method, args.seed,
+                         [*options(args, method), *extra])
+    argv[1] = str(train)
+    return measured({"kind": "cli", "argv": argv})
+
+
+def evaluate_run(path: Path, method: str, suites: Suites,
+                 base_vectors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A run's accuracies: with its own classifier, on the starting model's embeddings where
+    the method leaves the tower as it was (tests/test_finetune*.py check that it does)."""
+    if method in FROZEN:
+        return accuracies(clipforge.create_model(path).classifier, base_vectors, suites)
+    return evaluate_directory(path, suites)
+
+
 def method_rows(args: argparse.Namespace, work: Workdir, suites: Suites
                 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Zero-shot, linear, full and every WiSE-FT mix: accuracies, seconds, peak MiB."""
+    """Zero-shot, every method and every WiSE-FT mix of ``full``: accuracies, seconds, peak
+    MiB."""
     base = clipforge.create_model(args.model)
     base_vectors = suite_vectors(base, suites)
     zeroshot = ZeroShotClassifier.build(base, list(SEEN_NAMES), list(captions.TEMPLATES["en"]))
     rows = [{"method": "zero-shot", **accuracies(zeroshot, base_vectors, suites),
              **measured({"kind": "zero-shot", "model": args.model,
                          "templates": str(work.templates)})}]
-
-    linear_out = work.root / "run-linear"
-    cost = measured({"kind": "cli", "argv": finetune_argv(
-        work, args.model, linear_out, "linear", args.seed, args.linear_options)})
-    rows.append({"method": "linear", **evaluate_directory(linear_out, suites), **cost})
+    for method in ("linear", "tip-adapter", "tip-adapter-f", "lora", "flyp"):
+        output = work.root / f"run-{method}"
+        cost = run_method(args, work, method, work.train, output)
+        rows.append({"method": method, **evaluate_run(output, method, suites, base_vectors),
+                     **cost})
 
     full_out = work.root / "run-full"
     alphas = ",".join(f"{a:g}" for a in ALPHAS)
-    cost = measured({"kind": "cli", "argv": finetune_argv(
-        work, args.model, full_out, "full", args.seed,
-        [*args.full_options, "--wise-ft", alphas])})
+    cost = run_method(args, work, "full", work.train, full_out, ["--wise-ft", alphas])
     record = json.loads((full_out / "finetune.json").read_text(encoding="utf-8"))
     mixes = [{"method": f"wise-ft alpha={mix['alpha']:g}",
               **evaluate_directory(full_out / mix["path"], suites), **cost,
@@ -236,19 +269,15 @@ def method_rows(args: argparse.Namespace, work: Workdir, suites: Suites
 
 def few_shot_rows(args: argparse.Namespace, work: Workdir, suites: Suites,
                   base_vectors: dict[str, torch.Tensor], zero_shot: dict) -> list[dict]:
-    """The linear probe on the first k images per class, evaluated on the frozen tower's
-    embeddings (a linear run leaves the tower as it was; tests/test_finetune.py checks it)."""
-    from clipforge.cli import main as cli_main
-
-    rows = [{"k": 0, **zero_shot}]
-    for k, folder in work.shots.items():
-        output = work.root / f"run-linear-{k}shot"
-        argv = finetune_argv(work, args.model, output, "linear", args.seed, args.linear_options)
-        argv[1] = str(folder)
-        if cli_main(argv):
-            raise SystemExit(f"clipforge {' '.join(argv)} failed")
-        classifier = clipforge.create_model(output).classifier
-        rows.append({"k": k, **accuracies(classifier, base_vectors, suites)})
+    """Each few-shot method on the first k images per class (validated on the same validation
+    images as every run)."""
+    rows = [{"k": 0, "method": "zero-shot", **zero_shot}]
+    for method in FEW_SHOT_METHODS:
+        for k, folder in work.shots.items():
+            output = work.root / f"run-{method}-{k}shot"
+            cost = run_method(args, work, method, folder, output)
+            rows.append({"k": k, "method": method,
+                         **evaluate_run(output, method, suites, base_vectors), **cost})
     return rows
 
 
@@ -263,10 +292,14 @@ def print_methods(rows: list[dict]) -> None:
 
 
 def print_few_shot(rows: list[dict]) -> None:
-    print(f"\n{'labelled per class':<20}{'seen':>9}{'shift mean':>12}")
-    for row in rows:
-        label = "0 (zero-shot)" if row["k"] == 0 else str(row["k"])
-        print(f"{label:<20}{row['seen']:>9.1%}{row['shift mean']:>12.1%}")
+    shots = sorted({row["k"] for row in rows if row["k"]})
+    print(f"\n{'seen / shift mean':<16}" + "".join(f"{f'k={k}':>15}" for k in shots))
+    zero = rows[0]
+    print(f"{'zero-shot (k=0)':<16}{zero['seen']:>9.1%} / {zero['shift mean']:.1%}")
+    for method in FEW_SHOT_METHODS:
+        cells = {row["k"]: row for row in rows if row["method"] == method}
+        print(f"{method:<16}" + "".join(
+            f"{cells[k]['seen']:>8.1%} /{cells[k]['shift mean']:>5.1%}" for k in shots))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -283,6 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-lr", type=float, default=FULL_LR)
     parser.add_argument("--linear-epochs", type=int, default=None,
                         help="default: the library's (100)")
+    parser.add_argument("--adapter-epochs", type=int, default=FULL_EPOCHS,
+                        help="lora and tip-adapter-f epochs (at the library's rates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -298,6 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.full_options = ["--epochs", str(args.full_epochs), "--lr", f"{args.full_lr:g}"]
     args.linear_options = [] if args.linear_epochs is None else \
         ["--epochs", str(args.linear_epochs)]
+    args.adapter_options = ["--epochs", str(args.adapter_epochs)]
     return args
 
 
@@ -311,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}, {torch.get_num_threads()} threads; model {args.model} "
           f"({image_size} px); {args.per_class} labelled images per seen class (40 classes), "
           f"{args.val_per_class} for validation, {args.eval_images} images per suite; full: "
-          f"{args.full_epochs} epochs at lr {args.full_lr:g}; linear: "
-          f"{args.linear_epochs or 'the default'} epochs")
+          f"{args.full_epochs} epochs at lr {args.full_lr:g} (also flyp); linear: "
+          f"{args.linear_epochs or 'the default'} epochs; lora and tip-adapter-f: "
+          f"{args.adapter_epochs} epochs at the default rates")
     suites = load_suites(args.eval_images, args.seed, image_size)
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = prepare(Path(tmp), args.per_class, args.val_per_class, tuple(args.shots),
@@ -324,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
           "heads know the 40 seen classes only). seconds: wall time of the command in a fresh "
           "process; peak MiB: its VmHWM (interpreter and torch included); full and the mixes "
           "are one `--wise-ft` run (alpha 1 is the plain full model)")
+    print("\nfew-shot: accuracy on seen / shift mean with k labelled images per class; the "
+          "seconds and peak MiB of every run are in --json")
     print_few_shot(shots)
     if args.json:
         write_json(args.json, {"methods": rows, "few_shot": shots, "cpu": cpu_name(),
