@@ -301,3 +301,60 @@ def test_fine_tuning_at_a_new_resolution_saves_that_model(folder, model_dir, tmp
         assert torch.equal(at_zero.state_dict()[key], value), key
     with pytest.raises(ValueError, match="--image-size fine-tunes at a new resolution"):
         config(folder, tmp_path, model_dir, method="linear", image_size=size).validate()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Stop the run while it validates ``epoch`` (after the previous epoch's checkpoint)."""
+    from clipforge.training.loop import MetricsLog
+
+    write = MetricsLog.write
+
+    def failing(self, record):
+        if record.get("epoch") == epoch and "val_acc1" in record:
+            raise Interrupted
+        write(self, record)
+    monkeypatch.setattr(MetricsLog, "write", failing)
+
+
+@pytest.mark.parametrize("method", ["full", "flyp"])
+def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(method, folder, model_dir,
+                                                             tmp_path, monkeypatch) -> None:
+    settings = {"method": method, "epochs": 3, "precision": "fp32"}
+    finetune(config(folder, tmp_path / "whole", model_dir, **settings))
+    with monkeypatch.context() as patch:
+        _interrupt_at_epoch(patch, 3)
+        with pytest.raises(Interrupted):
+            finetune(config(folder, tmp_path / "run", model_dir, **settings))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000006.pt"]
+    record = finetune(config(folder, tmp_path / "run", model_dir, resume=True, **settings))
+    whole, resumed = (clipforge.create_model(tmp_path / d) for d in ("whole", "run"))
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert torch.equal(resumed.classifier.weight, whole.classifier.weight)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # deleted once the model is written
+    history = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert history == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="is complete"):
+        finetune(config(folder, tmp_path / "run", model_dir, resume=True, **settings))
+    assert record["fine_tuned"]["val_acc1"] is not None
+
+
+def test_resume_refuses_other_settings_and_a_missing_run(folder, model_dir, tmp_path,
+                                                         monkeypatch) -> None:
+    with monkeypatch.context() as patch:
+        _interrupt_at_epoch(patch, 2)
+        with pytest.raises(Interrupted):
+            finetune(config(folder, tmp_path / "run", model_dir, epochs=2))
+    with pytest.raises(ValueError, match=r"settings differ .*: lr \(was 0.001, now 0.01\)"):
+        finetune(config(folder, tmp_path / "run", model_dir, epochs=2, lr=1e-2, resume=True))
+    with pytest.raises(FileNotFoundError, match="holds no fine-tuning run"):
+        finetune(config(folder, tmp_path / "none", model_dir, resume=True))
+    with pytest.raises(SystemExit, match="--resume continues the run in --output"):
+        main(["finetune", str(folder), "--resume"])

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "classes.")
     p.add_argument("data", help="the labelled training set (its 'train' split if it has "
                    "split folders)")
-    p.add_argument("--output", type=Path, help="run directory (default runs/finetune-DATE-TIME)")
+    p.add_argument("--output", type=Path, help="run directory (default runs/finetune-DATE-TIME; "
+                   "needed with --resume)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"architecture name, checkpoint or model directory (default "
                    f"{DEFAULT_MODEL})")
@@ -112,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=_default("device"))
     p.add_argument("--csv-image-key", default=_default("image_key"))
     p.add_argument("--csv-label-key", default=_default("label_key"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last complete epoch (the same "
+                   "settings; the checkpoints are deleted once the model is written)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -119,6 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.finetune.loop import finetune
 
+    if args.resume and args.output is None:
+        raise SystemExit("error: --resume continues the run in --output DIR: give that DIR")
     config = FinetuneConfig(
         data=args.data, output=args.output or Path("runs") / time.strftime(
             "finetune-%Y%m%d-%H%M%S"),
@@ -131,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
         precision=args.precision, seed=args.seed, workers=args.workers, device=args.device,
         image_key=args.csv_image_key, label_key=args.csv_label_key,
-        progress=not args.no_progress)
+        progress=not args.no_progress, resume=args.resume)
     record = finetune(config)
     _report(record, config.output)
     return 0

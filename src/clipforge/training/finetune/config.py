@@ -30,6 +30,8 @@ METHOD_DEFAULTS = {"full": (1e-5, 10, 0.1), "flyp": (1e-5, 10, 0.1), "lora": (1e
                    "linear": (1e-3, 100, 0.0), "tip-adapter": (0.0, 0, 0.0),
                    "tip-adapter-f": (1e-3, 20, 0.01)}
 WARMUP_SHARE = 0.1  # default warm-up: this share of the steps
+# Settings that may differ when a run is resumed: how it runs, not what it computes
+RESUMABLE_CHANGES = ("workers", "progress", "resume", "log_every", "device")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class FinetuneConfig:
     label_key: str = "label"
     log_every: int = 10
     progress: bool = True
+    resume: bool = False  # continue the run in ``output`` from its last epoch's checkpoint
 
     def resolved(self, steps_per_epoch: int | None = None) -> FinetuneConfig:
         """The config with the method's defaults filled in (and the warm-up, once the number
@@ -157,6 +160,12 @@ class FinetuneConfig:
             raise ValueError(f"--lora-dropout {self.lora_dropout}: only 0 is supported, since "
                              "the attention's fused q/k/v projection is adapted as a parameter, "
                              "where peft cannot apply dropout; leave --lora-dropout at 0")
+
+    def changed_settings(self, recorded: dict[str, Any]) -> list[str]:
+        """The settings of this config that differ from a recorded run's (``to_json`` of the
+        run's own config), less :data:`RESUMABLE_CHANGES`."""
+        mine = self.to_json()
+        return [k for k in mine if k not in RESUMABLE_CHANGES and recorded.get(k) != mine[k]]
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON values (what the run directory records)."""

@@ -44,6 +44,13 @@ class Flyp(nn.Module):
         # may lie above it: it is kept where it is, not cut down at the first step)
         self.scale_max = max(LOGIT_SCALE_MAX, model.logit_scale.item())
 
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        """The prompt sampler's state travels in ``state_dict`` (a resumed run draws on)."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
     def captions(self, targets: torch.Tensor) -> torch.Tensor:
         """A prompt of each image's class, its template drawn from the run's random stream."""
         rows = []

@@ -59,6 +59,7 @@ from ...inference import embed_image_batches
 from ...model import CLIP
 from ...model.resize import with_image_size
 from ...reading import DataError, skip_reason
+from ..checkpoint import random_state, set_random_state
 from ..loop import MetricsLog, TrainingDiverged, native_bf16
 from ..optim import build_optimizer, cosine_schedule
 from . import tip_adapter
@@ -68,6 +69,7 @@ from .flyp import Flyp, head_of
 from .layer_decay import layer_scales
 from .lora import ADAPTER_DIR, add_adapters, save_and_merge
 from .lora import check as check_lora
+from .resume import Checkpoints, open_run
 from .wise_ft import (
     alpha_name,
     apply_state,
@@ -229,21 +231,23 @@ def _autocast(config: FinetuneConfig, device: torch.device):
 
 
 def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
-        metrics: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
+        metrics: MetricsLog, after_epoch: Callable[[int, int], None],
+        checkpoints: Checkpoints) -> None:
     """Training of ``tuned``'s trainable parameters on ``tuned.loss(inputs, targets)`` for
     ``config.epochs``: AdamW with decoupled weight decay (none on gains and biases), each
     layer's rate scaled by ``--layer-decay``, linear warm-up then cosine decay, gradient
-    clipping; ``after_epoch(epoch, step)`` validates."""
+    clipping; ``after_epoch(epoch, step)`` validates, then the epoch is checkpointed (and a
+    resumed run starts after its checkpoint's epoch)."""
     trainable = [p for p in tuned.parameters() if p.requires_grad]
     scales = layer_scales(tuned, config.layer_decay) if config.layer_decay != 1 else None
     optimizer = build_optimizer(tuned, config.lr, config.weight_decay, lr_scale=scales)
     total = config.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, config.warmup, total)
     device = trainable[0].device
-    step = 0
-    with tqdm(total=total, disable=not config.progress, desc="finetune", unit="step",
-              dynamic_ncols=True) as bar:
-        for epoch in range(1, config.epochs + 1):
+    first, step = _restore(checkpoints, tuned, optimizer, scheduler)
+    with tqdm(total=total, initial=step, disable=not config.progress, desc="finetune",
+              unit="step", dynamic_ncols=True) as bar:
+        for epoch in range(first, config.epochs + 1):
             for inputs, targets in batches(epoch):
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(config, device):
@@ -264,6 +268,28 @@ def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: Finetu
                     metrics.write({"step": step, "epoch": epoch, "loss": value,
                                    "lr": max(g["lr"] for g in optimizer.param_groups)})
             after_epoch(epoch, step)
+            checkpoints.save(step, {"tuned": tuned.state_dict(), "optimizer":
+                                    optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "random": random_state(), "epoch": epoch, "step": step})
+
+
+def _restore(checkpoints: Checkpoints, tuned: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any) -> tuple[int, int]:
+    """(first epoch to run, steps done): from the checkpoint resumed from, if any."""
+    state = checkpoints.state
+    if state is None:
+        return 1, 0
+    try:
+        tuned.load_state_dict(state["tuned"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"the checkpoint in {checkpoints.directory} does not fit this run "
+                         f"({str(exc).splitlines()[0]}); delete that folder to start over"
+                         ) from None
+    scheduler.load_state_dict(state["scheduler"])
+    set_random_state(state["random"])
+    log.info("resuming after epoch %d (step %d)", state["epoch"], state["step"])
+    return int(state["epoch"]) + 1, int(state["step"])
 
 
 def _steps_per_epoch(size: int, batch_size: int) -> int:
@@ -290,14 +316,18 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     train, val = load_sets(config, model.preprocess)
     config = config.resolved(_steps_per_epoch(len(train), config.batch_size))
     output = Path(config.output)
+    checkpoints = open_run(config, output, CONFIG_FILE, RESULT_FILE)
     output.mkdir(parents=True, exist_ok=True)
     with atomic_file(output / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
-    metrics = MetricsLog(output / METRICS_FILE, -1, False)  # -1: a fresh history
+    # the history up to the checkpoint (a fresh run: none)
+    metrics = MetricsLog(output / METRICS_FILE, checkpoints.resume_step, False)
     try:
-        return _run(config, model, train, val, output, metrics, started)
+        record = _run(config, model, train, val, output, metrics, started, checkpoints)
     finally:
         metrics.close()
+    checkpoints.clear()
+    return record
 
 
 def _zero_shot_head(model: CLIP, train: Labelled, config: FinetuneConfig
@@ -321,16 +351,19 @@ def _validate(model: CLIP, classifier: LinearClassifier, val: Labelled | None,
 
 
 def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | None,
-         output: Path, metrics: MetricsLog, started: float) -> dict[str, Any]:
+         output: Path, metrics: MetricsLog, started: float, checkpoints: Checkpoints
+         ) -> dict[str, Any]:
     skips = Skips()
     for item, reason in train.skipped + (val.skipped if val is not None else []):
         skips.add(item, reason)
     zero_shot, templates = _zero_shot_head(model, train, config)
     zero_shot_acc = _validate(model, zero_shot, val, config, skips)
-    metrics.write({"step": 0, "epoch": 0, "val_acc1": zero_shot_acc})
+    if checkpoints.state is None:  # a resumed run's history has it
+        metrics.write({"step": 0, "epoch": 0, "val_acc1": zero_shot_acc})
     whole = config.method == "flyp"  # both towers change; otherwise the image tower only
     start_state = tuned_state(model, zero_shot, whole)
-    tuned = _train(config, model, zero_shot, templates, train, val, metrics, skips, output)
+    tuned = _train(config, model, zero_shot, templates, train, val, metrics, skips, output,
+                   checkpoints)
     final_acc = _validate(model, tuned, val, config, skips)
     chosen = {"alpha": 1.0, "val_acc1": final_acc}
     classifier, sweep = tuned, []
@@ -376,13 +409,14 @@ def _method_record(config: FinetuneConfig, classifier: LinearClassifier) -> dict
 
 def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, templates: Templates,
            train: Labelled, val: Labelled | None, metrics: MetricsLog, skips: Skips,
-           output: Path) -> LinearClassifier:
+           output: Path, checkpoints: Checkpoints) -> LinearClassifier:
     """Train by ``config.method``; returns the classifier.  The towers are trained in place
     (``full``, ``flyp``); ``lora``'s adapters are saved in ``output`` and merged into the image
     tower; the other methods leave the towers as they are."""
     model.requires_grad_(False)
     if config.method in FROZEN_TOWER:
-        return _train_on_embeddings(config, model, start, train, val, metrics, skips)
+        return _train_on_embeddings(config, model, start, train, val, metrics, skips,
+                                    checkpoints)
     adapted = None
     if config.method == "lora":  # the adapters alone require grad
         adapted = add_adapters(model, config)
@@ -401,7 +435,8 @@ def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, templat
         metrics.write({"step": step, "epoch": epoch, "val_acc1": acc})
 
     fit(tuned, _pixel_batches(train, config, skips, model.device),
-        _steps_per_epoch(len(train), config.batch_size), config, metrics, after_epoch)
+        _steps_per_epoch(len(train), config.batch_size), config, metrics, after_epoch,
+        checkpoints)
     if adapted is not None:
         save_and_merge(adapted, output)
     model.requires_grad_(False)
@@ -418,7 +453,7 @@ def _unfreeze_towers(model: CLIP, freeze: str | None) -> None:
 
 def _train_on_embeddings(config: FinetuneConfig, model: CLIP, start: LinearClassifier,
                          train: Labelled, val: Labelled | None, metrics: MetricsLog,
-                         skips: Skips) -> LinearClassifier:
+                         skips: Skips, checkpoints: Checkpoints) -> LinearClassifier:
     """The methods of a frozen tower, on embeddings computed once: the linear probe, and
     Tip-Adapter's cache (its keys trained for ``tip-adapter-f``, its alpha and beta chosen on
     the validation images)."""
@@ -438,7 +473,8 @@ def _train_on_embeddings(config: FinetuneConfig, model: CLIP, start: LinearClass
         acc = None if frozen_val is None else accuracy(tuned.classifier(like), *frozen_val)
         metrics.write({"step": step, "epoch": epoch, "val_acc1": acc})
 
-    fit(tuned, _feature_batches(features, targets, config), steps, config, metrics, after_epoch)
+    fit(tuned, _feature_batches(features, targets, config), steps, config, metrics, after_epoch,
+        checkpoints)
     trained = tuned.classifier(like)
     if isinstance(trained, CacheClassifier) and frozen_val is not None:
         trained = tip_adapter.search(trained, *frozen_val)[0]
