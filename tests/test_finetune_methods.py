@@ -358,3 +358,44 @@ def test_resume_refuses_other_settings_and_a_missing_run(folder, model_dir, tmp_
         finetune(config(folder, tmp_path / "none", model_dir, resume=True))
     with pytest.raises(SystemExit, match="--resume continues the run in --output"):
         main(["finetune", str(folder), "--resume"])
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_rank_batches_split_each_batch_evenly() -> None:
+    from clipforge.training.finetune.loop import rank_batches
+
+    order = list(range(11))
+    assert rank_batches(order, 4, 0, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert rank_batches(order, 4, 0, 2) == [[0, 2], [4, 6], [8]]
+    assert rank_batches(order, 4, 1, 2) == [[1, 3], [5, 7], [9]]  # 10 left out: 2 ranks
+
+
+def test_two_processes_train_what_one_process_trains(folder, model_dir, tmp_path) -> None:
+    """torchrun with 2 gloo processes, each with half of every batch and the gradients
+    averaged: the same model as one process, to float32 round-off (18 training images in
+    batches of 6, so no batch is cut)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    args = ["finetune", str(folder), "--model", str(model_dir), "--epochs", "2", "--lr",
+            "1e-3", "--batch-size", "6", "--val-fraction", "0.4", "--precision", "fp32",
+            "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "clipforge", *args, "--output", str(tmp_path / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (clipforge.create_model(tmp_path / d) for d in ("one", "two"))
+    start = clipforge.create_model(model_dir)
+    assert not torch.equal(one.visual.conv1.weight, start.visual.conv1.weight)
+    for key, value in one.state_dict().items():
+        assert torch.allclose(two.state_dict()[key], value, atol=1e-5), key
+    assert torch.allclose(two.classifier.weight, one.classifier.weight, atol=1e-4)

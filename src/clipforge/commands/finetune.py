@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         image_key=args.csv_image_key, label_key=args.csv_label_key,
         progress=not args.no_progress, resume=args.resume)
     record = finetune(config)
-    _report(record, config.output)
+    if record:  # under torchrun, rank 0 reports
+        _report(record, config.output)
     return 0
 
 

@@ -58,8 +58,10 @@ from ...fileio import atomic_file
 from ...inference import embed_image_batches
 from ...model import CLIP
 from ...model.resize import with_image_size
+from ...ranks import all_gather_objects, barrier, rank_and_world
 from ...reading import DataError, skip_reason
 from ..checkpoint import random_state, set_random_state
+from ..distributed import average_gradients, init_distributed
 from ..loop import MetricsLog, TrainingDiverged, native_bf16
 from ..optim import build_optimizer, cosine_schedule
 from . import tip_adapter
@@ -167,14 +169,32 @@ def templates_for(data: Labelled, option: str | None
     return templates, source
 
 
+def rank_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of each batch of ``batch_size`` (the whole batch, over all ranks) of
+    ``order``: items ``rank::world`` of the batch, cut to a multiple of ``world`` so that every
+    rank has as many (equal shares make the averaged gradient the whole batch's, and let
+    FLYP's loss gather the features of every rank)."""
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        batch = batch[:len(batch) - len(batch) % world] if world > 1 else batch
+        if batch:
+            batches.append(batch[rank::world])
+    return batches
+
+
 def _pixel_batches(part: Labelled, config: FinetuneConfig, skips: Skips, device: torch.device
                    ) -> Batches:
-    """Each epoch's batches of (pixels, targets) in a fresh order drawn from (seed, epoch);
-    unreadable images are left out of their batch and counted."""
+    """Each epoch's batches of (pixels, targets) in a fresh order drawn from (seed, epoch),
+    this process's share of each under torchrun; unreadable images are left out of their batch
+    and counted."""
+    rank, world = rank_and_world()
+
     def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(part), generator=generator).tolist()
-        loader = DataLoader(part.items, batch_size=config.batch_size, sampler=order,
+        loader = DataLoader(part.items, batch_sampler=rank_batches(order, config.batch_size,
+                                                                   rank, world),
                             num_workers=config.workers, collate_fn=list)
         for batch in loader:
             for tag, pixels, reason in batch:
@@ -232,12 +252,14 @@ def _autocast(config: FinetuneConfig, device: torch.device):
 
 def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
         metrics: MetricsLog, after_epoch: Callable[[int, int], None],
-        checkpoints: Checkpoints) -> None:
+        checkpoints: Checkpoints, shared: bool = False) -> None:
     """Training of ``tuned``'s trainable parameters on ``tuned.loss(inputs, targets)`` for
     ``config.epochs``: AdamW with decoupled weight decay (none on gains and biases), each
     layer's rate scaled by ``--layer-decay``, linear warm-up then cosine decay, gradient
     clipping; ``after_epoch(epoch, step)`` validates, then the epoch is checkpointed (and a
-    resumed run starts after its checkpoint's epoch)."""
+    resumed run starts after its checkpoint's epoch).  ``shared``: each torchrun process has
+    its share of every batch (:func:`rank_batches`), and the gradients are averaged over them;
+    otherwise every process computes the same whole batches."""
     trainable = [p for p in tuned.parameters() if p.requires_grad]
     scales = layer_scales(tuned, config.layer_decay) if config.layer_decay != 1 else None
     optimizer = build_optimizer(tuned, config.lr, config.weight_decay, lr_scale=scales)
@@ -253,6 +275,8 @@ def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: Finetu
                 with _autocast(config, device):
                     loss = tuned.loss(inputs, targets)
                 loss.backward()
+                if shared:
+                    average_gradients(trainable)
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
@@ -268,9 +292,11 @@ def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: Finetu
                     metrics.write({"step": step, "epoch": epoch, "loss": value,
                                    "lr": max(g["lr"] for g in optimizer.param_groups)})
             after_epoch(epoch, step)
-            checkpoints.save(step, {"tuned": tuned.state_dict(), "optimizer":
-                                    optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "random": random_state(), "epoch": epoch, "step": step})
+            if is_main():
+                checkpoints.save(step, {
+                    "tuned": tuned.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "random": random_state(),
+                    "epoch": epoch, "step": step})
 
 
 def _restore(checkpoints: Checkpoints, tuned: nn.Module, optimizer: torch.optim.Optimizer,
@@ -299,9 +325,27 @@ def _steps_per_epoch(size: int, batch_size: int) -> int:
 # --------------------------------------------------------------------------- the run
 
 
+def is_main() -> bool:
+    """Whether this process writes the run (rank 0, or the only process)."""
+    return rank_and_world()[0] == 0
+
+
+class _NoMetrics:
+    """The metrics log of a torchrun process other than rank 0, which writes none."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Run a fine-tuning; returns the record also written to ``OUTPUT/finetune.json``."""
+    """Run a fine-tuning; returns the record also written to ``OUTPUT/finetune.json`` (under
+    torchrun, on rank 0: the other processes train their share and return ``{}``)."""
     config.validate()
+    _, device = init_distributed(config.device)
+    config = dataclasses.replace(config, device=str(device))
     if config.precision == "auto":
         config = dataclasses.replace(
             config, precision="bf16" if native_bf16(config.device) else "fp32")
@@ -317,16 +361,20 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     config = config.resolved(_steps_per_epoch(len(train), config.batch_size))
     output = Path(config.output)
     checkpoints = open_run(config, output, CONFIG_FILE, RESULT_FILE)
-    output.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
-    # the history up to the checkpoint (a fresh run: none)
-    metrics = MetricsLog(output / METRICS_FILE, checkpoints.resume_step, False)
+    barrier()  # every process has read the recorded run before rank 0 rewrites it
+    metrics: MetricsLog | _NoMetrics = _NoMetrics()
+    if is_main():
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_file(output / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
+        # the history up to the checkpoint (a fresh run: none)
+        metrics = MetricsLog(output / METRICS_FILE, checkpoints.resume_step, False)
     try:
         record = _run(config, model, train, val, output, metrics, started, checkpoints)
     finally:
         metrics.close()
-    checkpoints.clear()
+    if is_main():
+        checkpoints.clear()
     return record
 
 
@@ -343,7 +391,9 @@ def _zero_shot_head(model: CLIP, train: Labelled, config: FinetuneConfig
 
 def _validate(model: CLIP, classifier: LinearClassifier, val: Labelled | None,
               config: FinetuneConfig, skips: Skips) -> float | None:
-    if val is None:
+    """Validation accuracy (None without validation data, and on torchrun processes other
+    than rank 0, which validates alone)."""
+    if val is None or not is_main():
         return None
     model.eval()
     vectors, targets = embed(model, val, config, skips)
@@ -364,6 +414,11 @@ def _run(config: FinetuneConfig, model: CLIP, train: Labelled, val: Labelled | N
     start_state = tuned_state(model, zero_shot, whole)
     tuned = _train(config, model, zero_shot, templates, train, val, metrics, skips, output,
                    checkpoints)
+    for items in all_gather_objects(skips.items):  # what every process skipped
+        for item, reason in items.items():
+            skips.add(item, reason)
+    if not is_main():
+        return {}
     final_acc = _validate(model, tuned, val, config, skips)
     chosen = {"alpha": 1.0, "val_acc1": final_acc}
     classifier, sweep = tuned, []
@@ -436,9 +491,9 @@ def _train(config: FinetuneConfig, model: CLIP, start: LinearClassifier, templat
 
     fit(tuned, _pixel_batches(train, config, skips, model.device),
         _steps_per_epoch(len(train), config.batch_size), config, metrics, after_epoch,
-        checkpoints)
+        checkpoints, shared=True)
     if adapted is not None:
-        save_and_merge(adapted, output)
+        save_and_merge(adapted, output, write=is_main())
     model.requires_grad_(False)
     return tuned.classifier(start)
 

@@ -62,10 +62,12 @@ def add_adapters(model: CLIP, config: FinetuneConfig) -> nn.Module:
     return peft.get_peft_model(model.visual, lora)
 
 
-def save_and_merge(adapted: Any, output: Path) -> nn.Module:
-    """Save the adapters to ``output/adapter`` and merge them into the tower; returns the
-    plain tower (the same module as ``model.visual``)."""
-    adapted.save_pretrained(output / ADAPTER_DIR)
+def save_and_merge(adapted: Any, output: Path, write: bool = True) -> nn.Module:
+    """Save the adapters to ``output/adapter`` (unless ``write`` is False: a torchrun process
+    other than rank 0) and merge them into the tower; returns the plain tower (the same module
+    as ``model.visual``)."""
+    if write:
+        adapted.save_pretrained(output / ADAPTER_DIR)
     tower = adapted.merge_and_unload()
     _unwrap_nested(tower)
     _drop_packed(tower)
