@@ -323,10 +323,11 @@ def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(MetricsLog, "write", failing)
 
 
-@pytest.mark.parametrize("method", ["full", "flyp"])
-def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(method, folder, model_dir,
+@pytest.mark.parametrize(("method", "precision"), [("full", "fp16"), ("flyp", "fp32")])
+def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(method, precision, folder, model_dir,
                                                              tmp_path, monkeypatch) -> None:
-    settings = {"method": method, "epochs": 3, "precision": "fp32"}
+    """(fp16: its loss scaler's state is resumed too.)"""
+    settings = {"method": method, "epochs": 3, "precision": precision}
     finetune(config(folder, tmp_path / "whole", model_dir, **settings))
     with monkeypatch.context() as patch:
         _interrupt_at_epoch(patch, 3)

@@ -105,8 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=_default("grad_clip"),
                    help="max gradient norm (0: off)")
     p.add_argument("--precision", choices=PRECISIONS, default=_default("precision"),
-                   help="bf16 autocast on float32 weights; auto: bf16 where the hardware "
-                   "computes it natively")
+                   help="bf16 or fp16 autocast on float32 weights (fp16 with a loss scaler: "
+                   "for GPUs without bf16); auto: bf16 where the hardware computes it natively")
     p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument("--workers", type=int, default=_default("workers"),
                    help="image decoding processes")

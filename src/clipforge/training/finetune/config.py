@@ -13,7 +13,7 @@ METHODS = ("full", "flyp", "lora", "linear", "tip-adapter", "tip-adapter-f")
 TRAINING_FREE = ("tip-adapter",)
 FROZEN_TOWER = ("linear", "tip-adapter", "tip-adapter-f")  # on embeddings computed once
 FREEZE = ("image", "text")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # OpenAI's seven-template ensemble, chosen on ImageNet but generic (no dataset's vocabulary):
 # the default prompts of the zero-shot head when neither --templates nor the data give any.
 GENERIC_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",

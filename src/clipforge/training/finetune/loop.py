@@ -245,81 +245,114 @@ def accuracy(classifier: LinearClassifier, vectors: torch.Tensor, targets: torch
 # --------------------------------------------------------------------------- training
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _autocast(config: FinetuneConfig, device: torch.device):
-    """bf16 autocast (float32 weights) when asked; otherwise float32 throughout."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    """bf16 or fp16 autocast (float32 weights) when asked; otherwise float32 throughout."""
+    return torch.autocast(device.type, dtype=_AUTOCAST.get(config.precision, torch.bfloat16),
+                          enabled=config.precision in _AUTOCAST)
+
+
+@dataclasses.dataclass
+class Optimisation:
+    """What one training step updates: the optimiser, its schedule and fp16's loss scaler."""
+
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler":
+                self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _optimisation(tuned: nn.Module, total: int, config: FinetuneConfig) -> Optimisation:
+    """AdamW with decoupled weight decay (none on gains and biases), each layer's rate scaled
+    by ``--layer-decay``, linear warm-up then cosine decay; a loss scaler for fp16."""
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    scales = layer_scales(tuned, config.layer_decay) if config.layer_decay != 1 else None
+    optimizer = build_optimizer(tuned, config.lr, config.weight_decay, lr_scale=scales)
+    return Optimisation(trainable, optimizer, cosine_schedule(optimizer, config.warmup, total),
+                        torch.amp.GradScaler(trainable[0].device.type,
+                                             enabled=config.precision == "fp16"))
+
+
+def _step(tuned: nn.Module, opt: Optimisation, inputs: torch.Tensor, targets: torch.Tensor,
+          config: FinetuneConfig, shared: bool) -> float:
+    """One optimisation step; returns the loss (a non-finite loss stops the run)."""
+    opt.optimizer.zero_grad(set_to_none=True)
+    with _autocast(config, opt.trainable[0].device):
+        loss = tuned.loss(inputs, targets)
+    opt.scaler.scale(loss).backward()
+    if shared:
+        average_gradients(opt.trainable)
+    opt.scaler.unscale_(opt.optimizer)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(opt.trainable, config.grad_clip)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss became {value}; stopped. Lower --lr or raise --warmup.")
+    return value
 
 
 def fit(tuned: nn.Module, batches: Batches, steps_per_epoch: int, config: FinetuneConfig,
         metrics: MetricsLog, after_epoch: Callable[[int, int], None],
         checkpoints: Checkpoints, shared: bool = False) -> None:
-    """Training of ``tuned``'s trainable parameters on ``tuned.loss(inputs, targets)`` for
-    ``config.epochs``: AdamW with decoupled weight decay (none on gains and biases), each
-    layer's rate scaled by ``--layer-decay``, linear warm-up then cosine decay, gradient
-    clipping; ``after_epoch(epoch, step)`` validates, then the epoch is checkpointed (and a
-    resumed run starts after its checkpoint's epoch).  ``shared``: each torchrun process has
-    its share of every batch (:func:`rank_batches`), and the gradients are averaged over them;
-    otherwise every process computes the same whole batches."""
-    trainable = [p for p in tuned.parameters() if p.requires_grad]
-    scales = layer_scales(tuned, config.layer_decay) if config.layer_decay != 1 else None
-    optimizer = build_optimizer(tuned, config.lr, config.weight_decay, lr_scale=scales)
+    """Train ``tuned``'s trainable parameters on ``tuned.loss(inputs, targets)`` for
+    ``config.epochs`` (:func:`_optimisation`, gradient clipping); ``after_epoch(epoch, step)``
+    validates, then the epoch is checkpointed (and a resumed run starts after its checkpoint's
+    epoch).  ``shared``: each torchrun process has its share of every batch
+    (:func:`rank_batches`), and the gradients are averaged over them; otherwise every process
+    computes the same whole batches."""
     total = config.epochs * steps_per_epoch
-    scheduler = cosine_schedule(optimizer, config.warmup, total)
-    device = trainable[0].device
-    first, step = _restore(checkpoints, tuned, optimizer, scheduler)
+    opt = _optimisation(tuned, total, config)
+    first, step = _restore(checkpoints, tuned, opt)
     with tqdm(total=total, initial=step, disable=not config.progress, desc="finetune",
               unit="step", dynamic_ncols=True) as bar:
         for epoch in range(first, config.epochs + 1):
             for inputs, targets in batches(epoch):
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(config, device):
-                    loss = tuned.loss(inputs, targets)
-                loss.backward()
-                if shared:
-                    average_gradients(trainable)
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                value = _step(tuned, opt, inputs, targets, config, shared)
                 step += 1
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"loss became {value} at step {step}; stopped. "
-                                           "Lower --lr or raise --warmup.")
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 bar.update(1)
                 if step % config.log_every == 0:
-                    metrics.write({"step": step, "epoch": epoch, "loss": value,
-                                   "lr": max(g["lr"] for g in optimizer.param_groups)})
+                    metrics.write({"step": step, "epoch": epoch, "loss": value, "lr": max(
+                        g["lr"] for g in opt.optimizer.param_groups)})
             after_epoch(epoch, step)
             if is_main():
-                checkpoints.save(step, {
-                    "tuned": tuned.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "random": random_state(),
-                    "epoch": epoch, "step": step})
+                checkpoints.save(step, {"tuned": tuned.state_dict(), **opt.state_dict(),
+                                        "random": random_state(), "epoch": epoch, "step": step})
 
 
-def _restore(checkpoints: Checkpoints, tuned: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any) -> tuple[int, int]:
+def _steps_per_epoch(size: int, batch_size: int) -> int:
+    return max(1, math.ceil(size / batch_size))
+
+
+def _restore(checkpoints: Checkpoints, tuned: nn.Module, opt: Optimisation) -> tuple[int, int]:
     """(first epoch to run, steps done): from the checkpoint resumed from, if any."""
     state = checkpoints.state
     if state is None:
         return 1, 0
     try:
         tuned.load_state_dict(state["tuned"])
-        optimizer.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ValueError(f"the checkpoint in {checkpoints.directory} does not fit this run "
                          f"({str(exc).splitlines()[0]}); delete that folder to start over"
                          ) from None
-    scheduler.load_state_dict(state["scheduler"])
     set_random_state(state["random"])
     log.info("resuming after epoch %d (step %d)", state["epoch"], state["step"])
     return int(state["epoch"]) + 1, int(state["step"])
-
-
-def _steps_per_epoch(size: int, batch_size: int) -> int:
-    return max(1, math.ceil(size / batch_size))
 
 
 # --------------------------------------------------------------------------- the run
