@@ -155,6 +155,23 @@ def test_tip_adapter_caches_the_training_images_and_leaves_the_model(tip_run, mo
     assert torch.equal(labels[match], cache.labels)
 
 
+def test_a_cache_model_is_a_model_for_every_command(tip_run, folder, tmp_path, capsys) -> None:
+    """eval, index build and export read the run directory as a plain CLIP; classify uses
+    the cache."""
+    output, _ = tip_run
+    assert main(["classify", str(folder / "green" / "1.png"), "--model", str(output),
+                 "--json"]) == 0
+    import json
+
+    best = json.loads(capsys.readouterr().out)["results"][0]["predictions"][0]["label"]
+    assert best == "green"
+    assert main(["eval", str(folder), "--model", str(output), "--output",
+                 str(tmp_path / "eval.json")]) == 0
+    assert main(["index", "build", str(folder), "--model", str(output), "--out",
+                 str(tmp_path / "index"), "--no-progress"]) == 0
+    assert main(["export", "onnx", str(output), "--out", str(tmp_path / "onnx")]) == 0
+
+
 def test_tip_adapter_logits_are_the_papers_formula(tip_run, folder) -> None:
     output, _ = tip_run
     model = clipforge.create_model(output)
