@@ -20,11 +20,11 @@ PACKAGE = Path(clipforge.__file__).parent
 LAYERS = (
     ("clipforge.configs", "clipforge.fileio", "clipforge.allocator", "clipforge.text",
      "clipforge.image", "clipforge.reading", "clipforge.data", "clipforge.prompts",
-     "clipforge.samples", "clipforge.encoder", "clipforge.ranks"),
+     "clipforge.samples", "clipforge.encoder", "clipforge.ranks", "clipforge.video"),
     ("clipforge.model", "clipforge.weights", "clipforge.precision", "clipforge.factory",
      "clipforge.onnx", "clipforge.loss", "clipforge.classifier"),
-    ("clipforge.inference", "clipforge.inference_shards", "clipforge.evaluation",
-     "clipforge.search", "clipforge.training"),
+    ("clipforge.inference", "clipforge.inference_shards", "clipforge.dense",
+     "clipforge.evaluation", "clipforge.search", "clipforge.training"),
     ("clipforge.commands", "clipforge.cli", "clipforge.__main__"),
 )
 

@@ -26,6 +26,7 @@ from .image import ImageLoadError, Preprocess, load_image
 from .text import ContextLengthError, Tokenizer, tokenize
 
 if TYPE_CHECKING:
+    from .dense import locate
     from .evaluation.zeroshot import ZeroShotClassifier
     from .factory import available_models, create_model, load
     from .model import CLIP
@@ -36,13 +37,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP", "CLIPConfig", "ContextLengthError", "Encoder", "ImageLoadError", "Preprocess",
     "PreprocessConfig", "TextConfig", "Tokenizer", "VisionConfig", "ZeroShotClassifier",
-    "available_models", "create_model", "get_tokenizer", "load", "load_image", "save_model",
-    "tokenize",
+    "available_models", "create_model", "get_tokenizer", "load", "load_image", "locate",
+    "save_model", "tokenize",
 ]
 
 # name -> the submodule that defines it; each imports torch, so each waits until asked for
 _LAZY = {"CLIP": ".model", "available_models": ".factory", "create_model": ".factory",
-         "load": ".factory", "save_model": ".weights",
+         "load": ".factory", "locate": ".dense", "save_model": ".weights",
          "ZeroShotClassifier": ".evaluation.zeroshot"}
 
 

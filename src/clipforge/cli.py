@@ -1,5 +1,5 @@
-"""The ``clipforge`` command line: models, classify, embed, convert, train, finetune, eval, plots,
-rank, score, samples; index, search and serve (each in :mod:`clipforge.commands`)."""
+"""The ``clipforge`` command line: models, classify, locate, embed, convert, train, finetune, eval,
+plots, rank, score, samples; index, search and serve (each in :mod:`clipforge.commands`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .commands import (
     embed,
     evaluate,
     finetune,
+    locate,
     models,
     plots,
     samples,
@@ -22,8 +23,8 @@ from .commands import (
 )
 
 # The order ``clipforge --help`` lists the commands in.
-COMMANDS = (models, classify, plots, scoring, embed, convert, train, finetune, evaluate, samples,
-            search)
+COMMANDS = (models, classify, locate, plots, scoring, embed, convert, train, finetune, evaluate,
+            samples, search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import stat
 import sys
@@ -29,6 +30,7 @@ from ..search.index import SearchIndex
 from ..search.milvus import EMBEDDED, TOKEN_ENV, parse_backend
 from ..search.store import Store
 from ..search.vectors import ANN_KINDS
+from ..search.video import VideoOptions, clock
 from .options import (
     DEFAULT_MODEL,
     FAST_DECODE_HELP,
@@ -81,7 +83,25 @@ def _build_model(args: argparse.Namespace, device: str):
     return create_model(name, **{**model_arguments(args, name), "device": device})
 
 
+def _video_options(args: argparse.Namespace) -> VideoOptions | None:
+    """--fps, --segment and --shots over the index's own options (None: keep them all);
+    ValueError naming the problem before the model loads."""
+    given = {k: getattr(args, k) for k in ("fps", "segment", "shots")
+             if getattr(args, k) is not None}
+    if not given:
+        return None
+    recorded = VideoOptions.from_info(_recorded(args.out)) or VideoOptions()
+    values = {"fps": recorded.fps, "segment": recorded.segment, "shots": recorded.shots, **given}
+    if values["shots"] == "off":  # back to fixed windows
+        values["shots"] = None
+    try:
+        return VideoOptions(**values)
+    except ValueError as exc:
+        raise ValueError(f"--fps/--segment/--shots: {exc}") from None
+
+
 def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
+    video = _video_options(args)
     model = _build_model(args, device)
     params = {k: v for k, v in (("nlist", args.nlist), ("m", args.pq_m),
                                 ("nprobe", args.nprobe)) if v is not None}
@@ -91,7 +111,8 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
                              progress=not args.no_progress, image_key=args.csv_image_key,
                              caption_key=args.csv_caption_key, fast_decode=args.fast_decode,
                              max_index_memory=args.max_index_memory,
-                             vector_store=args.vector_store)
+                             vector_store=args.vector_store, videos=not args.no_video,
+                             video=video)
     except Exception as exc:  # SQLite says "database or disk is full", not OSError(ENOSPC)
         if isinstance(exc, DiskFullError) or not is_disk_full(exc):
             raise
@@ -107,6 +128,9 @@ def _index_build(args: argparse.Namespace, device: str, is_main: bool) -> int:
               f"{report.ann}{storage}); this run: {report.added} added, {report.removed} removed, "
               f"{report.unchanged} unchanged, {report.resumed} resumed, {report.embedded} read "
               f"in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s)")
+        if report.videos:
+            print(f"videos: {report.videos} read, {report.video_seconds:.1f} s of video in "
+                  f"{report.segments} segments")
         for key, reason in report.failures[:20]:
             line = reason if key in reason else f"{key}: {reason}"
             print(f"skipped: {printable_name(line)}", file=sys.stderr)
@@ -169,7 +193,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                           "results": [h.to_dict() for h in hits]}, indent=2))
     else:
         for hit in hits:
-            print(f"{hit.score:.4f}\t{printable_name(str(hit.path))}")
+            times = "" if hit.start is None else f"\t{clock(hit.start)}-{clock(hit.end)}"
+            print(f"{hit.score:.4f}\t{printable_name(str(hit.path))}{times}")
     if args.html:
         from ..search.html import write_contact_sheet
 
@@ -328,6 +353,20 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _shot_threshold(value: str) -> float | str:
+    """An argparse type: a cosine similarity from -1 to 1, or "off"."""
+    if value.strip().lower() == "off":
+        return "off"
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not -1 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a cosine similarity from -1 to 1 "
+                                         "(or 'off')")
+    return number
+
+
 def _memory_option(p: argparse.ArgumentParser) -> None:
     """Opening an index for queries: refuse one that would hold more memory than this."""
     p.add_argument("--max-index-memory", type=_memory_size, metavar="SIZE", help="refuse to "
@@ -345,11 +384,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="index a folder, CSV/TSV or shards (incremental, "
                         "resumable)", description="Embed every image of SOURCE into the "
-                        "index OUT. Re-running embeds only new or changed files and drops "
+                        "index OUT (a video as segments of a few seconds, each a result). "
+                        "Re-running embeds only new or changed files and drops "
                         "deleted ones; an interrupted build resumes where it stopped. Scale out "
                         "with `torchrun --nproc_per_node N -m clipforge index build ...`.")
-    b.add_argument("source", help="folder of images (same-name .txt = caption), .csv/.tsv of "
-                   "paths (other columns kept as metadata) or local .tar shards")
+    b.add_argument("source", help="folder of images and videos (same-name .txt = caption), "
+                   ".csv/.tsv of paths (other columns kept as metadata) or local .tar shards")
     b.add_argument("--out", required=True, type=Path, help="index directory")
     b.add_argument("--ann", choices=ANN_KINDS, help="search structure: flat (exact, default), "
                    "ivfpq or hnsw for large collections (re-ranked exactly)")
@@ -374,6 +414,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     b.add_argument("--csv-image-key", default="filepath")
     b.add_argument("--csv-caption-key", default="title")
+    v = b.add_argument_group("videos (needs pip install 'clipforge[video]'; default: the "
+                             "index's options, else 1 frame/s in 5 s windows)")
+    v.add_argument("--fps", type=_positive(float), metavar="N", help="frames sampled per "
+                   "second of video")
+    v.add_argument("--segment", type=_positive(float), metavar="SECONDS", help="length of a "
+                   "segment (one result): fixed windows, or the longest shot with --shots")
+    v.add_argument("--shots", type=_shot_threshold, metavar="COSINE", help="cut segments at "
+                   "shots instead: where consecutive frames' embeddings are less similar than "
+                   "this (e.g. 0.85); 'off': back to fixed windows")
+    v.add_argument("--no-video", action="store_true", help="leave video files out")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.add_argument("--no-progress", action="store_true")
     _model_options(b)

@@ -53,6 +53,7 @@ PHOTOS: tuple[str, ...] = ("astronaut.png", "chelsea.png", "coffee.png", "rocket
                            "hubble_deep_field.jpg", "ihc.png", "camera.png", "coins.png",
                            "moon.png", "brick.png", "grass.png", "gravel.png")
 PHOTO_SIDE = 256
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixel edges, x1 and y1 exclusive
 
 
 # --------------------------------------------------------------------------- entry point
@@ -68,6 +69,19 @@ def draw_scene(rng: np.random.Generator, objects: list[dict], style: str, backgr
     ``spread`` in [0, 1] (a training curriculum, see :mod:`.synthetic`): how far background
     tones and rotation reach, from mid tones and nearly upright objects (0) to black-to-white
     and any angle (1, what evaluation draws)."""
+    image, word, _ = draw_scene_with_boxes(rng, objects, style, background, image_size, degrade,
+                                           spread)
+    return image, word
+
+
+def draw_scene_with_boxes(rng: np.random.Generator, objects: list[dict], style: str,
+                          background: str, image_size: int, degrade: bool = True,
+                          spread: float = 1.0
+                          ) -> tuple[Image.Image, str | None, list[list[Box]]]:
+    """:func:`draw_scene` (the same pixels for the same generator), with where each object's
+    copies lie: per object, per cell, the box (x0, y0, x1, y1; pixel edges, x1 and y1
+    exclusive) of the pixels its mask covers at least half.  Why: measuring localisation
+    (``benchmarks/bench_locate.py``) needs the truth the generator knows."""
     if not 0 <= spread <= 1:
         raise ValueError(f"spread must be in [0, 1], got {spread}")
     if style not in STYLES:
@@ -86,7 +100,19 @@ def draw_scene(rng: np.random.Generator, objects: list[dict], style: str, backgr
         region *= 1 - a
         region += a * colour
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
-    return (_degrade(rng, image) if degrade else image), word
+    boxes = iter([_box(alpha, corner) for alpha, corner, _ in layers])
+    placed = [[next(boxes) for _ in obj["cells"]] for obj in objects]
+    return (_degrade(rng, image) if degrade else image), word, placed
+
+
+def _box(alpha: np.ndarray, corner: tuple[int, int]) -> Box:
+    """The box of the pixels a layer's mask covers at least half, in image pixels."""
+    ys, xs = np.nonzero(alpha >= 0.5)
+    y0, x0 = corner
+    if not len(xs):  # a mask thinner than half a pixel everywhere: its whole layer
+        return x0, y0, x0 + alpha.shape[1], y0 + alpha.shape[0]
+    return (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1,
+            y0 + int(ys.max()) + 1)
 
 
 # --------------------------------------------------------------------------- objects

@@ -135,19 +135,28 @@ def resize_short_side(img: Image.Image, size: int, resample: Image.Resampling) -
     """torchvision's ``Resize(size)``: the short side to ``size``, the long side in proportion.
     Images beyond :func:`max_aspect_ratio` raise :class:`ImageLoadError` before resampling."""
     check_aspect_ratio(img.size)
-    width, height = img.size
+    return img.resize(short_side_size(img.size, size), resample)
+
+
+def short_side_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The (width, height) :func:`resize_short_side` gives an image of ``image_size``."""
+    width, height = image_size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return img.resize(new_size, resample)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def crop_corner(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The (left, top) corner of :func:`center_crop`'s square in an image of ``image_size``."""
+    width, height = image_size
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     width, height = img.size
     if width < size or height < size:
         raise ValueError(f"image {img.size} is smaller than the crop {size}")
-    left = int(round((width - size) / 2.0))
-    top = int(round((height - size) / 2.0))
+    left, top = crop_corner(img.size, size)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -157,8 +166,7 @@ def resize_longest_and_pad(img: Image.Image, size: int, resample: Image.Resampli
     ``CenterCropOrPad(size, fill)``, as torchvision applies them to a PIL image."""
     check_aspect_ratio(img.size)
     width, height = img.size
-    ratio = max(height / size, width / size)
-    new_height, new_width = round(height / ratio), round(width / ratio)
+    new_width, new_height = longest_side_size(img.size, size)
     if min(new_height, new_width) < 1:
         raise ImageLoadError(f"image is {width}x{height} pixels: too thin to scale to {size}")
     img = img.resize((new_width, new_height), resample)
@@ -171,6 +179,14 @@ def resize_longest_and_pad(img: Image.Image, size: int, resample: Image.Resampli
         if palette is not None:
             img.putpalette(palette)
     return center_crop(img, size)
+
+
+def longest_side_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The (width, height) :func:`resize_longest_and_pad` resizes an image of ``image_size`` to
+    before padding."""
+    width, height = image_size
+    ratio = max(height / size, width / size)
+    return round(width / ratio), round(height / ratio)
 
 
 def squash(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
@@ -217,6 +233,26 @@ class Preprocess:
         if self.resize_mode == "longest":
             return resize_longest_and_pad(img, size, resample, self.fill_color)
         return center_crop(resize_short_side(img, size, resample), size)
+
+    def window(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The part of an image of ``image_size`` (width, height) that :meth:`resized` shows
+        the model, as (x0, y0, x1, y1) in the image's pixel coordinates (pixel edges: the
+        model's input square maps onto it linearly, as PIL resizes).  "shortest" shows the
+        centre crop, "squash" the whole image, "longest" the image and the padding around it
+        (the window reaches past the image).  Why: to put what the model saw at a position of
+        its input (a similarity map, a box) back onto the image."""
+        width, height = image_size
+        size = self.image_size
+        if self.resize_mode == "squash":
+            return 0.0, 0.0, float(width), float(height)
+        if self.resize_mode == "longest":
+            new_width, new_height = longest_side_size(image_size, size)
+            left, top = max(size - new_width, 0) // 2, max(size - new_height, 0) // 2
+        else:
+            new_width, new_height = short_side_size(image_size, size)
+            left, top = (-offset for offset in crop_corner((new_width, new_height), size))
+        sx, sy = width / new_width, height / new_height
+        return -left * sx, -top * sy, (size - left) * sx, (size - top) * sy
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.to_tensor(self.resized(img).convert("RGB"))

@@ -1,12 +1,17 @@
 """Image towers: the Vision Transformer and OpenAI's modified ResNet.
 
 Both map normalised pixels [N, 3, H, W] to [N, embed_dim] (before L2 normalisation), with the
-parameter names of openai/CLIP's ``model.py``.
+parameter names of openai/CLIP's ``model.py``.  Both also give what they compute on the way
+(``forward_intermediates``, OpenCLIP's method and output: each chosen block's or stage's
+features as [N, C, H, W] maps, a ViT's class token apart), and the ResNet's attention pool its
+output at every position (:meth:`AttentionPool2d.positions`); :mod:`.dense` turns them into
+per-patch embeddings in the joint space.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,40 @@ from . import text as tower
 from .linear import Linear, PacksWeights
 from .rope import Rope, keep_rows, rope_tables
 from .transformer import MLP, LayerNorm, Transformer
+
+# What forward_intermediates returns (OpenCLIP's keys): "image_intermediates" (a list of
+# [N, C, H, W] maps, or [N, H*W, C] with output_fmt "NLC"), "image_intermediates_prefix" (a
+# ViT's class token per block, [N, 1, C], when asked for and the tower has one) and
+# "image_features" (the tower's output, as forward gives it; not with intermediates_only)
+Intermediates = dict[str, torch.Tensor | list[torch.Tensor]]
+OUTPUT_FORMATS = ("NCHW", "NLC")
+
+
+def take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    """The blocks (or stages) ``indices`` selects among ``count``, as timm's
+    ``feature_take_indices`` reads it (and OpenCLIP after it): None, all of them; an int n,
+    the last n; a sequence, those (negative ones counted from the end)."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"cannot take the last {indices} of {count} blocks: choose 1 to "
+                             f"{count}")
+        return list(range(count - indices, count))
+    taken = []
+    for index in indices:
+        if not -count <= index < count:
+            raise ValueError(f"block index {index} is out of range for {count} blocks "
+                             f"(0 to {count - 1}, or negative from the end)")
+        taken.append(index % count)
+    if not taken:
+        raise ValueError("indices is empty: give at least one block index")
+    return taken
+
+
+def _check_format(output_fmt: str, allowed: Sequence[str] = OUTPUT_FORMATS) -> None:
+    if output_fmt not in allowed:
+        raise ValueError(f"unknown output_fmt {output_fmt!r}; choose {' or '.join(allowed)}")
 
 
 class VisionTransformer(nn.Module):
@@ -82,9 +121,26 @@ class VisionTransformer(nn.Module):
         """The rotary tables of every patch (None without rotary encoding)."""
         return None if self.rope is None else rope_tables(*self.rope, device=device)
 
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.conv1.kernel_size[0]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token (1) or none (0)."""
+        return int(self.class_embedding is not None)
+
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] pixels -> [N, tokens, width]: the transformer's output, before
         ``ln_post`` and pooling."""
+        x, rope = self.embed(pixels)
+        return self.transformer(x, rope=rope)
+
+    def embed(self, pixels: torch.Tensor, drop: bool = True) -> tuple[torch.Tensor, Rope | None]:
+        """[N, 3, S, S] pixels -> the transformer's input [N, tokens, width] (after ``ln_pre``)
+        and the patches' rotary tables.  ``drop``: apply patch dropout while training
+        (forward_intermediates keeps every patch, its maps need the whole grid)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         if self.class_embedding is not None:
@@ -97,13 +153,57 @@ class VisionTransformer(nn.Module):
             )
         x = x + self.positional_embedding.to(x.dtype)
         rope = self.rope_tables(x.device)
-        if self.training and self.patch_dropout > 0:
+        if drop and self.training and self.patch_dropout > 0:
             x, kept = self._drop_patches(x)
             rope = None if rope is None else keep_rows(rope, kept)
-        return self.transformer(self.ln_pre(x), rope=rope)
+        return self.ln_pre(x), rope
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(pixels)
+        return self.pool(self.tokens(pixels))
+
+    def forward_intermediates(self, pixels: torch.Tensor,
+                              indices: int | Sequence[int] | None = None,
+                              stop_early: bool = False, normalize_intermediates: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW",
+                              output_extra_tokens: bool = False) -> Intermediates:
+        """The outputs of the blocks ``indices`` selects (see :func:`take_indices`), as
+        OpenCLIP's ``forward_intermediates`` gives them: the patch tokens as [N, width, grid,
+        grid] maps ("NCHW") or [N, grid*grid, width] ("NLC"); the class token apart
+        ("image_intermediates_prefix", with ``output_extra_tokens``; a tower without one has
+        no such key); ``normalize_intermediates``: each through ``ln_post``.  Also the
+        embedding (``image_features``, equal to ``forward``'s) unless ``intermediates_only``;
+        ``stop_early`` with ``intermediates_only`` skips the blocks after the last one taken.
+        Why: segmentation and detection heads, probes and MaskCLIP-style maps read these."""
+        _check_format(output_fmt)
+        blocks = self.transformer.resblocks
+        taken = take_indices(len(blocks), indices)
+        x, rope = self.embed(pixels, drop=False)
+        last = max(taken) if stop_early and intermediates_only else len(blocks) - 1
+        kept = []
+        for i, block in enumerate(blocks[:last + 1]):
+            x = block(x, rope=rope)
+            if i in taken:
+                kept.append(self.ln_post(x) if normalize_intermediates else x)
+        first = self.prefix_tokens
+        out: Intermediates = {"image_intermediates": [self._patch_map(y[:, first:], output_fmt)
+                                                      for y in kept]}
+        if output_extra_tokens and first:
+            out["image_intermediates_prefix"] = [y[:, :first] for y in kept]
+        if not intermediates_only:
+            out["image_features"] = self.pool(x)
+        return out
+
+    def _patch_map(self, patches: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        """[N, grid*grid, C] patch tokens (row-major) -> [N, C, grid, grid] for "NCHW"."""
+        if output_fmt == "NLC":
+            return patches
+        n, _, width = patches.shape
+        return patches.reshape(n, self.grid, self.grid, width).permute(0, 3, 1, 2).contiguous()
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's output [N, tokens, width] -> the image embedding [N, embed_dim]:
+        ``ln_post`` on the class token (or the attention-pooling head on every token), then
+        the projection."""
         if self.attn_pool is not None:
             pooled = self.attn_pool(self.ln_post(x)).to(self.output_dtype)
         else:
@@ -219,6 +319,18 @@ class AttentionPool2d(nn.Module):
         out = out.transpose(1, 2).reshape(n, width).to(self.c_proj.weight.dtype)
         return self.c_proj(out)
 
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, H, W, out_dim]: the pool's output at every position, the value
+        and output projections of the position's feature plus its positional embedding,
+        without the attention that mixes them.  The pooled output is the attention-weighted
+        mean of these (per head), so each says what its position contributes: the per-position
+        features MaskCLIP (Zhou et al. 2022) and its followers read from CLIP's ResNets."""
+        n, _, height, width = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # [N, HW, C]
+        tokens = tokens + self.positional_embedding[1:].to(tokens.dtype)
+        out = self.v_proj(tokens).to(self.c_proj.weight.dtype)
+        return self.c_proj(out).reshape(n, height, width, -1)
+
 
 class ModifiedResNet(nn.Module):
     """OpenAI's ResNet: three-conv stem with average pooling, anti-aliased strided blocks,
@@ -254,7 +366,8 @@ class ModifiedResNet(nn.Module):
         layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The three convolutions and the average pool before the first stage."""
         x = pixels.to(self.conv1.weight.dtype)
         if x.device.type == "cpu":
             # oneDNN's convolutions want channels-last activations: given NCHW they reorder
@@ -264,14 +377,55 @@ class ModifiedResNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        return self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        self._check_grid(x, pixels)
+        return self.attnpool(x)
+
+    def _check_grid(self, x: torch.Tensor, pixels: torch.Tensor) -> None:
+        """The last stage's grid must be the one the attention pool's positions were made
+        for."""
         if x.shape[-1] * x.shape[-2] + 1 != self.attnpool.positional_embedding.shape[0]:
             raise ValueError(
                 f"expected {self.image_size}x{self.image_size} images, got "
                 f"{tuple(pixels.shape[-2:])}: use the model's preprocess transform"
             )
-        return self.attnpool(x)
+
+    def forward_intermediates(self, pixels: torch.Tensor,
+                              indices: int | Sequence[int] | None = None,
+                              stop_early: bool = False, normalize_intermediates: bool = False,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW",
+                              output_extra_tokens: bool = False) -> Intermediates:
+        """The outputs of the five stages (the stem, then ``layer1`` to ``layer4``) that
+        ``indices`` selects (:func:`take_indices`), [N, C, H, W] each, and the embedding
+        (``image_features``) unless ``intermediates_only``: OpenCLIP's method for its
+        ResNet.  As there, ``normalize_intermediates`` and ``output_extra_tokens`` do not
+        apply (no final norm, no class token); ``stop_early`` with ``intermediates_only``
+        skips the stages after the last one taken."""
+        _check_format(output_fmt, ("NCHW",))
+        stages = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        taken = take_indices(len(stages), indices)
+        last = max(taken) if stop_early and intermediates_only else len(stages) - 1
+        x, kept = pixels, []
+        for i, stage in enumerate(stages[:last + 1]):
+            x = stage(x)
+            if i in taken:
+                kept.append(x)
+        out: Intermediates = {"image_intermediates": kept}
+        if not intermediates_only:
+            self._check_grid(x, pixels)
+            out["image_features"] = self.attnpool(x)
+        return out
+
+    def positions(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] pixels -> [N, grid, grid, embed_dim]: the attention pool's output at
+        each position of the last stage (:meth:`AttentionPool2d.positions`), unnormalised."""
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(pixels)))))
+        self._check_grid(x, pixels)
+        return self.attnpool.positions(x)
 
     def init_weights(self) -> None:
         pool = self.attnpool

@@ -3,8 +3,9 @@
 In pipeline order: :mod:`.sources` lists what to index (folders, CSV/TSV, shards) without
 decoding; :mod:`.store` keeps items and float16 embeddings in SQLite, committed atomically;
 :mod:`.vectors` searches them with faiss (exact, or IVF-PQ / HNSW re-ranked exactly);
-:mod:`.build` embeds what is new or changed, resumably, under torchrun too; :mod:`.index`
-answers queries; :mod:`.server` serves them over HTTP with a web page.
+:mod:`.build` embeds what is new or changed, resumably, under torchrun too (videos as
+segments of a few seconds, :mod:`.video`); :mod:`.index` answers queries; :mod:`.server` serves
+them over HTTP with a web page.
 """
 
 from .build import BuildReport, IndexMismatchError, build_index, read_report

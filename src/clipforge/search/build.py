@@ -22,6 +22,11 @@ inserted) before it commits, and the rows it dropped are deleted from the collec
 Under ``torchrun`` every rank scans the same source, embeds every world-size-th pending item
 into its own staging file, and rank 0 merges them all after a barrier; a resumed build may use
 another number of ranks, since the merge reads whatever is staged.
+
+Video files are embedded after the images (:mod:`clipforge.search.video`): each becomes
+segments, one item each, staged together once the whole video is done, so a killed build never
+commits part of a video.  The index records the video options (``info["video"]``); a build with
+other options embeds every video again.
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from ..encoder import Encoder
 from ..fileio import atomic_file
 from ..inference import ImageBatch, embed_image_batches
 from ..ranks import barrier, rank_and_world
-from ..reading import BadItem
+from ..reading import BadItem, DataError
+from ..video import INSTALL_HINT, have_pyav, is_video
 from ..weights.fingerprint import weights_fingerprint
 from .milvus import MilvusBackend, index_type, parse_backend, prune_collection, sync_collection
-from .sources import Entry, read_entry_image, scan_source
+from .sources import Entry, read_entry_image, scan_source, segment_member
 from .store import (
     FORMAT_VERSION,
     STAGING_DIR,
@@ -65,6 +71,7 @@ from .vectors import (
     plan_storage,
     save_rows,
 )
+from .video import VideoOptions, VideoResult, embed_videos
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +144,9 @@ class BuildReport:
     ann: str = "flat"
     storage: str = "memory"  # "ondisk": the rows did not fit max_index_memory; or "milvus"
     seconds: float = 0.0
+    videos: int = 0  # videos read by this run (this rank), counted in embedded too
+    video_seconds: float = 0.0  # their length
+    segments: int = 0  # the segments they gave
     failures: list[tuple[str, str]] = field(default_factory=list)  # all current failures
 
     @property
@@ -184,19 +194,56 @@ def _rows(entries: Sequence[Entry], batch: ImageBatch) -> tuple[list[tuple], lis
     return done, failed
 
 
+def _video_rows(entry: Entry, result: VideoResult) -> list[tuple]:
+    """The staging rows of one video's segments (key ``video#t=START,END``)."""
+    rows = []
+    for segment in result.segments:
+        member = segment_member(segment.start, segment.end)
+        rows.append((f"{entry.key}#{member}", entry.path, member, None, None, entry.size,
+                     entry.mtime_ns, entry.caption, entry.extra, result.width, result.height,
+                     segment.vector.astype(np.float16).tobytes()))
+    return rows
+
+
+def _stage_videos(model: Encoder, videos: Sequence[Entry], options: VideoOptions,
+                  staging: Staging, report: BuildReport, batch_size: int, num_workers: int,
+                  progress: bool, on_batch: Callable[[int], None] | None, batches: int) -> None:
+    """Embed ``videos`` and stage each one's segments (or its failure) in one transaction."""
+    for result in embed_videos(model, videos, options, batch_size, num_workers, progress):
+        entry = videos[result.index]
+        if result.reason:
+            staging.add([], [(entry.key, entry.size, entry.mtime_ns, result.reason)])
+        else:
+            staging.add(_video_rows(entry, result), [])
+            report.video_seconds += result.duration
+            report.segments += len(result.segments)
+        report.videos += 1
+        report.embedded += 1
+        batches += 1
+        if on_batch is not None:
+            on_batch(batches)
+
+
 def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_size: int = 32,
                 num_workers: int = 0, ann: str | None = None,
                 ann_params: dict[str, Any] | None = None, progress: bool = True,
                 image_key: str = "filepath", caption_key: str = "title",
                 separator: str | None = None, fast_decode: bool = False,
                 max_index_memory: int | str | None = None, vector_store: str | None = None,
+                videos: bool = True, video: VideoOptions | None = None,
                 on_batch: Callable[[int], None] | None = None) -> BuildReport:
     """Create or update the index ``out`` from ``source`` with ``model``.
 
-    ``source``: a folder tree of images (a same-name ``.txt`` is the caption), a CSV/TSV with
-    an image-path column (``image_key``), an optional caption column (``caption_key``) and any
-    other columns as metadata, or local webdataset ``.tar`` shards.  The index comes to hold
-    exactly the source's readable images; unreadable ones are listed in the report.
+    ``source``: a folder tree of images and videos (a same-name ``.txt`` is the caption), a
+    CSV/TSV with an image- or video-path column (``image_key``), an optional caption column
+    (``caption_key``) and any other columns as metadata, or local webdataset ``.tar`` shards.
+    The index comes to hold exactly the source's readable images and the segments of its
+    readable videos; unreadable ones are listed in the report.
+
+    ``videos``: index video files (by suffix; needs PyAV, ``pip install 'clipforge[video]'``);
+    false leaves them out.  ``video``: how they are sampled and cut into segments
+    (:class:`~clipforge.search.video.VideoOptions`); None keeps the index's (1 frame per second
+    and 5-second windows for a new one).
 
     ``ann``: "flat" (exact), "ivfpq" or "hnsw" for large collections (searched approximately,
     then re-ranked exactly); None keeps the index's current choice (flat for a new one).
@@ -211,8 +258,9 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     ``milvus://HOST[:PORT]/COLLECTION`` or ``milvus-lite:PATH.db/COLLECTION`` (a Milvus
     collection kept in step with the index, see :mod:`clipforge.search.milvus`); None keeps the
     index's (embedded for a new one).  ``max_index_memory`` does not apply to a Milvus backend.
-    ``on_batch(n)`` is called after each durable batch (tests use it to interrupt a build).
-    Raises :class:`IndexMismatchError` if the index was made with other weights.
+    ``on_batch(n)`` is called after each durable batch, and after each video (tests use it to
+    interrupt a build).  Raises :class:`IndexMismatchError` if the index was made with other
+    weights.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -220,7 +268,7 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
     fingerprint = weights_fingerprint(model)
     origin = model.origin or {}
     entries = scan_source(source, image_key=image_key, caption_key=caption_key,
-                          separator=separator)
+                          separator=separator, videos=videos)
     if rank == 0:
         store = Store(out, create=True)
         info = store.info()
@@ -242,35 +290,52 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
               else parse_backend(vector_store))
     if milvus is not None:
         index_type(kind)  # an --ann Milvus has no peer for: before anything is embedded
+    recorded_video = VideoOptions.from_info(info)
+    video = video or recorded_video or VideoOptions()
+    # Staged rows count only for the same model and video options.
+    stage_id = f"{fingerprint} video={video.to_json()}"
     indexed, failed = store.stamps()
-    staged = staged_stamps(out, fingerprint)
-    unchanged = [e for e in entries if indexed.get(e.key) == e.stamp
-                 or failed.get(e.key) == e.stamp]
+    staged = staged_stamps(out, stage_id)
+    redo_videos = video != (recorded_video or VideoOptions())
+    unchanged = [e for e in entries if (indexed.get(e.key) == e.stamp
+                                        or failed.get(e.key) == e.stamp)
+                 and not (redo_videos and _is_video(e))]
     resumed = [e for e in entries if staged.get(e.key) == e.stamp]
     known = {e.key for e in unchanged} | {e.key for e in resumed}
     everything_pending = [e for e in entries if e.key not in known]
+    if any(_is_video(e) for e in everything_pending) and not have_pyav():
+        raise DataError(f"{source} holds video files, and reading them needs PyAV: "
+                        f"{INSTALL_HINT}, or leave them out (--no-video)")
     pending = everything_pending[rank::world]
     current = {e.key: e.stamp for e in entries}
     stale = [k for k, stamp in (indexed | failed).items() if current.get(k) != stamp]
     changed = (bool(everything_pending or resumed or stale) or kind != info.get("ann")
-               or budget != memory_budget(None, info) or milvus != recorded_backend(info))
+               or budget != memory_budget(None, info) or milvus != recorded_backend(info)
+               or redo_videos)
     report = BuildReport(str(out), str(source), origin.get("model"), fingerprint,
                          scanned=len(entries), unchanged=len(unchanged), resumed=len(resumed),
                          ann=kind)
     if pending:
         log.info("%s: %d item(s) to embed (%d unchanged, %d staged by an earlier run)",
                  out, len(pending), len(unchanged), len(resumed))
-        staging = Staging(out / STAGING_DIR / f"rank-{rank}.sqlite", fingerprint)
+        staging = Staging(out / STAGING_DIR / f"rank-{rank}.sqlite", stage_id)
+        images = [e for e in pending if not _is_video(e)]
+        n = 0
         try:
-            for n, batch in enumerate(embed_image_batches(
-                    model, _EntryImages(pending, model.preprocess,
-                                        model.preprocess.image_size if fast_decode else None),
-                    batch_size, num_workers,
-                    progress, desc="indexing"), start=1):
-                staging.add(*_rows(pending, batch))
-                report.embedded += len(batch.tags) + len(batch.failures)
-                if on_batch is not None:
-                    on_batch(n)
+            if images:
+                for n, batch in enumerate(embed_image_batches(
+                        model, _EntryImages(images, model.preprocess,
+                                            model.preprocess.image_size if fast_decode
+                                            else None),
+                        batch_size, num_workers, progress, desc="indexing"), start=1):
+                    staging.add(*_rows(images, batch))
+                    report.embedded += len(batch.tags) + len(batch.failures)
+                    if on_batch is not None:
+                        on_batch(n)
+            clips = [e for e in pending if _is_video(e)]
+            if clips:
+                _stage_videos(model, clips, video, staging, report, batch_size, num_workers,
+                              progress, on_batch, n)
         finally:
             staging.close()
     barrier()
@@ -286,11 +351,12 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
             return {**prepare_storage(out, store, kind, ann_params or {}, budget, dim,
                                       generation), "vector_store": ""}
 
-        counts = store.commit(entries, staging_files(out), {
+        counts = store.commit(entries, staging_files(out, stage_id), {
             "format_version": FORMAT_VERSION, "origin": json_text(origin) if origin else "",
             "model": origin.get("model") or "", "weights": origin.get("weights") or "",
             "fingerprint": fingerprint,
             "embed_dim": dim, "ann": kind, "ann_params": json.dumps(ann_params or {}),
+            "video": video.to_json(),
             "max_index_memory": "" if budget is None else budget, "source": str(source)},
             prepare=prepare)
         clear_staging(out)
@@ -309,6 +375,11 @@ def build_index(source: str | Path, out: str | Path, model: Encoder, *, batch_si
             tmp.write_text(report.to_json(), encoding="utf-8")
     barrier()
     return report
+
+
+def _is_video(entry: Entry) -> bool:
+    """A video file to cut into segments (a shard's members are images)."""
+    return entry.member is None and is_video(entry.path)
 
 
 def ann_path(directory: Path, generation: int) -> Path:

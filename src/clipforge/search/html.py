@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from ..fileio import atomic_file
 from .index import Hit, SearchIndex
+from .video import clock
 
 THUMBNAIL = 256
 
@@ -57,6 +58,8 @@ def _figure(index: SearchIndex, rank: int, hit: Hit) -> str:
     except (KeyError, OSError) as exc:
         picture = f'<div class="missing">{html.escape(str(exc))}</div>'
     caption = f"<br>{html.escape(hit.caption)}" if hit.caption else ""
+    if hit.start is not None:
+        caption = f" {clock(hit.start)}&ndash;{clock(hit.end)}{caption}"
     return (f'<figure>{picture}<figcaption><span class="score">#{rank} &middot; '
             f"{hit.score:.4f}</span><br>{name}{caption}</figcaption></figure>")
 

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -63,7 +64,7 @@ from .build import (
     recorded_origin,
 )
 from .milvus import MilvusError, MilvusVectors
-from .sources import read_entry_image
+from .sources import read_entry_image, segment_times
 from .store import DB_NAME, Head, IndexFormatError, Store
 from .vectors import ONDISK, VectorIndex, memory_bytes, plan_storage
 
@@ -81,7 +82,9 @@ class IndexUnavailableError(OSError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result (``score`` is the cosine similarity; nan for a plain lookup)."""
+    """One search result (``score`` is the cosine similarity; nan for a plain lookup).  A
+    video segment's ``path`` is the video file's, and ``start`` and ``end`` are its times in
+    seconds (None for an image)."""
 
     id: int
     path: str
@@ -90,10 +93,15 @@ class Hit:
     width: int | None = None
     height: int | None = None
     extra: dict[str, Any] | None = None
+    start: float | None = None
+    end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON shows it; ``start`` and ``end`` only for a video segment."""
         data = asdict(self)
         data["score"] = None if math.isnan(self.score) else round(self.score, 6)
+        if self.start is None:
+            del data["start"], data["end"]
         return data
 
 
@@ -472,10 +480,32 @@ class SearchIndex:
             row = rows.get(int(item_id))
             if row is None:  # removed by a newer generation since this search's snapshot
                 continue
-            hits.append(Hit(int(item_id), row["key"], float(score), row["caption"],
-                            row["width"], row["height"],
-                            json.loads(row["extra"]) if row["extra"] else None))
+            times = segment_times(row["member"], row["offset"])
+            start, end = times or (None, None)
+            hits.append(Hit(int(item_id), row["key"] if times is None else row["path"],
+                            float(score), row["caption"], row["width"], row["height"],
+                            json.loads(row["extra"]) if row["extra"] else None, start, end))
         return hits
+
+    def video_file(self, item_id: int) -> tuple[Path, os.stat_result]:
+        """The video file of an indexed video segment and its ``stat``, for sending it whole
+        or by byte ranges (read by id: no caller-given path reaches the disk).
+
+        KeyError if there is no such item; ValueError if the item is not a video segment;
+        OSError if the file is gone or changed since it was indexed (its times would not fit)."""
+        store = self._store()
+        with self._reading():
+            row = store.items([int(item_id)]).get(int(item_id))
+        if row is None:
+            raise KeyError(f"no item {item_id} in {self.path}")
+        if segment_times(row["member"], row["offset"]) is None:
+            raise ValueError(f"item {item_id} is not a video segment")
+        path = Path(row["path"])
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (row["size"],
+                                                                            row["mtime_ns"]):
+            raise OSError(f"{path} changed since it was indexed; run the index build again")
+        return path, st
 
     def open_image(self, item_id: int) -> Image.Image:
         """The image of an indexed item (read by id: no caller-given path reaches the disk).

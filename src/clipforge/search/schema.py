@@ -1,11 +1,13 @@
-"""The search server's JSON shapes and the request limits its modules share
-(:mod:`.server`, and :mod:`.knn_service` which builds on the server's answers): kept apart so
-that both import them from here, with no import cycle between the two."""
+"""The search server's JSON shapes, request limits and parameter types its modules share
+(:mod:`.server`, :mod:`.knn_service` which builds on the server's answers, and :mod:`.media`):
+kept apart so that they import them from here, with no import cycle between them."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastapi import Form, Query
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field, StringConstraints
 
 MAX_QUERY_CHARS = 1000  # per text, label or template: far beyond any model's context
@@ -20,6 +22,13 @@ def shown_name(name: str, limit: int = 100) -> str:
     return name if len(name) <= limit else name[:limit] + "..."
 
 
+# ---------------------------------------------------------------- parameters routes share
+ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="an id from a result")]
+INDEX_HELP = "the index's name (GET /api/indexes); default: the first index served"
+IndexName = Annotated[str | None, Query(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
+IndexField = Annotated[str | None, Form(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
+
+
 # ------------------------------------------------------------------------------ JSON shapes
 class HitOut(BaseModel):
     id: int
@@ -30,7 +39,13 @@ class HitOut(BaseModel):
     width: int | None
     height: int | None
     extra: dict[str, Any] | None = Field(None, description="other metadata columns (CSV)")
-    thumbnail: str = Field(description="URL of a JPEG thumbnail")
+    thumbnail: str = Field(description="URL of a JPEG thumbnail (a video segment's: the frame "
+                                       "at its start)")
+    start: float | None = Field(None, description="a video segment's start, in seconds from "
+                                                  "the video's start; null for an image")
+    end: float | None = Field(None, description="a video segment's end, in seconds")
+    video: str | None = Field(None, description="URL of a video segment's whole video file "
+                                                "(byte ranges allowed); null for an image")
 
 
 class QueryOut(BaseModel):

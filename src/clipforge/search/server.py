@@ -27,9 +27,10 @@ what only a network service needs:
   it serves HTTPS when given a certificate and its key (:func:`check_tls`), else plain HTTP;
 * ``/metrics`` serves Prometheus metrics (:mod:`.metrics`: requests by route template, latency,
   model time, index size), behind the token like the API;
-* files are reached by integer item id only, never by a path from the request, and no answer
-  shows an absolute path (:func:`display_path`; the index's folder is named by its name only),
-  so a client learns nothing of the server's directory layout;
+* files are reached by integer item id only (thumbnails, and the video files of video
+  segments, :mod:`.media`), never by a path from the request, and no answer shows an absolute
+  path (:func:`display_path`; the index's folder is named by its name only), so a client
+  learns nothing of the server's directory layout;
 * ``index.refresh()`` runs before each query, so items added by ``clipforge index build`` while
   the server runs appear without a restart, and an index that can no longer be read (deleted,
   damaged) answers 503 rather than old data;
@@ -74,7 +75,6 @@ import h11
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -94,6 +94,7 @@ from ..reading import printable_name
 from .html import render_thumbnail
 from .index import MAX_K, IndexUnavailableError
 from .knn_service import PromptFilter, add_knn_routes
+from .media import add_video_routes
 from .metrics import RequestMetrics, ServerMetrics, add_metrics_route
 from .schema import (
     MAX_INDEX_NAME_CHARS,
@@ -106,7 +107,10 @@ from .schema import (
     HealthOut,
     HitOut,
     IndexesOut,
+    IndexField,
+    IndexName,
     IndexOut,
+    ItemId,
     LabelOut,
     QueryOut,
     SearchOut,
@@ -147,9 +151,10 @@ TOKEN_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'  # p
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 OPEN_PREFIXES = ("/static/", "/static-offline-docs/")
 
-# Every response: everything comes from this server; uploads are previewed from blob: URLs.
-CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
-       "form-action 'self'; frame-ancestors 'none'")
+# Every response: everything comes from this server; uploads are previewed from blob: URLs, and
+# with a token, videos play from blob: URLs too (a <video src> cannot send the header).
+CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 # FastAPI's /docs and /redoc pages start Swagger UI and ReDoc with an inline script (allowed by
 # its hash, computed from the page as sent) and style themselves inline.
 DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
@@ -178,10 +183,6 @@ Threshold = Annotated[float | None, Query(ge=-1.0, le=1.0,
 Collapse = Annotated[float | None, Query(gt=0.0, le=1.0, description=(
     "fold near-duplicates: results more similar than this to a better one are dropped"))]
 Weight = Annotated[float, Form(ge=0.0, le=100.0)]
-ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="an id from a result")]
-INDEX_HELP = "the index's name (GET /api/indexes); default: the first index served"
-IndexName = Annotated[str | None, Query(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
-IndexField = Annotated[str | None, Form(max_length=MAX_INDEX_NAME_CHARS, description=INDEX_HELP)]
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -892,9 +893,11 @@ class _Service:
 
     def hit_out(self, hit: Hit, root: str | None) -> HitOut:
         score = None if hit.score is None or math.isnan(hit.score) else float(hit.score)
+        video = None if hit.start is None else f"/videos/{hit.id}{self.thumbnail_query}"
         return HitOut(id=hit.id, path=printable_name(display_path(str(hit.path), root)),
                       score=score, caption=hit.caption, width=hit.width, height=hit.height,
-                      extra=hit.extra, thumbnail=f"/thumbnails/{hit.id}{self.thumbnail_query}")
+                      extra=hit.extra, thumbnail=f"/thumbnails/{hit.id}{self.thumbnail_query}",
+                      start=hit.start, end=hit.end, video=video)
 
     @property
     def thumbnail_query(self) -> str:
@@ -1081,6 +1084,7 @@ def create_app(indexes: SearchIndex | Mapping[str, SearchIndex], *,
     _add_item_routes(app, services)
     _add_model_routes(app, services)
     _add_service_routes(app, services, metrics)
+    add_video_routes(app, services)
     add_knn_routes(app, services, allow_image_urls=allow_image_urls,
                    safety_prompts=safety_prompts, violence_prompts=violence_prompts)
     if token is not None:

@@ -5,6 +5,11 @@ modification time, so that a re-run embeds only new or changed items and drops d
 webdataset member is addressed as ``shard.tar#member``; its size and time are the shard's, so a
 rewritten shard is re-embedded as a whole.
 
+A video file (by suffix, :data:`~clipforge.video.VIDEO_SUFFIXES`) is one entry too; the build
+turns it into segments, each an item of its own addressed as ``video.mp4#t=START,END`` (a W3C
+media fragment: its ``member`` is ``t=START,END``, in seconds, and it has no byte span), so that
+its segments stand or fall with the file, as a shard's members do.
+
 :func:`read_entry_image` is the one way to get an item's pixels, used by the build (in DataLoader
 workers) and by the search side (thumbnails), so both read the same bytes.
 """
@@ -12,6 +17,7 @@ workers) and by the search side (thumbnails), so both read the same bytes.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +37,10 @@ from ..reading import (
     read_rows,
     read_utf8,
 )
+from ..video import frame_at, is_video
 
 _SHARD_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_SEGMENT = re.compile(r"t=(\d+(?:\.\d+)?),(\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,11 @@ def _caption_beside(path: Path) -> str | None:
         return None
 
 
-def scan_folder(root: Path) -> Iterator[Entry]:
-    """Image files (by suffix) anywhere under ``root``, in sorted order, with a same-name .txt
-    caption where there is one."""
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+def scan_folder(root: Path, videos: bool = True) -> Iterator[Entry]:
+    """Image files, and video files unless ``videos`` is false (by suffix), anywhere under
+    ``root``, in sorted order, with a same-name .txt caption where there is one."""
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       or (videos and is_video(p))):
         if path.is_file():
             path = path.resolve()
             yield Entry(str(path), str(path), None, *_stat(path), caption=_caption_beside(path))
@@ -144,14 +153,16 @@ def scan_shards(spec: str) -> Iterator[Entry]:
 
 
 def scan_source(source: str | Path, *, image_key: str = "filepath", caption_key: str = "title",
-                separator: str | None = None) -> list[Entry]:
-    """Every item of ``source`` (a folder, a .csv/.tsv, or shards), keys unique, sorted."""
+                separator: str | None = None, videos: bool = True) -> list[Entry]:
+    """Every item of ``source`` (a folder, a .csv/.tsv, or shards), keys unique, sorted;
+    without ``videos``, video files (by suffix) are left out."""
     text = str(source)
     path = Path(text)
     if path.is_dir():
-        entries = list(scan_folder(path))
+        entries = list(scan_folder(path, videos))
     elif path.suffix.lower() in (".csv", ".tsv") and path.is_file():
-        entries = list(scan_table(path, image_key, caption_key, separator))
+        entries = [e for e in scan_table(path, image_key, caption_key, separator)
+                   if videos or not is_video(e.path)]
     elif is_shard_spec(text):
         entries = list(scan_shards(text))
     elif not path.exists():
@@ -163,16 +174,46 @@ def scan_source(source: str | Path, *, image_key: str = "filepath", caption_key:
     return [unique[key] for key in sorted(unique)]
 
 
+def format_seconds(seconds: float) -> str:
+    """Seconds as a media fragment writes them: to the millisecond, no trailing zeros."""
+    return f"{round(seconds, 3):.3f}".rstrip("0").rstrip(".")
+
+
+def segment_member(start: float, end: float) -> str:
+    """The ``member`` of a video segment: the media fragment ``t=START,END``."""
+    return f"t={format_seconds(start)},{format_seconds(end)}"
+
+
+def segment_times(member: object, offset: object = None) -> tuple[float, float] | None:
+    """(start, end) in seconds if an item's ``member`` names a video segment, else None.  A
+    shard member always has a byte span (``offset``), and its name an image suffix, so the
+    two never meet."""
+    if offset is not None or not isinstance(member, str):
+        return None
+    found = _SEGMENT.fullmatch(member)
+    return (float(found[1]), float(found[2])) if found else None
+
+
+def entry_key(key: str, path: str, member: object, offset: object) -> str:
+    """The key of the scanned entry an item comes from: its own, or for a video segment the
+    video file's, whose size and time decide whether the segment is still current."""
+    return path if segment_times(member, offset) is not None else key
+
+
 def read_entry_image(path: str, member: str | None = None, offset: int | None = None,
                      length: int | None = None, draft: int | None = None) -> Image.Image:
     """The fully decoded image of an item; :class:`BadItem` with the reason if it cannot be.
 
     A shard member is read by the byte span the scan recorded (one seek, not a walk through
-    the tar's headers), which is why a rewritten shard is always re-scanned.  ``draft``: decode
-    JPEGs at a reduced scale, no smaller than this (see :func:`clipforge.reading.open_image_file`).
+    the tar's headers), which is why a rewritten shard is always re-scanned.  A video
+    segment's image is the frame shown at its start.  ``draft``: decode JPEGs at a reduced
+    scale, no smaller than this (see :func:`clipforge.reading.open_image_file`).
     """
     if member is None:
         return open_image_file(path, draft)
+    times = segment_times(member, offset)
+    if times is not None:
+        return frame_at(path, times[0])
     try:
         with open_regular_file(path) as f:
             f.seek(offset or 0)

@@ -18,6 +18,12 @@ batch by batch, so a killed build resumes without redoing them; only the final m
 ``items`` changes what searches see, and it bumps ``generation`` so readers know to reload.
 Files a generation needs beside the database (``ondisk-G.*``) are written inside that
 transaction, before it commits, so no reader ever sees a generation without them.
+
+A video's segments are items of their own (``video.mp4#t=0,5``, see :mod:`.sources`), but the
+scan knows the video file only: wherever items are matched with scanned entries (their stamps,
+the commit), a segment answers for its video (:func:`~.sources.entry_key`), so a changed or
+deleted video takes all its segments with it.  A video's segments are staged in one
+transaction, so a build killed in the middle of a video leaves none of them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import Entry
+from .sources import Entry, entry_key
 
 FORMAT_VERSION = "1"
 DB_NAME = "index.sqlite"
@@ -53,6 +59,10 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE TABLE IF NOT EXISTS failures (
     key TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, reason TEXT NOT NULL);
 """
+# The scanned entry's key of an item row of table {t}: a video segment's (member "t=...", no
+# byte span) is its video's path (the SQL form of sources.entry_key).
+_ENTRY_KEY_SQL = ("CASE WHEN {t}.offset IS NULL AND substr({t}.member, 1, 2) = 't=' "
+                  "THEN {t}.path ELSE {t}.key END")
 _STAGING_SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS done (
@@ -88,6 +98,11 @@ def to_db(value: object) -> object:
 def from_db(value: object) -> object:
     """The inverse of :func:`to_db` for a text column: a BLOB becomes ``os.fsdecode``'s str."""
     return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _entry_key(row: Sequence[object]) -> str:
+    """:func:`~.sources.entry_key` of a row that starts key, path, member, offset."""
+    return entry_key(from_db(row[0]), from_db(row[1]), from_db(row[2]), row[3])
 
 
 def _row_to_db(row: Sequence[object], columns: Sequence[str]) -> tuple:
@@ -177,9 +192,10 @@ class Store:
     # ----------------------------------------------------------------- reading
 
     def stamps(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
-        """(key -> (size, mtime) of indexed items, the same for items that failed)."""
-        items = {from_db(k): (s, m) for k, s, m in
-                 self.con.execute("SELECT key, size, mtime_ns FROM items")}
+        """(key -> (size, mtime) of indexed entries, the same for entries that failed); a
+        video's segments answer under the video's key."""
+        items = {_entry_key(row): (row[4], row[5]) for row in self.con.execute(
+            "SELECT key, path, member, offset, size, mtime_ns FROM items")}
         failed = {from_db(k): (s, m) for k, s, m in
                   self.con.execute("SELECT key, size, mtime_ns FROM failures")}
         return items, failed
@@ -247,7 +263,10 @@ class Store:
         """Make the scanned set the index's state, in one transaction.
 
         Items whose file is gone or changed are dropped; staged embeddings of scanned items
-        (with the scanned size and time) are added; failures are those of the current files.
+        (with the scanned size and time) are added, replacing whatever the index held for the
+        same entry (a video embedded again with other options loses its old segments);
+        failures are those of the current files.  Only ``staging`` files are merged: the
+        caller picks those made with its model (:func:`staging_files`).
         ``prepare(generation)``, if given, runs inside the transaction once the items are
         merged (:meth:`row_chunks` reads them) and before the commit: it writes the files the
         new generation needs and returns more info to record with it.  Returns counts: added,
@@ -261,11 +280,20 @@ class Store:
             con.execute("DELETE FROM temp.scan")
             con.executemany("INSERT INTO temp.scan VALUES (?, ?, ?)",
                             [(to_db(k), s, m) for k, (s, m) in stamps.items()])
-            current = ("EXISTS (SELECT 1 FROM temp.scan s WHERE s.key = {t}.key "
+            current = ("EXISTS (SELECT 1 FROM temp.scan s WHERE s.key = {key} "
                        "AND s.size = {t}.size AND s.mtime_ns = {t}.mtime_ns)")
-            removed = con.execute(f"DELETE FROM items WHERE NOT {current.format(t='items')}"
-                                  ).rowcount
-            con.execute(f"DELETE FROM failures WHERE NOT {current.format(t='failures')}")
+            entry = _ENTRY_KEY_SQL.format(t="items")
+            removed = con.execute("DELETE FROM items WHERE NOT "
+                                  + current.format(t="items", key=entry)).rowcount
+            con.execute("DELETE FROM failures WHERE NOT "
+                        + current.format(t="failures", key="failures.key"))
+            staging = list(staging)
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS restaged (key TEXT PRIMARY KEY)")
+            con.execute("DELETE FROM temp.restaged")
+            con.executemany("INSERT OR IGNORE INTO temp.restaged VALUES (?)",
+                            [(to_db(k),) for k in _staged_entries(staging, stamps)])
+            removed += con.execute(f"DELETE FROM items WHERE {entry} IN "
+                                   "(SELECT key FROM temp.restaged)").rowcount
             before = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             columns = ", ".join(_ITEM_COLUMNS)
             marks = ", ".join("?" * len(_ITEM_COLUMNS))
@@ -273,7 +301,7 @@ class Store:
                 stage = sqlite3.connect(path)
                 try:
                     for row in stage.execute(f"SELECT {columns} FROM done"):
-                        if stamps.get(from_db(row[0])) == (row[5], row[6]):
+                        if stamps.get(_entry_key(row)) == (row[5], row[6]):
                             con.execute(f"INSERT OR IGNORE INTO items ({columns}) VALUES "
                                         f"({marks})", row)
                     for key, size, mtime, reason in stage.execute("SELECT * FROM failed"):
@@ -282,7 +310,8 @@ class Store:
                                         (key, size, mtime, reason))
                 finally:
                     stage.close()
-            con.execute("DELETE FROM failures WHERE key IN (SELECT key FROM items)")
+            con.execute("DELETE FROM failures WHERE key IN "
+                        f"(SELECT {_ENTRY_KEY_SQL.format(t='items')} FROM items)")
             total = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             generation = self.generation() + 1
             if prepare is not None:
@@ -292,6 +321,7 @@ class Store:
                             [(k, to_db(str(v))) for k, v in values.items()])
             failed = con.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
             con.execute("DROP TABLE temp.scan")
+            con.execute("DROP TABLE temp.restaged")
         return {"added": total - before, "removed": removed, "failed": failed, "total": total,
                 "generation": generation}
 
@@ -327,8 +357,42 @@ class Staging:
         self.con.close()
 
 
-def staging_files(directory: Path) -> list[Path]:
-    return sorted((directory / STAGING_DIR).glob("rank-*.sqlite"))
+def staging_files(directory: Path, fingerprint: str | None = None) -> list[Path]:
+    """The ranks' staging files; with ``fingerprint``, only those made with it (a file left
+    by an earlier build with another model or other video options is not merged)."""
+    paths = sorted((directory / STAGING_DIR).glob("rank-*.sqlite"))
+    return paths if fingerprint is None else [p for p in paths
+                                              if _staged_with(p) == fingerprint]
+
+
+def _staged_with(path: Path) -> str | None:
+    """The fingerprint a staging file records (None if it cannot be read)."""
+    con = sqlite3.connect(path)
+    try:
+        row = con.execute("SELECT value FROM info WHERE key = 'fingerprint'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        con.close()
+    return row[0] if row else None
+
+
+def _staged_entries(staging: Iterable[Path], stamps: dict[str, tuple[int, int]]) -> set[str]:
+    """The entry keys with a staged result (embedded or failed) for their scanned file."""
+    found: set[str] = set()
+    for path in staging:
+        con = sqlite3.connect(path)
+        try:
+            for row in con.execute("SELECT key, path, member, offset, size, mtime_ns FROM done"):
+                key = _entry_key(row)
+                if stamps.get(key) == (row[4], row[5]):
+                    found.add(key)
+            for key, size, mtime in con.execute("SELECT key, size, mtime_ns FROM failed"):
+                if stamps.get(from_db(key)) == (size, mtime):
+                    found.add(from_db(key))
+        finally:
+            con.close()
+    return found
 
 
 def staged_stamps(directory: Path, fingerprint: str) -> dict[str, tuple[int, int]]:
@@ -341,9 +405,10 @@ def staged_stamps(directory: Path, fingerprint: str) -> dict[str, tuple[int, int
             row = con.execute("SELECT value FROM info WHERE key = 'fingerprint'").fetchone()
             if not row or row[0] != fingerprint:
                 continue
-            for table in ("done", "failed"):
-                stamps.update({from_db(k): (s, m) for k, s, m in
-                               con.execute(f"SELECT key, size, mtime_ns FROM {table}")})
+            stamps.update({_entry_key(r): (r[4], r[5]) for r in con.execute(
+                "SELECT key, path, member, offset, size, mtime_ns FROM done")})
+            stamps.update({from_db(k): (s, m) for k, s, m in
+                           con.execute("SELECT key, size, mtime_ns FROM failed")})
         except sqlite3.DatabaseError:  # a staging file cut short: its batches are redone
             continue
         finally:

@@ -22,7 +22,7 @@ const indexSelect = $("index-select");
 
 let latest = 0;  // number of the newest request: answers to older ones are dropped
 let retry = null;  // the query that was refused for want of a token: run again once given
-let thumbnailUrls = [];  // blob: URLs of the shown thumbnails, revoked with their cards
+let thumbnailUrls = [];  // blob: URLs of the shown thumbnails and videos, revoked with their cards
 let indexes = [];  // the served indexes, from /healthz: [{name, status, items, model}, ...]
 
 // A server with several indexes searches the first unless a request names another: the page
@@ -130,6 +130,50 @@ function showThumbnail(img, url) {
     .catch(() => {});
 }
 
+// A video segment's times as HH:MM:SS, with milliseconds when between seconds (as the
+// command line prints them).
+function clock(seconds) {
+  const millis = Math.round(seconds * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  const whole = Math.floor(millis / 1000);
+  const rest = millis % 1000;
+  const fraction = rest ? "." + String(rest).padStart(3, "0").replace(/0+$/, "") : "";
+  return `${pad(Math.floor(whole / 3600))}:${pad(Math.floor(whole / 60) % 60)}:` +
+    `${pad(whole % 60)}${fraction}`;
+}
+
+// Play a video result from the moment found: the media fragment #t=start,end tells the
+// browser where to start and stop, and currentTime is set too once the metadata is in.  The
+// server answers byte ranges, so the browser seeks without fetching the whole file.  With a
+// token, a <video src> cannot send the Authorization header: the file is fetched with it and
+// played from a blob: URL (the whole file is downloaded first).
+async function playVideo(node, hit) {
+  let source = hit.video;
+  if (sessionStorage.getItem(TOKEN_KEY)) {
+    const response = await fetch(hit.video, withToken());
+    if (response.status === 401) askForToken(() => playVideo(node, hit));
+    if (!response.ok) {  // said above the results, which stay
+      errorBox.textContent = await errorMessage(response);
+      errorBox.hidden = false;
+      return;
+    }
+    source = URL.createObjectURL(await response.blob());
+    thumbnailUrls.push(source);
+  }
+  const video = document.createElement("video");
+  video.className = "thumb";
+  video.controls = true;
+  video.dataset.testid = "result-video";
+  video.dataset.start = hit.start;
+  video.addEventListener("loadedmetadata", () => {
+    if (Math.abs(video.currentTime - hit.start) > 0.05) video.currentTime = hit.start;
+  }, { once: true });
+  video.src = `${source}#t=${hit.start},${hit.end}`;
+  node.querySelector(".thumb").replaceWith(video);
+  node.querySelector("button.play").disabled = true;
+  video.play().catch(() => {});  // a browser may refuse to start without a click: controls stay
+}
+
 function baseName(path) {
   return path.split(/[\\/]/).pop();
 }
@@ -170,6 +214,16 @@ function card(hit, index) {
   const caption = node.querySelector(".caption");
   if (hit.caption) caption.textContent = hit.caption;
   else caption.remove();
+  const when = node.querySelector(".when");
+  const play = node.querySelector("button.play");
+  if (hit.video) {
+    when.textContent = `${clock(hit.start)}–${clock(hit.end)}`;
+    play.setAttribute("aria-label", `Play ${name} from ${clock(hit.start)}`);
+    play.addEventListener("click", () => playVideo(node, hit));
+  } else {
+    when.remove();
+    play.remove();
+  }
   const more = node.querySelector("button.more");
   more.setAttribute("aria-label", `More like ${name}`);
   more.addEventListener("click", () => similar(hit.id, index));

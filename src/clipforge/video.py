@@ -1,0 +1,216 @@
+"""Reading video files: frames sampled at a chosen rate, decoded one at a time, and the frame
+shown at a given moment.
+
+This sits beside :mod:`clipforge.reading` at the bottom of the data path (nothing here imports a
+model): the index build samples frames through :func:`sample_frames`, the search side draws
+thumbnails with :func:`frame_at`, and both name an unusable file the way images are named, with
+:class:`~clipforge.reading.BadItem` and a reason (``unreadable video (...)``).
+
+Decoding is PyAV's (FFmpeg's libraries, ``pip install 'clipforge[video]'``), imported only when
+a video is read, so that the rest of clipforge works without it.  Frames are decoded in order
+and converted to pictures only when sampled; :func:`sample_frames` is a generator holding at
+most one sampled frame besides the one being decoded, so its memory does not grow with the
+video's length.  Times are seconds from the start of the video stream, as a browser's
+``currentTime`` counts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from PIL import Image
+
+from .image.transform import (
+    ImageLoadError,
+    NotRegularFileError,
+    check_aspect_ratio,
+    open_regular_file,
+)
+from .reading import BadItem
+
+# Containers FFmpeg reads that people keep videos in (not .ts: TypeScript sources share it).
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ogv",
+                  ".wmv", ".flv", ".3gp"}
+# What the server declares when it sends a video (with nosniff, a browser believes it).
+VIDEO_MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
+                     ".mkv": "video/x-matroska", ".webm": "video/webm", ".avi": "video/x-msvideo",
+                     ".mpg": "video/mpeg", ".mpeg": "video/mpeg", ".ogv": "video/ogg",
+                     ".wmv": "video/x-ms-wmv", ".flv": "video/x-flv", ".3gp": "video/3gpp"}
+UNREADABLE_VIDEO = "unreadable video"
+MISSING_VIDEO = "missing video"
+INSTALL_HINT = "pip install 'clipforge[video]'"
+_EPS = 1e-6  # seconds: timestamps are rationals printed as floats
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a video file, by its suffix (nothing is opened)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def media_type(path: str | os.PathLike) -> str:
+    """The Content-Type of a video file, by its suffix."""
+    return VIDEO_MEDIA_TYPES.get(Path(path).suffix.lower(), "application/octet-stream")
+
+
+def have_pyav() -> bool:
+    """Whether PyAV can be imported (videos can be read)."""
+    try:
+        _av()
+    except BadItem:
+        return False
+    return True
+
+
+def _av() -> ModuleType:
+    try:
+        import av
+    except ImportError:
+        raise BadItem(f"{UNREADABLE_VIDEO} (PyAV is not installed: {INSTALL_HINT})") from None
+    return av
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One sampled frame: its picture (RGB) and its time in seconds.  ``end`` is set on the
+    last frame only: where the video ends (the end of its last decoded frame)."""
+
+    image: Image.Image
+    time: float
+    end: float | None = None
+
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[tuple[Any, Any]]:
+    """The container and its first video stream, checked before any frame is decoded; every
+    failure, the file's or FFmpeg's, as :class:`BadItem` with the reason."""
+    av = _av()
+    try:
+        f = open_regular_file(path)
+    except FileNotFoundError:
+        raise BadItem(f"{MISSING_VIDEO} (no such file)") from None
+    except NotRegularFileError as exc:
+        raise BadItem(f"{UNREADABLE_VIDEO} (not a regular file: it is {exc.kind})") from None
+    except OSError as exc:
+        raise BadItem(f"{UNREADABLE_VIDEO} ({exc.strerror or exc})") from None
+    with f, _reasons(av):
+        with av.open(f, mode="r") as container:
+            if not container.streams.video:
+                raise BadItem(f"{UNREADABLE_VIDEO} (no video stream)")
+            stream = container.streams.video[0]
+            _check_size(stream.codec_context.width, stream.codec_context.height)
+            stream.thread_type = "AUTO"  # frame threads: several frames decoded at once
+            yield container, stream
+
+
+@contextlib.contextmanager
+def _reasons(av: ModuleType) -> Iterator[None]:
+    """FFmpeg's errors, and anything else a damaged file provokes, as :class:`BadItem`."""
+    try:
+        yield
+    except BadItem:
+        raise
+    except av.FFmpegError as exc:
+        detail = exc.strerror or type(exc).__name__
+        raise BadItem(f"{UNREADABLE_VIDEO} ({detail})") from None
+    except Exception as exc:  # a malformed file may raise anything in the bindings
+        raise BadItem(f"{UNREADABLE_VIDEO} ({type(exc).__name__}: {exc})") from None
+
+
+def _check_size(width: int, height: int) -> None:
+    """Refuse frame sizes no image would be allowed (before a frame is decoded): a header can
+    declare gigapixel frames in a few bytes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise BadItem(f"{UNREADABLE_VIDEO} (frames of {width}x{height} pixels, more than "
+                      f"the limit of {limit})")
+    try:
+        check_aspect_ratio((width, height))
+    except ImageLoadError as exc:
+        raise BadItem(f"{UNREADABLE_VIDEO} ({str(exc).replace('image is', 'frames are')})"
+                      ) from None
+
+
+def _clock(stream: Any) -> tuple[float, float]:
+    """(start, nominal frame duration) of a stream, in seconds; 0 where it records none."""
+    base = stream.time_base
+    start = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    return start, (1.0 / float(rate) if rate else 0.0)
+
+
+def _times(frame: Any, start: float, nominal: float, previous: float | None
+           ) -> tuple[float, float]:
+    """A decoded frame's (time, end) in seconds from the stream's start.  A frame without a
+    timestamp follows the one before it by the nominal frame duration."""
+    if frame.pts is None or frame.time_base is None:
+        time = 0.0 if previous is None else previous + nominal
+    else:
+        time = max(float(frame.pts * frame.time_base) - start, 0.0)
+    length = (float(frame.duration * frame.time_base) if frame.duration and frame.time_base
+              else nominal)
+    return time, time + length
+
+
+def _picture(frame: Any) -> Image.Image:
+    image = frame.to_image()  # RGB at the stored size
+    image.info["original_size"] = image.size
+    return image
+
+
+def sample_frames(path: str | os.PathLike, fps: float) -> Iterator[Frame]:
+    """The frames of a video at ``fps`` frames per second, in order, decoded as they are
+    needed.
+
+    For each sampling time ``j / fps`` (j = 0, 1, ...) the first frame shown at or after it
+    is taken, with its own timestamp; a video slower than ``fps`` gives each of its frames
+    once.  The last frame carries the video's end (:attr:`Frame.end`), so the generator holds
+    one sampled frame back until the next is decoded.  Raises :class:`BadItem` (``missing
+    video``, ``unreadable video (...)``) when the file cannot be opened, holds no video
+    stream or no decodable frame, or fails midway: a caller that already used earlier frames
+    must drop them.
+    """
+    if not fps > 0 or not math.isfinite(fps):
+        raise ValueError(f"frames per second must be a positive number, not {fps!r}")
+    with _opened(path) as (container, stream):
+        start, nominal = _clock(stream)
+        held: Frame | None = None
+        end, time, sample = 0.0, None, 0
+        for frame in container.decode(stream):
+            time, frame_end = _times(frame, start, nominal, time)
+            end = max(end, frame_end)
+            if time + _EPS < sample / fps:
+                continue
+            if held is not None:
+                yield held
+            held = Frame(_picture(frame), time)
+            sample = math.floor(time * fps + _EPS) + 1
+        if held is None:
+            raise BadItem(f"{UNREADABLE_VIDEO} (no frame could be decoded)")
+    yield replace(held, end=max(end, held.time))
+
+
+def frame_at(path: str | os.PathLike, time: float) -> Image.Image:
+    """The frame shown at ``time`` seconds (the first at or after it; the last frame for a time
+    past the end), for thumbnails: a seek to the key frame before it, then decoding forward.
+    :class:`BadItem` if the video cannot be read."""
+    with _opened(path) as (container, stream):
+        start, nominal = _clock(stream)
+        if time > 0 and stream.time_base:
+            target = int((time + start) / stream.time_base)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        shown, previous = None, None
+        for frame in container.decode(stream):
+            previous, _ = _times(frame, start, nominal, previous)
+            shown = frame
+            if previous + _EPS >= time:
+                break
+        if shown is None:
+            raise BadItem(f"{UNREADABLE_VIDEO} (no frame could be decoded)")
+        return _picture(shown)
