@@ -52,6 +52,15 @@ def seeded_model(name: str, seed: int) -> clipforge.CLIP:
         return perturb(clipforge.create_model(name), seed=seed)
 
 
+def saved_tiny_vit(directory: Path, seed: int) -> Path:
+    """A perturbed tiny ViT saved as one weights file in ``directory``: what an index records
+    by path and the command line loads again."""
+    torch.manual_seed(0)
+    path = directory / "tiny.safetensors"
+    clipforge.save_model(perturb(clipforge.create_model("tiny-vit"), seed=seed), path)
+    return path
+
+
 @pytest.fixture
 def tiny_vit() -> clipforge.CLIP:
     return seeded_model("tiny-vit", seed=1)

@@ -17,12 +17,15 @@ against transformers' PIL image processors and a mirror of torchvision's arithme
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.abc
 import importlib.machinery
 import random
 import shutil
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,16 @@ def open_clip():
     except ImportError as exc:
         pytest.skip(f"open_clip/timm not installed ({exc})")
     return module
+
+
+@contextmanager
+def small_timm(sizes: dict[str, dict]) -> Iterator[None]:
+    """timm's model constructors named in ``sizes`` build with those arguments (depth, width,
+    image size) while the block runs: the published towers' code at test size."""
+    from timm.models import _registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, kwargs in sizes.items():
+            patch.setitem(_registry._model_entrypoints, name,
+                          functools.partial(_registry._model_entrypoints[name], **kwargs))
+        yield

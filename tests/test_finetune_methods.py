@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import clipforge
+import test_finetune
 from clipforge.classifier import CacheClassifier, LinearClassifier
 from clipforge.cli import main
 from clipforge.evaluation.zeroshot import ZeroShotClassifier
@@ -21,21 +22,10 @@ from clipforge.training.finetune.layer_decay import layer_scales, level
 from clipforge.training.finetune.loop import Tuned, finetune
 from clipforge.training.finetune.tip_adapter import build_cache, search
 from clipforge.training.optim import build_optimizer
-from test_finetune import COLOURS, config, make_folder
+from test_finetune import COLOURS, config
 
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("colours") / "colours")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from conftest import seeded_model
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    clipforge.save_model(seeded_model("tiny-vit", seed=1), path)
-    return path
+# the same module-scoped fixtures as test_finetune: its colour folder and tiny ViT
+folder, model_dir = test_finetune.folder, test_finetune.model_dir
 
 
 def _paths(folder: Path) -> list[str]:

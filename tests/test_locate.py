@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +68,6 @@ OPEN_CLIP_CASES = {
 }
 
 
-@contextmanager
-def _small_timm():
-    from timm.models import _registry
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, sizes in SMALL_TIMM.items():
-            patch.setitem(_registry._model_entrypoints, name,
-                          functools.partial(_registry._model_entrypoints[name], **sizes))
-        yield
-
 
 @pytest.fixture(scope="module", params=list(OPEN_CLIP_CASES))
 def open_clip_pair(request, tmp_path_factory):
@@ -88,7 +77,7 @@ def open_clip_pair(request, tmp_path_factory):
     (directory / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": OPEN_CLIP_CASES[request.param], "preprocess_cfg": {}}))
     torch.manual_seed(0)
-    with _small_timm():
+    with families.small_timm(SMALL_TIMM):
         reference = oc.create_model(f"local-dir:{directory}", pretrained_text=False)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # noise: zero biases and unit norms cannot hide a wrong mapping

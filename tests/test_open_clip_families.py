@@ -26,11 +26,9 @@ modules open_clip instantiates.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,16 +79,6 @@ EVA_PREPROCESS = {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpola
 def oc():
     return families.open_clip()
 
-
-@contextmanager
-def _small_timm():
-    from timm.models import _registry
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, sizes in SMALL_TIMM.items():
-            patch.setitem(_registry._model_entrypoints, name,
-                          functools.partial(_registry._model_entrypoints[name], **sizes))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +274,7 @@ def _build(oc, root: Path, tokenizers: dict[str, Path], name: str) -> Case:
         shutil.copytree(shipped, directory, dirs_exist_ok=True)
     _write(directory, model_cfg, preprocess_cfg)
     torch.manual_seed(0)
-    with _small_timm():
+    with families.small_timm(SMALL_TIMM):
         built = _perturb(oc.create_model(f"local-dir:{directory}", pretrained_text=False),
                          seed=1)
         save_file({k: v.contiguous() for k, v in built.state_dict().items()},

@@ -14,24 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import clipforge
 from clipforge.inference import embed_images, embed_texts
 from clipforge.search import IndexMismatchError, SearchIndex, build_index, read_report
 from clipforge.search.store import Store, staging_files
-from conftest import perturb
+from conftest import perturb, saved_tiny_vit
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A tiny model saved to a file, so that an index can load it again by its recorded path."""
-    torch.manual_seed(0)
-    model = perturb(clipforge.create_model("tiny-vit"), seed=3)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    clipforge.save_model(model, path)
-    return path
+    return saved_tiny_vit(tmp_path_factory.mktemp("model"), seed=3)
 
 
 @pytest.fixture(scope="module")

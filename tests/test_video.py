@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import clipforge
@@ -29,7 +28,7 @@ from clipforge.search.build import BuildReport
 from clipforge.search.store import Store, staged_stamps
 from clipforge.search.video import VideoOptions, embed_videos, pool_segments
 from clipforge.video import frame_at, sample_frames
-from conftest import perturb
+from conftest import saved_tiny_vit
 
 av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'clipforge[video]')")
 
@@ -67,11 +66,7 @@ def write_video(path: Path, colours: list[tuple[int, int, int]], codec: str = "l
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A tiny model saved to a file, so that an index (and the command line) can load it."""
-    torch.manual_seed(0)
-    model = perturb(clipforge.create_model("tiny-vit"), seed=5)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    clipforge.save_model(model, path)
-    return path
+    return saved_tiny_vit(tmp_path_factory.mktemp("model"), seed=5)
 
 
 @pytest.fixture(scope="module")
