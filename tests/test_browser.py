@@ -155,6 +155,38 @@ def test_errors_from_the_api_are_shown(page, photo_dir: Path) -> None:
     expect(cards(page)).to_have_count(8)
 
 
+def test_where_shows_the_map_over_an_image_result_and_hides_it_again(page, index) -> None:
+    """"Where?" on a result of a text search fetches the overlay for the query's text and shows
+    it in place of the thumbnail (a data: PNG, which the page's policy allows); its peak and
+    box are the server's; a second click brings the thumbnail back.  Results of a query
+    without a text ("more like this") have no such control."""
+    search(page, "a red rocket")
+    expect(cards(page)).to_have_count(8)
+    first = cards(page).first
+    img, where = first.get_by_role("img"), first.get_by_test_id("locate")
+    name = first.get_by_test_id("result-name").inner_text()
+    expect(where).to_have_attribute("aria-pressed", "false")
+    first.get_by_role("button", name=f"Where is “a red rocket” in {name}").click()
+    expect(img).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+    expect(where).to_have_attribute("aria-pressed", "true")
+    img.evaluate("img => img.decode()")
+    assert img.evaluate("img => img.naturalWidth") > 0
+    item = int(first.get_attribute("data-id"))
+    with index.open_image(item) as image:
+        expected = index.locate(image.convert("RGB"), "a red rocket")
+    assert first.get_attribute("data-peak") == ",".join(map(str, expected.peak))
+    assert first.get_attribute("data-box") == ",".join(map(str, expected.box))
+    where.click()
+    expect(img).to_have_attribute("src", re.compile(r"^/thumbnails/\d+$"))
+    expect(where).to_have_attribute("aria-pressed", "false")
+    where.click()  # shown again from the map already fetched
+    expect(img).to_have_attribute("src", re.compile(r"^data:image/png"))
+    first.get_by_role("button", name=re.compile("^More like")).click()
+    expect(page.get_by_test_id("status")).to_contain_text("like item")
+    expect(page.get_by_test_id("locate")).to_have_count(0)
+    expect(page.get_by_test_id("error")).to_be_hidden()
+
+
 def test_api_docs_render_offline(page, server_url: str) -> None:
     """/docs draws the OpenAPI page from scripts the server itself serves (none off-site)."""
     page.goto(server_url + "/docs")
@@ -208,6 +240,13 @@ def test_page_asks_for_the_token_once_and_sends_it_only_in_a_header(browser,
     expect(cards(page).first.get_by_test_id("result-name")).to_have_text("rocket.jpg")
     expect(token_form).to_be_hidden()
     assert page.evaluate("sessionStorage.getItem('clipforge-token')") == TOKEN
+
+    # the map of a result is fetched with the header too
+    search(page, "a cat")
+    cards(page).first.get_by_test_id("locate").click()
+    expect(cards(page).first.get_by_role("img")).to_have_attribute(
+        "src", re.compile(r"^data:image/png"))
+    assert any("/locate?" in url for url, _ in sent)
 
     guarded = [(url, auth) for url, auth in sent if "/api/" in url or "/thumbnails/" in url]
     assert [auth for _, auth in guarded[:2]] == [None, "Bearer wrong-token-0123456789"]

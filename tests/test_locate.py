@@ -299,6 +299,34 @@ def test_upsample_of_a_constant_map_is_constant_where_seen() -> None:
     assert np.allclose(heat[:, 10:30], 0.25)
 
 
+def test_overlay_at_most_max_side_scales_the_map_box_and_peak() -> None:
+    """The overlay drawn at 100 px of a 400x200 image: the same picture as the full-size one
+    shrunk, near enough (the map sampled at the small pixels' centres), with the box's outline
+    at a quarter of its coordinates; unseen columns (outside the centre crop) left as the
+    image."""
+    from clipforge.dense import overlay
+
+    grid = np.zeros((4, 4), np.float32)
+    grid[1, 2] = 1.0
+    pre = Preprocess(32, (0.0,) * 3, (1.0,) * 3)
+    image = Image.new("RGB", (400, 200), (40, 90, 160))
+    found = place(grid, "x", image.size, pre, cell=8)
+    small = overlay(image, found, max_side=100)
+    assert small.size == (100, 50)
+    full = np.asarray(overlay(image, found).resize((100, 50), Image.Resampling.BOX),
+                      dtype=float)
+    pixels = np.asarray(small, dtype=float)
+    x0, y0, x1, y1 = (v // 4 for v in found.box)
+    inner = np.ones((50, 100), bool)
+    inner[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = False  # away from the outline
+    assert np.abs(pixels - full)[inner].mean() < 4
+    assert tuple(pixels[y0 + 1, x0]) == (255, 255, 255)  # the box's left edge
+    assert (pixels[:, :20] == (40, 90, 160)).all() and (pixels[:, 80:] == (40, 90, 160)).all()
+    assert overlay(image, found, max_side=400).size == (400, 200)  # no larger than it is
+    with pytest.raises(ValueError, match="max_side"):
+        overlay(image, found, max_side=0)
+
+
 def test_locate_on_a_real_model_agrees_with_its_dense_map(tiny_rn) -> None:
     """The peak lies in the cell of the map's best position, mapped back to the image."""
     image = Image.fromarray((np.random.RandomState(0).rand(96, 64, 3) * 255).astype("uint8"))

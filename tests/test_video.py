@@ -468,6 +468,27 @@ def test_server_results_and_video_route(served, tmp_path) -> None:
     assert str(tmp_path) not in image.text
 
 
+def test_a_video_segment_is_located_on_the_frame_at_its_start(served, model) -> None:
+    """``/api/items/{id}/locate`` on a video segment locates in the frame shown at its start
+    (its thumbnail's), as ``clipforge.locate`` does on that frame; peak and box in the
+    frame's pixels."""
+    client, videos = served
+    results = client.get("/api/search", params={"q": "red", "k": 10},
+                         headers=_auth()).json()["results"]
+    clip = next(r for r in results if r["path"] == "rgb.mp4" and r["start"] == 5.0)
+    route = f"/api/items/{clip['id']}/locate"
+    assert client.get(route, params={"q": "a blue scene"}).status_code == 401
+    answer = client.get(route, params={"q": "a blue scene"}, headers=_auth())
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    frame = frame_at(videos / "rgb.mp4", 5.0)
+    assert frame.getpixel((40, 40)) == pytest.approx(BLUE, abs=12)  # the third scene's frame
+    expected = clipforge.locate(model, frame, "a blue scene")
+    assert got["start"] == 5.0 and got["item"] == clip["id"] and got["size"] == list(SIZE)
+    assert (got["peak"], got["box"]) == (list(expected.peak), list(expected.box))
+    assert got["score"] == round(expected.score, 6)
+
+
 def test_a_changed_video_is_not_sent(served) -> None:
     client, videos = served
     results = client.get("/api/search", params={"q": "red", "k": 10},

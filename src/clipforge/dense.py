@@ -192,14 +192,46 @@ def locate(model: CLIP, image: Image.Image | str | Path, text: str,
     return locate_many(model, image, [text], threshold)[0]
 
 
-def overlay(image: Image.Image, location: Location, alpha: float = OVERLAY_ALPHA
-            ) -> Image.Image:
+def overlay(image: Image.Image, location: Location, alpha: float = OVERLAY_ALPHA,
+            max_side: int | None = None) -> Image.Image:
     """``image`` (RGB) with the map over it (colour map scaled to the map's range over the
-    seen pixels; unseen pixels left as they are), the box outlined and the peak marked."""
+    seen pixels; unseen pixels left as they are), the box outlined and the peak marked.
+
+    ``max_side``: draw it at most this many pixels on the long side (the image and the map
+    sampled at the smaller picture's pixel centres): the full-size drawing takes about 120
+    bytes a pixel, too much for a server answering with a preview."""
+    heat, box, peak = location.heatmap, location.box, location.peak
+    if max_side is not None and max(image.size) > max_side:
+        image, heat, box, peak = _shrunk(image, location, max_side)
+    return _draw(image, heat, box, peak, alpha)
+
+
+def _shrunk(image: Image.Image, location: Location, max_side: int
+            ) -> tuple[Image.Image, np.ndarray, tuple[int, int, int, int], tuple[int, int]]:
+    """The image, its map, box and peak scaled to at most ``max_side`` pixels a side."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, not {max_side}")
+    width, height = image.size
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    xs = ((np.arange(size[0]) + 0.5) * width / size[0]).astype(int)
+    ys = ((np.arange(size[1]) + 0.5) * height / size[1]).astype(int)
+    heat = location.heatmap[ys][:, xs]
+    sx, sy = size[0] / width, size[1] / height
+    x0, y0, x1, y1 = location.box
+    box = (int(x0 * sx), int(y0 * sy), max(int(np.ceil(x1 * sx)), int(x0 * sx) + 1),
+           max(int(np.ceil(y1 * sy)), int(y0 * sy) + 1))
+    peak = (min(int((location.peak[0] + 0.5) * sx), size[0] - 1),
+            min(int((location.peak[1] + 0.5) * sy), size[1] - 1))
+    small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return small, heat, box, peak
+
+
+def _draw(image: Image.Image, heat: np.ndarray, box: tuple[int, int, int, int],
+          peak: tuple[int, int], alpha: float) -> Image.Image:
     from matplotlib import colormaps
 
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    heat = location.heatmap
     seen = np.isfinite(heat)
     low, high = np.nanmin(heat), np.nanmax(heat)
     scaled = np.where(seen, (heat - low) / max(high - low, 1e-12), 0.0)
@@ -208,9 +240,9 @@ def overlay(image: Image.Image, location: Location, alpha: float = OVERLAY_ALPHA
     out = Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     line = max(1, round(min(out.size) / 150))
-    x0, y0, x1, y1 = location.box
+    x0, y0, x1, y1 = box
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=line)
-    x, y = location.peak
+    x, y = peak
     arm = max(3, 4 * line)
     for dx, dy in ((arm, 0), (0, arm)):
         draw.line((x - dx, y - dy, x + dx, y + dy), fill=(255, 255, 255), width=line)

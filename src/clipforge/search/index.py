@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from ..configs import ARCHITECTURES
+from ..dense import THRESHOLD, Location, locate
 from ..encoder import Encoder
 from ..evaluation.zeroshot import ZeroShotClassifier
 from ..factory import load_origin
@@ -401,6 +402,15 @@ class SearchIndex:
         probs = classifier.predict_proba(torch.from_numpy(vector)[None])[0].numpy()
         order = np.argsort(-probs, kind="stable")
         return [(labels[i], float(probs[i])) for i in order]
+
+    def locate(self, image: Image.Image, text: str, threshold: float = THRESHOLD) -> Location:
+        """Where ``text`` is in ``image``: :func:`clipforge.dense.locate` with the index's
+        model, its calls serialised with the others (ValueError for an empty or over-long
+        text, or a model without per-patch features: an ONNX export)."""
+        if not text.strip():
+            raise ValueError("the text to locate is empty")
+        with self._model_lock:
+            return locate(self.model, image, text, threshold=threshold)
 
     # ----------------------------------------------------------------- search
 

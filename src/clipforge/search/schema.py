@@ -114,3 +114,25 @@ class UnavailableOut(BaseModel):
     status: str = "unavailable"
     detail: str = Field(description="why the (default) index cannot be read")
     indexes: list[IndexOut] = Field(default_factory=list, description="every served index")
+
+
+class LocateOut(BaseModel):
+    """Where a text is in one image (``clipforge.locate``), in the image's own pixels."""
+
+    index: str = Field(description="the name of the index whose model located")
+    text: str
+    image: str | None = Field(None, description="file name of the uploaded image")
+    item: int | None = Field(None, description="the indexed item located in")
+    start: float | None = Field(None, description="a video segment's start: its frame at this "
+                                                  "time (the thumbnail's) was located in")
+    size: list[int] = Field(description="[width, height] of the image located in")
+    peak: list[int] = Field(description="[x, y] of the pixel where the map is highest")
+    box: list[int] = Field(description="[x0, y0, x1, y1] around the peak where the map stays "
+                                       "above the threshold (x1, y1 exclusive)")
+    score: float = Field(description="the map's highest cosine")
+    grid: list[int] = Field(description="[rows, columns] of the model's map (its cells)")
+    overlay_png: str | None = Field(None, description=(
+        "base64 of a PNG: the map over the image, box and peak drawn, at most overlay_side "
+        "pixels on the long side (null when overlay=false)"))
+    overlay_size: list[int] | None = Field(None, description="[width, height] of that PNG")
+    took_ms: float

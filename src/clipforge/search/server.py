@@ -25,6 +25,10 @@ what only a network service needs:
   static files, the API docs and ``/healthz`` stay open, since they show nothing of the index
   (:class:`BearerAuth`); ``clipforge serve`` refuses a non-loopback address without a token;
   it serves HTTPS when given a certificate and its key (:func:`check_tls`), else plain HTTP;
+* where in an image a text is (``POST /api/locate`` for an upload, ``GET
+  /api/items/{id}/locate`` for an indexed item: :mod:`.locate_routes`) is the library's
+  ``clipforge.locate``, under the same upload checks, with locating's larger share of the
+  decode budget;
 * ``/metrics`` serves Prometheus metrics (:mod:`.metrics`: requests by route template, latency,
   model time, index size), behind the token like the API;
 * files are reached by integer item id only (thumbnails, and the video files of video
@@ -94,6 +98,7 @@ from ..reading import printable_name
 from .html import render_thumbnail
 from .index import MAX_K, IndexUnavailableError
 from .knn_service import PromptFilter, add_knn_routes
+from .locate_routes import add_locate_routes
 from .media import add_video_routes
 from .metrics import RequestMetrics, ServerMetrics, add_metrics_route
 from .schema import (
@@ -879,8 +884,10 @@ class _Service:
             raise HTTPException(503, self.unreadable(exc)) from exc
 
     @contextmanager
-    def decoded(self, data: bytes) -> Iterator[Image.Image]:
-        """The uploaded image, decoded while it holds its share of the pixel budget.
+    def decoded(self, data: bytes, cost: int = 1) -> Iterator[Image.Image]:
+        """The uploaded image, decoded while it holds its share of the pixel budget: ``cost``
+        budget pixels per image pixel (more for work that holds more than the decoded image:
+        locating, :mod:`.locate_routes`).
 
         Decoding runs on DECODE_THREADS threads of its own: glibc's malloc keeps memory freed
         by a thread in that thread's arena, so decodes spread over the request threads left
@@ -888,7 +895,7 @@ class _Service:
         after the budget had bounded the live images); on a few threads it is reused.
         """
         image = open_upload(data, self.max_pixels)
-        with self.budget.hold(image.width * image.height):
+        with self.budget.hold(image.width * image.height * cost):
             yield self._decoder.submit(decode_image, image).result()
 
     def hit_out(self, hit: Hit, root: str | None) -> HitOut:
@@ -1085,6 +1092,7 @@ def create_app(indexes: SearchIndex | Mapping[str, SearchIndex], *,
     _add_model_routes(app, services)
     _add_service_routes(app, services, metrics)
     add_video_routes(app, services)
+    add_locate_routes(app, services)
     add_knn_routes(app, services, allow_image_urls=allow_image_urls,
                    safety_prompts=safety_prompts, violence_prompts=violence_prompts)
     if token is not None:

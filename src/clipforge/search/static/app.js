@@ -189,14 +189,74 @@ function describe(query) {
 }
 
 function render(data) {
-  showCards(data.results.map((hit) => card(hit, data.index)));
+  showCards(data.results.map((hit) => card(hit, data.index, data.query.text)));
   const n = data.results.length;
   statusLine.textContent =
     `${n} result${n === 1 ? "" : "s"} ${describe(data.query)} in ${data.took_ms.toFixed(0)} ms`;
 }
 
-// `index`: the index that answered, whose ids the card's "more like this" refers to.
-function card(hit, index) {
+// "Where?" on an image result of a query with a text: the server locates the text in the item
+// (GET /api/items/{id}/locate) and sends the map over the image as a PNG, shown in place of
+// the thumbnail from a data: URL (the page's Content-Security-Policy allows data: images); a
+// second click shows the thumbnail again.  Fetched once per card, with the token if there is
+// one.  The peak and box, in the image's own pixels, are kept on the card as data-peak and
+// data-box.
+function addLocateControl(node, hit, index, text, name) {
+  const img = node.querySelector("img.thumb");
+  const button = node.querySelector("button.where");
+  let overlay = null;  // the map's data: URL, once fetched
+  let thumbnail = null;  // what the thumbnail showed (a plain URL or a blob: one)
+  button.setAttribute("aria-label", `Where is “${text}” in ${name}`);
+  button.title = `Show where “${text}” is in this image`;
+
+  async function fetchOverlay() {
+    const query = new URLSearchParams({ q: text, ...indexParam(index) });
+    const response = await fetch(
+      `/api/items/${encodeURIComponent(hit.id)}/locate?${query}`, withToken());
+    if (response.status === 401) askForToken(toggle);
+    if (!response.ok) {  // said above the results, which stay
+      errorBox.textContent = await errorMessage(response);
+      errorBox.hidden = false;
+      return null;
+    }
+    const data = await response.json();
+    node.dataset.peak = data.peak.join(",");
+    node.dataset.box = data.box.join(",");
+    return `data:image/png;base64,${data.overlay_png}`;
+  }
+
+  async function toggle() {
+    if (button.getAttribute("aria-pressed") === "true") {
+      img.src = thumbnail;
+      img.alt = hit.caption || name;
+      button.setAttribute("aria-pressed", "false");
+      return;
+    }
+    if (!overlay) {
+      button.disabled = true;
+      try {
+        overlay = await fetchOverlay();
+      } catch (err) {
+        errorBox.textContent = err.message;
+        errorBox.hidden = false;
+      } finally {
+        button.disabled = false;
+      }
+      if (!overlay) return;
+    }
+    thumbnail = img.getAttribute("src");
+    img.src = overlay;
+    img.alt = `Where “${text}” is in ${name}`;
+    button.setAttribute("aria-pressed", "true");
+  }
+
+  button.setAttribute("aria-pressed", "false");
+  button.addEventListener("click", toggle);
+}
+
+// `index`: the index that answered, whose ids the card's "more like this" refers to; `text`:
+// the query's text, if it had one (what "Where?" locates).
+function card(hit, index, text) {
   const node = cardTemplate.content.firstElementChild.cloneNode(true);
   const name = baseName(hit.path);
   node.dataset.id = hit.id;
@@ -224,6 +284,8 @@ function card(hit, index) {
     when.remove();
     play.remove();
   }
+  if (text && !hit.video) addLocateControl(node, hit, index, text, name);
+  else node.querySelector("button.where").remove();
   const more = node.querySelector("button.more");
   more.setAttribute("aria-label", `More like ${name}`);
   more.addEventListener("click", () => similar(hit.id, index));
