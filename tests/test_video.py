@@ -468,6 +468,31 @@ def test_server_results_and_video_route(served, tmp_path) -> None:
     assert str(tmp_path) not in image.text
 
 
+def test_knn_service_results_carry_the_moment(served) -> None:
+    """clip-retrieval's ``/knn-service`` and ``/metadata``: a video segment's result has its
+    ``start`` and ``end`` as ``/api/search`` gives them; the image's result has neither key
+    (exactly clip_back's shape, which clip-retrieval's client reads)."""
+    client, _ = served
+    expected = client.get("/api/search", params={"q": "red", "k": 10},
+                          headers=_auth()).json()["results"]
+    answer = client.post("/knn-service", headers=_auth(), content=json.dumps(
+        {"text": "red", "num_images": 10, "deduplicate": False}))
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    assert [(r["id"], r["path"]) for r in results] == [(r["id"], r["path"]) for r in expected]
+    for result, hit in zip(results, expected):
+        if hit["start"] is None:
+            assert set(result) == {"id", "similarity", "url", "path"}
+        else:
+            assert (result["start"], result["end"]) == (hit["start"], hit["end"])
+    assert sum("start" in r for r in results) == 3
+    ids = [r["id"] for r in results]
+    metadata = client.post("/metadata", headers=_auth(), content=json.dumps({"ids": ids}))
+    by_id = {m["id"]: m["metadata"] for m in metadata.json()}
+    assert {i: (m.get("start"), m.get("end")) for i, m in by_id.items()} == {
+        r["id"]: (r["start"], r["end"]) for r in expected}
+
+
 def test_a_video_segment_is_located_on_the_frame_at_its_start(served, model) -> None:
     """``/api/items/{id}/locate`` on a video segment locates in the frame shown at its start
     (its thumbnail's), as ``clipforge.locate`` does on that frame; peak and box in the

@@ -27,6 +27,9 @@ things a clipforge index does not have, this module says so rather than pretendi
   ``num_images`` above it is a 400;
 * ``url`` is this server's thumbnail of the item (an absolute URL built from the request, by
   item id, and by the index's name when the server serves several), never a file path;
+* a video segment's result carries its ``start`` and ``end`` in seconds, as in ``/api/search``
+  (its ``url`` is the thumbnail of the frame at its start); an image's result has neither
+  key, so it is exactly what clip_back answers;
 * ``/indices-list`` lists the served indexes' names; ``indice_name`` picks one (absent: the
   first), and a name not served is a 400 listing those that are.
 
@@ -77,7 +80,8 @@ FILTERS_HEADER = "X-Clipforge-Filters"  # which result filters were applied, and
 IGNORED_HEADER = "X-Clipforge-Ignored"  # request fields accepted but without effect here
 LIMITED_HEADER = "X-Clipforge-Limited"  # request values lowered to the server's limits
 # Keys of a result that the index's own metadata columns (CSV extras) never replace.
-RESERVED_KEYS = frozenset({"id", "similarity", "caption", "url", "path", "image"})
+RESERVED_KEYS = frozenset({"id", "similarity", "caption", "url", "path", "image", "start",
+                           "end"})
 
 # Zero-shot prompts of the two filters, flagged ones against the rest: a result is dropped when
 # its image embedding is nearest to a flagged prompt.  The "allowed" lists are broad on purpose:
@@ -220,6 +224,9 @@ class KnnHitOut(BaseModel):
     caption: str | None = Field(None, description="absent when the item has none")
     url: str | None = Field(None, description="this server's thumbnail of the item")
     path: str | None = Field(None, description="as in /api/search: never absolute")
+    start: float | None = Field(None, description="a video segment's start in seconds; absent "
+                                                  "for an image")
+    end: float | None = Field(None, description="a video segment's end in seconds")
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -302,10 +309,13 @@ def _read_bounded(response: Any, limit: int, deadline: float) -> bytes:
 def item_metadata(hit: HitOut, url: str) -> dict[str, Any]:
     """An item as clip_back's metadata columns show it: its caption (the key is absent when
     there is none: clip-retrieval's front-end reads any caption present as text), its image's
-    ``url``, its ``path`` as /api/search shows it, and the index's other metadata columns,
-    which never replace those."""
+    ``url``, its ``path`` as /api/search shows it, a video segment's ``start`` and ``end``
+    (seconds; absent for an image, whose result stays exactly clip_back's), and the index's
+    other metadata columns, which never replace those."""
     data: dict[str, Any] = {} if hit.caption is None else {"caption": hit.caption}
     data.update(url=url, path=hit.path)
+    if hit.start is not None:
+        data.update(start=hit.start, end=hit.end)
     data.update((k, v) for k, v in (hit.extra or {}).items() if k not in RESERVED_KEYS)
     return data
 
