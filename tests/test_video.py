@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,13 @@ from clipforge.search import video as search_video
 from clipforge.search.build import BuildReport
 from clipforge.search.store import Store, staged_stamps
 from clipforge.search.video import VideoOptions, embed_videos, pool_segments
-from clipforge.video import frame_at, sample_frames
+from clipforge.video import (
+    IDENTITY,
+    display_transposes,
+    frame_at,
+    rotation_matrix,
+    sample_frames,
+)
 from conftest import saved_tiny_vit
 
 av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'clipforge[video]')")
@@ -40,13 +47,25 @@ TOKEN = "video-test-token_0123456789"
 
 
 def write_video(path: Path, colours: list[tuple[int, int, int]], codec: str = "libx264",
-                seconds: int = SCENE_S, rate: int = RATE, size: tuple[int, int] = SIZE) -> Path:
+                seconds: int = SCENE_S, rate: int = RATE, size: tuple[int, int] = SIZE, *,
+                stored: Callable[[np.ndarray], np.ndarray] | None = None,
+                rotation: int | None = None, hflip: bool = False,
+                rotate_tag: str | None = None) -> Path:
     """A video of one solid-colour scene per colour, ``seconds`` each, with a small grey square
-    moving one pixel a frame, so that no two frames are the same picture."""
+    moving one pixel a frame along the top, so that no two frames are the same picture.
+    ``stored``: what is done to each picture before it is encoded (a turn, a mirror);
+    ``rotation`` (degrees counterclockwise) and ``hflip``: the display matrix written with the
+    stream; ``rotate_tag``: the older ``rotate`` metadata tag (Matroska keeps it)."""
     width, height = size
+    stored = stored or (lambda pixels: pixels)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.height, stream.width = stored(np.empty((height, width))).shape
+        stream.pix_fmt = "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        if rotate_tag is not None:
+            stream.metadata["rotate"] = rotate_tag
         n = 0
         for colour in colours:
             for _ in range(seconds * rate):
@@ -55,6 +74,7 @@ def write_video(path: Path, colours: list[tuple[int, int, int]], codec: str = "l
                 x = n % (width - 8)
                 pixels[4:12, x:x + 8] = 128
                 n += 1
+                pixels = np.ascontiguousarray(stored(pixels))
                 frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
                 for packet in stream.encode(frame):
                     container.mux(packet)
@@ -121,6 +141,115 @@ def test_frames_are_sampled_at_the_rate_with_their_times(tmp_path) -> None:
     assert len(list(sample_frames(path, fps=25))) == 40
     assert frame_at(path, 2.5).getpixel((40, 40)) == pytest.approx(BLUE, abs=12)
     assert frame_at(path, 99).getpixel((40, 40)) == pytest.approx(BLUE, abs=12)
+
+
+# Display rotations as they are written, and the picture each must decode to: np.rot90 turns
+# an image counterclockwise, as a positive PyAV rotation does; the older tag turns clockwise.
+ROTATIONS = {
+    "ccw90 (mp4)": ("mp4", {"rotation": 90}, lambda p: np.rot90(p, 1)),
+    "cw90 (mp4)": ("mp4", {"rotation": -90}, lambda p: np.rot90(p, 3)),
+    "180 (webm)": ("webm", {"rotation": 180}, lambda p: np.rot90(p, 2)),
+    "ccw90 mirrored (mkv)": ("mkv", {"rotation": 90, "hflip": True},
+                             lambda p: np.fliplr(np.rot90(p, 1))),
+    "rotate tag 90 (mkv)": ("mkv", {"rotate_tag": "90"}, lambda p: np.rot90(p, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(ROTATIONS))
+def test_frames_are_decoded_as_displayed(tmp_path, case) -> None:
+    """A phone video stores its frames sideways and says how to show them (the display matrix,
+    or the older ``rotate`` tag): its frames decode as a video stored already turned and
+    without the metadata decodes (as ffmpeg's autorotate and browsers show it), for every
+    sampled frame and for ``frame_at``."""
+    suffix, metadata, shown = ROTATIONS[case]
+    codec = "libvpx-vp9" if suffix == "webm" else "libx264"
+    rotated = write_video(tmp_path / f"rotated.{suffix}", [RED, BLUE], codec=codec, **metadata)
+    upright = write_video(tmp_path / f"upright.{suffix}", [RED, BLUE], codec=codec,
+                          stored=shown)
+    got, expected = list(sample_frames(rotated, fps=5)), list(sample_frames(upright, fps=5))
+    assert len(got) == len(expected) == 20
+    for a, b in zip(got, expected):
+        assert a.image.size == b.image.size == b.image.info["original_size"]
+        assert a.image.info["original_size"] == a.image.size
+        difference = np.abs(np.asarray(a.image, float) - np.asarray(b.image, float))
+        assert np.percentile(difference, 99) < 30  # codec noise only: the square is in place
+    if metadata.get("rotation") in (90, -90):
+        assert got[0].image.size == (SIZE[1], SIZE[0])
+    first = np.asarray(frame_at(rotated, 0.0), float)
+    assert np.percentile(np.abs(first - np.asarray(expected[0].image, float)), 99) < 30
+
+
+def test_reading_the_rotation_leaves_no_frame_to_the_garbage_collector(tmp_path) -> None:
+    """Decoded frames go as soon as they are converted, rotation read or not: a frame kept
+    alive by a reference cycle (PyAV's cached ``frame.side_data``) holds the decoder's buffers
+    until a collection, and a DataLoader worker forked meanwhile hung collecting it."""
+    path = write_video(tmp_path / "phone.mp4", [RED, BLUE], rotation=90)
+    gc.collect()
+    gc.disable()
+    try:
+        frames = list(sample_frames(path, fps=RATE))
+        frames.append(frame_at(path, 1.0))
+        left = sum(type(o) is av.VideoFrame for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert len(frames) == 41 and frames[0].image.size == (SIZE[1], SIZE[0])
+    assert left == 0
+
+
+def test_display_transposes_follow_ffmpeg() -> None:
+    """Worked by hand on a 3x2 picture: each matrix's transposes against the turn and mirror
+    it stands for."""
+    picture = np.arange(6).reshape(2, 3)
+    image = Image.fromarray(picture.astype(np.uint8))
+
+    def shown(matrix) -> np.ndarray:
+        out = image
+        for transpose in display_transposes(matrix):
+            out = out.transpose(transpose)
+        return np.asarray(out)
+
+    assert display_transposes(None) == display_transposes(IDENTITY) == ()
+    assert np.array_equal(shown(rotation_matrix(90)), np.rot90(picture, 3))  # clockwise
+    assert np.array_equal(shown(rotation_matrix(-90)), np.rot90(picture, 1))
+    assert np.array_equal(shown(rotation_matrix(270)), np.rot90(picture, 1))
+    assert np.array_equal(shown(rotation_matrix(180)), np.rot90(picture, 2))
+    assert np.array_equal(shown(rotation_matrix(360)), picture)
+    mirrored = (0, -65536, 0, -65536, 0, 0, 0, 0, 1 << 30)  # PyAV: 90 ccw, then hflip
+    assert np.array_equal(shown(mirrored), np.fliplr(np.rot90(picture, 1)))
+    flipped = (65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30)  # a vertical flip alone
+    assert np.array_equal(shown(flipped), np.flipud(picture))
+    assert display_transposes(rotation_matrix(45)) == ()  # an odd angle: as stored
+
+
+def test_a_rotated_video_is_indexed_as_displayed(tmp_path, model, monkeypatch) -> None:
+    """The build embeds the frames as displayed (the pictures the model's preprocessing gets
+    are those of the already turned video), and the index records the displayed size."""
+    def half_white(pixels: np.ndarray) -> np.ndarray:  # a picture a turn changes
+        pixels = pixels.copy()
+        pixels[pixels.shape[0] // 2:] = 245
+        return pixels
+
+    root = tmp_path / "one"
+    root.mkdir()
+    write_video(root / "phone.mp4", [RED, GREEN], rotation=90, stored=half_white)
+    upright = write_video(tmp_path / "upright.mp4", [RED, GREEN],
+                          stored=lambda p: np.rot90(half_white(p)))
+    seen, preprocess = [], model.preprocess
+
+    def recording(image):
+        seen.append(np.asarray(image, float))
+        return preprocess(image)
+
+    monkeypatch.setattr(model, "preprocess", recording)
+    out = tmp_path / "index"
+    _build(root, out, model)
+    expected = [np.asarray(f.image, float) for f in sample_frames(upright, fps=1)]
+    assert len(seen) == len(expected) == 4
+    for got, want in zip(seen, expected):
+        assert got.shape == want.shape == (SIZE[0], SIZE[1], 3)  # 48 wide, 64 high
+        assert np.percentile(np.abs(got - want), 99) < 30
+    [hit] = SearchIndex.open(out, model).search(text="a scene", k=1)
+    assert (hit.width, hit.height) == (SIZE[1], SIZE[0])
 
 
 def test_decoding_streams_one_frame_at_a_time(tmp_path) -> None:

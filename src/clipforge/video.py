@@ -12,6 +12,12 @@ and converted to pictures only when sampled; :func:`sample_frames` is a generato
 most one sampled frame besides the one being decoded, so its memory does not grow with the
 video's length.  Times are seconds from the start of the video stream, as a browser's
 ``currentTime`` counts them.
+
+Frames are pictures as the video is displayed: a phone stores its frames sideways and records
+how to show them, as the stream's display matrix (MP4's track matrix, which FFmpeg attaches to
+every decoded frame) or, in older files, a ``rotate`` metadata tag; each picture is turned (and
+mirrored) as ``ffmpeg``'s autorotate and browsers show it (:func:`display_transposes`), so that
+embeddings, thumbnails and the sizes recorded in an index are the upright picture's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -158,8 +165,84 @@ def _times(frame: Any, start: float, nominal: float, previous: float | None
     return time, time + length
 
 
-def _picture(frame: Any) -> Image.Image:
+# ------------------------------------------------------------------------------- rotation
+# A display matrix: 3x3 int32, row-major, the first two columns 16.16 fixed point, the last 2.30
+# (libavutil/display.h); the identity shows a frame as it is stored.
+IDENTITY = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)
+TRANSPOSE = Image.Transpose
+
+
+def rotation_matrix(clockwise: float) -> tuple[int, ...]:
+    """The display matrix of a pure clockwise rotation by ``clockwise`` degrees (FFmpeg's
+    ``av_display_rotation_set``): what the older ``rotate`` metadata tag stands for."""
+    radians = -math.radians(clockwise)
+    cos, sin = round(math.cos(radians) * (1 << 16)), round(math.sin(radians) * (1 << 16))
+    return (cos, -sin, 0, sin, cos, 0, 0, 0, 1 << 30)
+
+
+def clockwise_degrees(matrix: tuple[int, ...]) -> float:
+    """The clockwise rotation a display matrix applies, in [0, 360) (FFmpeg's
+    ``get_rotation``: the negated ``av_display_rotation_get``, rounded); 0 for a degenerate
+    matrix."""
+    scale = (math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4]))
+    if not scale[0] or not scale[1]:
+        return 0.0
+    counter = -math.degrees(math.atan2(matrix[1] / scale[1], matrix[0] / scale[0]))
+    theta = float(-round(counter))
+    return theta - 360 * math.floor(theta / 360 + 0.9 / 360)
+
+
+def display_transposes(matrix: tuple[int, ...] | None) -> tuple[Image.Transpose, ...]:
+    """The PIL transposes that show a stored frame as its display matrix says, decided as
+    ``ffmpeg``'s autorotate decides (fftools, FFmpeg 7): a quarter turn, with the mirror the
+    matrix holds; a half turn as the flips of its diagonal's signs; a vertical flip alone.
+    An angle that is no multiple of 90 degrees is left as stored (ffmpeg would rotate it and
+    crop the corners); so is no matrix."""
+    if matrix is None:
+        return ()
+    theta = clockwise_degrees(matrix)
+    if abs(theta - 90) < 1:
+        return (TRANSPOSE.TRANSPOSE,) if matrix[3] > 0 else (TRANSPOSE.ROTATE_270,)
+    if abs(theta - 180) < 1:
+        return tuple(flip for flip, applies in ((TRANSPOSE.FLIP_LEFT_RIGHT, matrix[0] < 0),
+                                                (TRANSPOSE.FLIP_TOP_BOTTOM, matrix[4] < 0))
+                     if applies)
+    if abs(theta - 270) < 1:
+        return (TRANSPOSE.TRANSVERSE,) if matrix[3] < 0 else (TRANSPOSE.ROTATE_90,)
+    if abs(theta) < 1 and matrix[4] < 0:
+        return (TRANSPOSE.FLIP_TOP_BOTTOM,)
+    return ()
+
+
+def display_matrix(frame: Any, stream: Any = None) -> tuple[int, ...] | None:
+    """A decoded frame's display matrix (FFmpeg attaches the stream's to every frame: the
+    MP4 track matrix, Matroska's projection), else the one the stream's older ``rotate``
+    metadata tag (clockwise degrees; any letter case) stands for, else None.
+
+    The side data are read through a container of their own, not ``frame.side_data``: that
+    one is cached on the frame and refers back to it, a reference cycle that keeps each
+    decoded frame, and the decoder's buffers it holds, alive until the garbage collector runs;
+    a DataLoader worker forked meanwhile collected them in the child and hung there."""
+    from av.sidedata.sidedata import SideDataContainer
+
+    for data in SideDataContainer(frame):
+        if data.type.name == "DISPLAYMATRIX":
+            return struct.unpack("=9i", bytes(data)[:36])
+    metadata = stream.metadata if stream is not None else {}
+    tags = {key.lower(): value for key, value in metadata.items()}
+    try:
+        clockwise = float(tags.get("rotate", "0"))
+    except ValueError:
+        return None
+    return rotation_matrix(clockwise) if clockwise % 360 and math.isfinite(clockwise) else None
+
+
+def _picture(frame: Any, stream: Any = None) -> Image.Image:
+    """The frame as it is displayed (RGB), rotated and mirrored as its display matrix or the
+    stream's ``rotate`` tag says (:func:`display_transposes`), as ffmpeg and browsers show it."""
     image = frame.to_image()  # RGB at the stored size
+    for transpose in display_transposes(display_matrix(frame, stream)):
+        image = image.transpose(transpose)
     image.info["original_size"] = image.size
     return image
 
@@ -189,7 +272,7 @@ def sample_frames(path: str | os.PathLike, fps: float) -> Iterator[Frame]:
                 continue
             if held is not None:
                 yield held
-            held = Frame(_picture(frame), time)
+            held = Frame(_picture(frame, stream), time)
             sample = math.floor(time * fps + _EPS) + 1
         if held is None:
             raise BadItem(f"{UNREADABLE_VIDEO} (no frame could be decoded)")
@@ -213,4 +296,4 @@ def frame_at(path: str | os.PathLike, time: float) -> Image.Image:
                 break
         if shown is None:
             raise BadItem(f"{UNREADABLE_VIDEO} (no frame could be decoded)")
-        return _picture(shown)
+        return _picture(shown, stream)
