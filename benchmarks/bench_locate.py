@@ -26,7 +26,12 @@ do).  A trained class-token ViT is measured a second time with the tower's own l
 patch tokens (``ln_post`` and the projection, attention kept) in place of MaskCLIP's value
 path: the ablation that shows what the recipe adds.
 
+``--image-size N`` measures each model a second time with its image tower run at N pixels
+(``clipforge.locate(..., image_size=N)``: position embeddings resampled, a finer map; the
+64 px scenes are upsampled to N by the preprocessing), for a model whose patches tile N.
+
     python benchmarks/bench_locate.py [--model runs/first-run] [--scenes 300] [--json PATH]
+                                      [--image-size 128]
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ sys.path.insert(0, str(BENCH))
 import clipforge  # noqa: E402
 from clipforge.data.draw import CELLS, Box, draw_scene_with_boxes  # noqa: E402
 from clipforge.data.synthetic import SEEN_PAIRS, SHARED_MAX  # noqa: E402
-from clipforge.dense import place, similarity_maps  # noqa: E402
+from clipforge.dense import at_image_size, place, similarity_maps  # noqa: E402
 from clipforge.inference import embed_texts  # noqa: E402
 from clipforge.model.dense import cell_size  # noqa: E402
 from clipforge.model.text import project  # noqa: E402
@@ -215,6 +220,20 @@ def _tower(model) -> str:
     return f"ViT/{v.patch_size} {v.image_size}px, {recipe}"
 
 
+def measure_larger(model, name: str, size: int, singles: list[Scene], pairs: list[Scene],
+                   results: dict) -> None:
+    """The row of ``model`` with its tower at ``size`` pixels (skipped, saying why, where its
+    patches do not tile ``size``)."""
+    try:
+        larger = at_image_size(model, size)
+    except ValueError as exc:
+        print(f"  at {size} px: skipped ({exc})", flush=True)
+        return
+    result = measure(larger, singles, pairs)
+    results["models"][f"{name} at {size} px"] = {"tower": _tower(larger), **result}
+    print(_row(f"  at {size} px", _tower(larger), result), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[],
@@ -223,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scenes of each kind (one object, two objects)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--image-size", type=int, action="append", default=[], metavar="N",
+                        help="also measure each model with its tower at N pixels (a finer "
+                        "map); repeatable")
     args = parser.parse_args(argv)
     env = environment()
     print(f"CPU: {env['cpu']} ({env['cpu_count']} cores, torch {env['torch']}, "
@@ -248,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(model, singles, pairs, ablation=True)
             results["models"][f"{name} (last-layer tokens)"] = {"tower": "same", **result}
             print(_row("  its last-layer tokens", "ablation: no MaskCLIP", result), flush=True)
+        for size in args.image_size:
+            measure_larger(model, name, size, singles, pairs, results)
     if args.json:
         write_json(args.json, results)
     return 0

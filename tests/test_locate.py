@@ -342,6 +342,51 @@ def test_locate_on_a_real_model_agrees_with_its_dense_map(tiny_rn) -> None:
     assert 16 + row * 32 <= found.peak[1] < 16 + (row + 1) * 32
 
 
+@pytest.mark.parametrize(("name", "native", "larger"), [("tiny-vit", 32, 64),
+                                                         ("tiny-rn", 64, 128)])
+def test_a_larger_image_size_gives_a_finer_map_in_the_same_pixels(name, native,
+                                                                   larger) -> None:
+    """``image_size`` runs the tower at more pixels (position embeddings resampled): twice the
+    cells a side, the resized model's own dense map, its peak in its best cell mapped back to
+    the image's pixels.  At the native size the result is exactly the plain call's, and the
+    model given is left as it was."""
+    from clipforge.model.resize import with_image_size
+
+    model = seeded_model(name, seed=4).eval()
+    image = Image.fromarray((np.random.RandomState(2).rand(72, 96, 3) * 255).astype("uint8"))
+    base = locate(model, image, "a red star")
+    same = locate(model, image, "a red star", image_size=native)
+    assert (same.peak, same.box, same.score) == (base.peak, base.box, base.score)
+    assert np.array_equal(same.grid, base.grid)
+    assert np.array_equal(same.heatmap, base.heatmap, equal_nan=True)
+    fine = locate(model, image, "a red star", image_size=larger)
+    assert model.config.image_size == native and model.preprocess.image_size == native
+    assert fine.grid.shape == (2 * base.grid.shape[0], 2 * base.grid.shape[1])
+    assert fine.size == base.size == (96, 72) and fine.heatmap.shape == (72, 96)
+    resized = with_image_size(model, larger)
+    with torch.no_grad():
+        text = resized.encode_text(resized.tokenizer(["a red star"]), normalize=True)[0]
+        dense = encode_dense(resized, resized.preprocess(image)[None])[0]
+    cosines = (dense @ text).numpy()
+    assert np.abs(fine.grid - cosines).max() < 1e-5
+    assert np.abs(fine.grid[::2, ::2] - base.grid).max() > 1e-3  # not the old map repeated
+    row, col = np.unravel_index(cosines.argmax(), cosines.shape)
+    x0, y0, x1, y1 = resized.preprocess.window(image.size)  # the centre 72x72, from x=12
+    cell = (x1 - x0) / fine.grid.shape[1]
+    assert x0 + col * cell <= fine.peak[0] < x0 + (col + 1) * cell
+    assert y0 + row * cell <= fine.peak[1] < y0 + (row + 1) * cell
+    bx0, by0, bx1, by1 = fine.box
+    assert x0 <= bx0 < bx1 <= x1 and y0 <= by0 < by1 <= y1
+
+
+def test_an_image_size_that_does_not_fit_the_patches_is_refused(tiny_vit) -> None:
+    image = Image.new("RGB", (40, 40))
+    with pytest.raises(ValueError, match="not a multiple of this model's patch size 8"):
+        locate(tiny_vit, image, "x", image_size=36)
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        locate(tiny_vit, image, "x", image_size=0)
+
+
 # ------------------------------------------------------------------ the built-in truth
 
 def test_scene_boxes_bound_the_drawn_objects() -> None:
@@ -397,6 +442,28 @@ def test_locate_command_prints_peak_and_box_and_writes_the_overlay(saved_model, 
     # outside the centre crop (x < 25 or x >= 85) the model saw nothing: left as it was
     assert np.array_equal(pixels[:, :25], np.asarray(image)[:, :25])
     assert not np.array_equal(pixels[:, 30:80], np.asarray(image)[:, 30:80])
+
+
+def test_locate_command_image_size(saved_model, tmp_path, capsys) -> None:
+    image_path = tmp_path / "scene.png"
+    Image.fromarray((np.random.RandomState(3).rand(50, 80, 3) * 255).astype("uint8")
+                    ).save(image_path)
+    out = tmp_path / "heat.png"
+    assert main(["locate", str(image_path), "a red star", "--model", str(saved_model),
+                 "--out", str(out), "--json", "--image-size", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = locate(clipforge.create_model(saved_model), image_path, "a red star",
+                      image_size=64)
+    assert report["grid"] == [8, 8] and report["size"] == [80, 50]
+    assert report["peak"] == list(expected.peak) and report["box"] == list(expected.box)
+    with Image.open(out) as written:
+        assert written.size == (80, 50)
+    assert main(["locate", str(image_path), "x", "--model", str(saved_model), "--out",
+                 str(out), "--image-size", "60"]) == 2
+    assert "not a multiple of this model's patch size 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--image-size"):
+        main(["locate", str(image_path), "x", "--model", str(saved_model), "--out", str(out),
+              "--image-size", "0"])
 
 
 def test_locate_command_text_output(saved_model, tmp_path, capsys) -> None:

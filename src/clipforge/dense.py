@@ -28,6 +28,7 @@ from .image.transform import check_aspect_ratio
 from .inference import embed_texts
 from .model import CLIP
 from .model.dense import cell_size, encode_dense
+from .model.resize import with_image_size
 
 THRESHOLD = 0.5  # of the map's range over the seen pixels: where the box's region ends
 OVERLAY_ALPHA = 0.5  # the heat map's share in the overlay
@@ -54,7 +55,8 @@ class Location:
     def to_dict(self) -> dict:
         """What ``clipforge locate --json`` prints (no arrays)."""
         return {"text": self.text, "size": list(self.size), "peak": list(self.peak),
-                "box": list(self.box), "score": round(self.score, 6)}
+                "box": list(self.box), "score": round(self.score, 6),
+                "grid": list(self.grid.shape)}
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -173,11 +175,26 @@ def place(grid_map: np.ndarray, text: str, size: tuple[int, int], preprocess: Pr
     return Location(text, tuple(size), peak, box, float(grid_map.max()), heatmap, grid_map)
 
 
+def at_image_size(model: CLIP, image_size: int | None) -> CLIP:
+    """``model`` with its image tower run at ``image_size`` pixels (None: as it is), its
+    position embeddings resampled (:func:`~clipforge.model.resize.with_image_size`, as
+    OpenCLIP's ``resize_pos_embed``): more input pixels, more map cells, a finer map.  MaskCLIP
+    feeds CLIP 512 px for the same reason.  ValueError for a size that is not a multiple of
+    the patch size (32 for a ResNet)."""
+    model = _check_model(model)
+    if image_size is None:
+        return model
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, not {image_size!r}")
+    return with_image_size(model, image_size)
+
+
 def locate_many(model: CLIP, image: Image.Image | str | Path, texts: Sequence[str],
-                threshold: float = THRESHOLD) -> list[Location]:
+                threshold: float = THRESHOLD, image_size: int | None = None
+                ) -> list[Location]:
     """:func:`locate` for several texts in one image (its features computed once)."""
     image = _as_image(image)
-    model = _check_model(model)
+    model = at_image_size(model, image_size)
     maps = similarity_maps(model, [image], texts)[0]
     cell = cell_size(model.visual)
     return [place(m, text, image.size, model.preprocess, cell, threshold)
@@ -185,11 +202,13 @@ def locate_many(model: CLIP, image: Image.Image | str | Path, texts: Sequence[st
 
 
 def locate(model: CLIP, image: Image.Image | str | Path, text: str,
-           threshold: float = THRESHOLD) -> Location:
+           threshold: float = THRESHOLD, image_size: int | None = None) -> Location:
     """Where ``text`` is in ``image`` (a PIL image or a file): the similarity map of the
     model's per-patch embeddings with the text, on the image's own pixels, its peak and a box
-    (see the module docstring)."""
-    return locate_many(model, image, [text], threshold)[0]
+    (see the module docstring).  ``image_size``: run the image tower at this many pixels
+    instead of its own (:func:`at_image_size`) for a finer map; peak and box stay in the
+    image's pixels."""
+    return locate_many(model, image, [text], threshold, image_size)[0]
 
 
 def overlay(image: Image.Image, location: Location, alpha: float = OVERLAY_ALPHA,
@@ -249,5 +268,5 @@ def _draw(image: Image.Image, heat: np.ndarray, box: tuple[int, int, int, int],
     return out
 
 
-__all__ = ["THRESHOLD", "Location", "locate", "locate_many", "overlay", "peak_pixel", "place",
-           "read_image", "region", "similarity_maps", "upsample"]
+__all__ = ["THRESHOLD", "Location", "at_image_size", "locate", "locate_many", "overlay",
+           "peak_pixel", "place", "read_image", "region", "similarity_maps", "upsample"]

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="where the box's region ends, as a share of the map's range "
                         f"(default {THRESHOLD})")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="run the image tower at N pixels instead of its own (position "
+                   "embeddings resampled; a multiple of the patch size, or of 32 for a "
+                   "ResNet): more map cells, a finer map; peak and box stay in the image's "
+                   "pixels")
     p.add_argument("--json", action="store_true", help='print JSON: "peak": [x, y] and "box": '
                    "[x0, y0, x1, y1] (x1, y1 exclusive) in the image's pixels")
     add_model_options(p)
@@ -36,13 +41,17 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --out {args.out} must be a .png file")
     if not 0 < args.threshold <= 1:
         raise SystemExit(f"error: --threshold must be in (0, 1], got {args.threshold}")
+    if args.image_size is not None and args.image_size < 1:
+        raise SystemExit(f"error: --image-size must be a positive number of pixels, got "
+                         f"{args.image_size}")
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
     image = read_image(args.image)  # before the model: a bad file costs nothing
     model = load_model(args)
-    found = locate(model, image, args.text, threshold=args.threshold)
+    found = locate(model, image, args.text, threshold=args.threshold,
+                   image_size=args.image_size)
     picture = overlay(image, found)
     with atomic_file(args.out) as tmp:
         picture.save(tmp, format="PNG")
@@ -52,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                          indent=2))
     else:
         x0, y0, x1, y1 = found.box
+        rows, cols = found.grid.shape
         print(f"{args.image}: {args.text!r} peak ({found.peak[0]}, {found.peak[1]}), box "
-              f"({x0}, {y0}, {x1}, {y1}), best cosine {found.score:.4f}")
+              f"({x0}, {y0}, {x1}, {y1}), best cosine {found.score:.4f} (map {rows}x{cols})")
     return 0
