@@ -452,7 +452,8 @@ def test_page_has_an_index_picker_hidden_until_there_are_several(client: TestCli
 def test_page_searches_the_chosen_index_in_a_browser(index: SearchIndex,
                                                      few: SearchIndex) -> None:
     """Headless Chromium, when Playwright and Chromium are installed (as in tests/
-    test_browser.py): choosing "few" searches it, and its thumbnails load by its name."""
+    test_browser.py): choosing "few" searches it, and its thumbnails and maps load by its
+    name."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     chromium = os.environ.get("CLIPFORGE_CHROMIUM", "/usr/bin/chromium")
     if not (Path(chromium).is_file() or shutil.which(chromium)):
@@ -467,6 +468,9 @@ def test_page_searches_the_chosen_index_in_a_browser(index: SearchIndex,
             page.set_default_timeout(10_000)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            located: list[str] = []
+            page.on("request", lambda r: located.append(r.url) if "/locate?" in r.url
+                    else None)
             page.goto(url + "/")
             picker = page.get_by_test_id("index-select")
             expect(picker).to_be_visible()
@@ -482,7 +486,12 @@ def test_page_searches_the_chosen_index_in_a_browser(index: SearchIndex,
             img.evaluate("img => img.decode()")
             assert img.evaluate("img => img.naturalWidth") > 0
             assert "index=few" in page.url
-            more = page.get_by_test_id("result-card").first.get_by_role("button")
+            # the map of a result comes from the chosen index's item (ids are per index)
+            page.get_by_test_id("result-card").first.get_by_test_id("locate").click()
+            expect(img).to_have_attribute("src", re.compile(r"^data:image/png"))
+            assert len(located) == 1 and "index=few" in located[0]
+            more = page.get_by_test_id("result-card").first.get_by_role(
+                "button", name=re.compile("^More like"))
             more.click()
             expect(page.get_by_test_id("result-card")).to_have_count(FEW - 1)
             page.reload()  # the choice and the query are in the URL
