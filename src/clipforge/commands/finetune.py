@@ -121,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.distributed import leave_distributed
     from ..training.finetune.loop import finetune
 
     if args.resume and args.output is None:
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         image_key=args.csv_image_key, label_key=args.csv_label_key,
         progress=not args.no_progress, resume=args.resume)
     record = finetune(config)
+    leave_distributed()  # after success only: a failed rank exits and torchrun stops the rest
     if record:  # under torchrun, rank 0 reports
         _report(record, config.output)
     return 0

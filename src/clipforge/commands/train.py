@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.distributed import leave_distributed
     from ..training.loop import train
 
     output = args.output or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     options["progress"] = not args.no_progress
     config = TrainConfig(**options)
     train(config)
+    leave_distributed()  # after success only: a failed rank exits and torchrun stops the rest
     if args.baseline:
         from ..training.baseline import train_baseline
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..ranks import all_gather_objects, barrier
 
 __all__ = ["Dist", "all_gather_objects", "all_reduce_mean", "average_gradients", "barrier",
-           "init_distributed", "sum_counts"]
+           "init_distributed", "leave_distributed", "sum_counts"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,19 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank), dev
+
+
+def leave_distributed() -> None:
+    """Wait for every rank, then leave the process group (a no-op outside torchrun).
+
+    Why: a process that exits with the group still open can be killed by its own gloo threads
+    at interpreter shutdown ("terminate called without an active exception", exit code -6),
+    which torchrun reports as a failed run although the work is done and written.  The barrier
+    keeps a rank that finished early from leaving while rank 0 still writes and may call a
+    collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
