@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..dense import THRESHOLD, overlay
 from ..model import CLIP
-from .index import IndexUnavailableError
+from .media import open_item_image
 from .schema import MAX_QUERY_CHARS, IndexField, IndexName, ItemId, LocateOut
 
 if TYPE_CHECKING:
@@ -109,16 +109,7 @@ def item_image(service: _Service, item_id: int) -> Iterator[tuple[Image.Image, f
             raise HTTPException(404, f"no item {item_id}")
         declared = (hit.width or 0) * (hit.height or 0)
         with service.budget.hold(declared * LOCATE_PIXEL_COST):
-            try:
-                image = service.index.open_image(item_id)
-            except KeyError as exc:
-                raise HTTPException(404, f"no item {item_id}") from exc
-            except IndexUnavailableError:
-                raise
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                log.warning("locating in item %d of %s: %s", item_id, service.name, exc)
-                raise HTTPException(404, f"the image of item {item_id} cannot be read; it "
-                                         "may have changed since it was indexed") from exc
+            image = open_item_image(service.index, item_id, "locate", service.name)
             with _closing(image):
                 yield image.convert("RGB") if image.mode != "RGB" else image, hit.start
 

@@ -1,5 +1,6 @@
-"""The server's video route: ``GET /videos/{item_id}`` sends the video file of an indexed video
-segment, so that the page can play it from the moment found.
+"""The server's access to indexed files: the video route (``GET /videos/{item_id}`` sends the
+video file of an indexed video segment, so that the page can play it from the moment found),
+and :func:`open_item_image`, how every route that reads an indexed image opens it.
 
 Like thumbnails, the file is reached by integer item id only (the index maps the id to the
 file it recorded; no path from the request reaches the file system, and none appears in an
@@ -17,15 +18,35 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
+from PIL import Image
 
 from ..video import VIDEO_MEDIA_TYPES, media_type
 from .index import IndexUnavailableError
 from .schema import IndexName, ItemId
 
 if TYPE_CHECKING:
+    from .index import SearchIndex
     from .server import _Services
 
 log = logging.getLogger(__name__)
+
+
+def open_item_image(index: SearchIndex, item_id: int, purpose: str, index_name: str
+                    ) -> Image.Image:
+    """Item ``item_id``'s image (a video segment's frame), opened for ``purpose`` (a word for
+    the log: "thumbnail", "locate"); 404 when the index has no such item or its file can no
+    longer be read, and the index's own unavailability passed on (the server answers it as the
+    index being down, not as a missing item)."""
+    try:
+        return index.open_image(item_id)
+    except KeyError as exc:
+        raise HTTPException(404, f"no item {item_id}") from exc
+    except IndexUnavailableError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("%s of item %d of %s: %s", purpose, item_id, index_name, exc)
+        raise HTTPException(404, f"the image of item {item_id} cannot be read; it may have "
+                                 "changed since it was indexed") from exc
 
 
 def add_video_routes(app: FastAPI, services: _Services) -> None:

@@ -99,7 +99,7 @@ from .html import render_thumbnail
 from .index import MAX_K, IndexUnavailableError
 from .knn_service import PromptFilter, add_knn_routes
 from .locate_routes import add_locate_routes
-from .media import add_video_routes
+from .media import add_video_routes, open_item_image
 from .metrics import RequestMetrics, ServerMetrics, add_metrics_route
 from .schema import (
     MAX_INDEX_NAME_CHARS,
@@ -957,17 +957,8 @@ class _Service:
                 return data
             if self.index.item(item_id) is None:
                 raise HTTPException(404, f"no item {item_id}")
-            try:
-                with self.index.open_image(item_id) as image:
-                    data = render_thumbnail(image, self.thumbnail_size)
-            except KeyError as exc:
-                raise HTTPException(404, f"no item {item_id}") from exc
-            except IndexUnavailableError:
-                raise
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                log.warning("thumbnail of item %d of %s: %s", item_id, self.name, exc)
-                raise HTTPException(404, f"the image of item {item_id} cannot be read"
-                                    ) from exc
+            with open_item_image(self.index, item_id, "thumbnail", self.name) as image:
+                data = render_thumbnail(image, self.thumbnail_size)
         self.thumbnails.put(key, data)
         return data
 
