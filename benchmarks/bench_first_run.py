@@ -15,11 +15,20 @@ Evaluation (printed, and appended as one JSON line to ``--results``):
 * the **compositionality probe**: a logistic-regression shape classifier trained on the image
   features of seen compositions and tested on held-out ones.  A tower whose features hold shape
   apart from colour scores near its seen accuracy; one that learnt colour-shape conjunctions
-  scores near chance (1/6), however well the zero-shot classifier does on seen pairs.
+  scores near chance (1/6), however well the zero-shot classifier does on seen pairs.  This
+  probe is confounded: it learns from its training pairs that yellow is never a cross, and
+  every held-out pair breaks that rule by construction;
+* so also the **leave-one-colour-out probe**: for each colour, a shape classifier trained on
+  the seen pairs of the *other* colours, tested on that colour's seen shapes and on its
+  held-out shape.  It cannot learn a prior for the colour it is tested on, so a gap between
+  the two says that the tower's features of the held-out pair lack the shape itself;
+* attribute binding: how often a two-object scene prefers its caption to the colour-swapped
+  one (SugarCrepe's score, 240 scenes, chance 50%).
 
     python benchmarks/bench_first_run.py --name default
     python benchmarks/bench_first_run.py --name steps700 --steps 700
     python benchmarks/bench_first_run.py --name two-kinds --two-kinds 0.5
+    python benchmarks/bench_first_run.py --name twins --twins
     python benchmarks/bench_first_run.py --eval-only runs/first-run
 
 A run takes what ``clipforge train`` takes (about 7 minutes on 2 cores at 450 steps); run one at
@@ -98,6 +107,12 @@ def evaluate(model, n: int = EVAL_IMAGES) -> dict:
         model, suites, synthetic.class_names(language), TEMPLATES[language]).items()}
         for language in LANGUAGES}
     result["shape_probe"] = _shape_probe(model)
+    result["colour_out_probe"] = _colour_out_probe(model)
+    images, pairs = synthetic.binding_set(n, seed=1)
+    features = report.embed_images(model, images)
+    result["binding"] = {language: round(100 * rb.binding(
+        model, features, *report.binding_captions(language, pairs))["text_acc"], 1)
+        for language in LANGUAGES}
     return result
 
 
@@ -115,6 +130,29 @@ def _shape_probe(model) -> dict[str, float]:
     probe = LogisticRegression(C=1.0, max_iter=3000).fit(seen_x, seen_y)
     return {"seen": round(100 * probe.score(seen_x, seen_y), 1),
             "heldout": round(100 * probe.score(held_x, held_y), 1)}
+
+
+def _colour_out_probe(model) -> dict:
+    """Shape read from the features of a colour the probe never saw: per colour, trained on the
+    other colours' seen pairs, tested on this colour's seen pairs and on its held-out pair."""
+    def features(name: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        images, labels = synthetic.suite_set(name, n, seed=2)
+        f = report.embed_images(model, images).float()
+        pairs = [synthetic.ALL_PAIRS[i] for i in labels]
+        return ((f / f.norm(dim=-1, keepdim=True)).numpy(), np.array([c for c, _ in pairs]),
+                np.array([synthetic.SHAPES.index(s) for _, s in pairs]))
+
+    seen_x, seen_c, seen_y = features("seen", 2400)
+    held_x, held_c, held_y = features("heldout", 480)
+    per_colour = {}
+    for colour in synthetic.COLOURS:
+        train = seen_c != colour
+        probe = LogisticRegression(C=10.0, max_iter=3000).fit(seen_x[train], seen_y[train])
+        per_colour[colour] = (probe.score(seen_x[~train], seen_y[~train]),
+                              probe.score(held_x[held_c == colour], held_y[held_c == colour]))
+    return {"seen": round(100 * float(np.mean([s for s, _ in per_colour.values()])), 1),
+            "heldout": round(100 * float(np.mean([h for _, h in per_colour.values()])), 1),
+            "heldout_per_colour": {c: round(100 * h) for c, (_, h) in per_colour.items()}}
 
 
 # --------------------------------------------------------------------------- the overrides
@@ -141,6 +179,37 @@ def _grey_scenes(share: float) -> None:
     synthetic._scene = grey_scene
 
 
+def _swapped_twins() -> None:
+    """NegCLIP's swapped-attribute negatives drawn as images: an odd training sample whose
+    predecessor shows two kinds of object ("a red circle and a blue star") shows the same
+    objects in the same places with their colours swapped ("a blue circle and a red star"),
+    with its own background and caption, when both swapped pairs are seen pairs (about one
+    sample in nine).  Training batches are runs of consecutive indices, so a twin meets its
+    original in the same batch."""
+    scene, compose = synthetic._scene, synthetic._compose
+
+    def with_twins(stream, index, seed, *args, **kwargs):
+        twin = None
+        if stream == "train" and index % 2 == 1:
+            before = np.random.default_rng([seed, index - 1, synthetic._STREAMS[stream]])
+            objects = compose(before, synthetic.SEEN_PAIRS, None, False)  # as training does
+            if len(objects) == 2:
+                a, b = objects
+                swapped = [dict(a, colour=b["colour"]), dict(b, colour=a["colour"])]
+                if a["colour"] != b["colour"] and a["shape"] != b["shape"] and all(
+                        (o["colour"], o["shape"]) in synthetic.SEEN_PAIRS for o in swapped):
+                    twin = swapped
+        if twin is None:
+            return scene(stream, index, seed, *args, **kwargs)
+        synthetic._compose = lambda *_: twin  # the scene's own draws then start afresh
+        try:
+            return scene(stream, index, seed, *args, **kwargs)
+        finally:
+            synthetic._compose = compose
+
+    synthetic._scene = with_twins
+
+
 def _start_temperature(value: float) -> None:
     def init_temperature(self) -> None:
         with torch.no_grad():
@@ -164,6 +233,15 @@ def apply_overrides(args: argparse.Namespace) -> None:
         _start_temperature(args.temperature)
     if args.curriculum_share is not None:
         training_config.CURRICULUM_SHARE = args.curriculum_share
+    if args.twins:
+        _swapped_twins()
+    if args.languages:
+        languages = args.languages.split(",")
+        unknown = set(languages) - set(LANGUAGES)
+        if unknown:
+            raise SystemExit(f"--languages: unknown {', '.join(sorted(unknown))}; choose from "
+                             f"{', '.join(LANGUAGES)}")
+        synthetic.LANGUAGE_WEIGHTS = {language: 1 / len(languages) for language in languages}
 
 
 def main() -> None:
@@ -183,6 +261,12 @@ def main() -> None:
     parser.add_argument("--grey", type=float, default=0.0,
                         help="share of greyscale one-kind scenes with colourless captions")
     parser.add_argument("--temperature", type=float, help="starting logit scale (1/0.07)")
+    parser.add_argument("--twins", action="store_true",
+                        help="each odd sample after a two-kind scene shows its colours swapped")
+    parser.add_argument("--languages", help="caption languages, comma-separated (en,zh,ru)")
+    parser.add_argument("--loss", default="clip", choices=training_config.LOSSES)
+    parser.add_argument("--weight-decay", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed: other samples")
     parser.add_argument("--results", default="runs/ablations/results.jsonl")
     args = parser.parse_args()
     apply_overrides(args)
@@ -200,8 +284,8 @@ def main() -> None:
 
         report.final_report = keep_model
         train(TrainConfig(output=output, steps=args.steps, batch_size=args.batch_size,
-                          warmup=args.warmup, lr=args.lr,
-                          progress=False))
+                          warmup=args.warmup, lr=args.lr, loss=args.loss,
+                          weight_decay=args.weight_decay, seed=args.seed, progress=False))
         model = captured["model"]
     settings = {k: v for k, v in vars(args).items() if v is not None}
     result = {"name": name, "settings": settings, "seconds": round(time.perf_counter() - start),
@@ -213,6 +297,8 @@ def main() -> None:
         row = result["top1"][language]
         print(f"{language}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     print("shape probe (seen -> held-out):", result["top1"]["shape_probe"])
+    print("leave-one-colour-out probe:", result["top1"]["colour_out_probe"])
+    print("binding (prefers its caption to the colour swap):", result["top1"]["binding"])
 
 
 if __name__ == "__main__":
