@@ -218,11 +218,17 @@ def _start_temperature(value: float) -> None:
     Objective.init_temperature = init_temperature
 
 
+def _weights(text: str) -> dict[str, float]:
+    """``"filled:0.8,outlined:0.2"`` -> weights; a name without ``:w`` weighs 1."""
+    pairs = [item.partition(":") for item in text.split(",")]
+    return {name: float(weight or 1.0) for name, _, weight in pairs}
+
+
 def apply_overrides(args: argparse.Namespace) -> None:
     if args.styles:
-        synthetic.TRAIN_STYLES = {s: 1.0 for s in args.styles.split(",")}
+        synthetic.TRAIN_STYLES = _weights(args.styles)
     if args.backgrounds:
-        synthetic.TRAIN_BACKGROUNDS = {b: 1.0 for b in args.backgrounds.split(",")}
+        synthetic.TRAIN_BACKGROUNDS = _weights(args.backgrounds)
     if args.two_kinds is not None:
         synthetic._TWO_KINDS_P = args.two_kinds
     if args.colour_jitter is not None:
@@ -254,7 +260,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--curriculum-share", type=float,
                         help="share of the run over which the scenes widen (0.6)")
-    parser.add_argument("--styles", help="training styles, comma-separated (default: filled)")
+    parser.add_argument("--styles", help="training styles, comma-separated, each with an optional "
+                        ":weight (default: filled; e.g. filled:0.8,outlined:0.2)")
     parser.add_argument("--backgrounds", help="training backgrounds (default: plain,gradient)")
     parser.add_argument("--two-kinds", type=float, help="share of two-kind scenes (0.25)")
     parser.add_argument("--colour-jitter", type=int, help="per channel (12)")
@@ -265,7 +272,8 @@ def main() -> None:
                         help="each odd sample after a two-kind scene shows its colours swapped")
     parser.add_argument("--languages", help="caption languages, comma-separated (en,zh,ru)")
     parser.add_argument("--loss", default="clip", choices=training_config.LOSSES)
-    parser.add_argument("--weight-decay", type=float, default=0.2)
+    parser.add_argument("--weight-decay", type=float,
+                        help="AdamW's (default: the library's for the built-in data)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed: other samples")
     parser.add_argument("--results", default="runs/ablations/results.jsonl")
     args = parser.parse_args()

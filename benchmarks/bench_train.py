@@ -77,7 +77,7 @@ def run_child(spec: dict) -> dict:
                              precision=spec["precision"], lr=1e-4, grad_clip=1.0)
     train_mode(model, config)
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = build_optimizer(objective, config.lr, config.weight_decay)
+    optimizer = build_optimizer(objective, config.lr, config.decay())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     autocast = _autocast(config, torch.device("cpu"))
 

@@ -20,6 +20,7 @@ import clipforge
 from clipforge.cli import main
 from clipforge.data.sources import DataError
 from clipforge.text.vocabulary import fit_config
+from clipforge.training.config import BUILTIN_WEIGHT_DECAY, WEIGHT_DECAY
 from clipforge.training.loop import TrainConfig, TrainingDiverged, train
 from clipforge.training.objective import Objective
 
@@ -40,6 +41,15 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def _losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_weight_decay_defaults_by_data_and_an_explicit_one_wins(tmp_path) -> None:
+    assert TrainConfig(tmp_path).decay() == BUILTIN_WEIGHT_DECAY != WEIGHT_DECAY
+    assert TrainConfig(tmp_path, data="pairs.csv").decay() == WEIGHT_DECAY
+    assert TrainConfig(tmp_path, weights="w.safetensors").decay() == WEIGHT_DECAY
+    assert TrainConfig(tmp_path, data="pairs.csv", weight_decay=0.0).decay() == 0.0
+    with pytest.raises(ValueError, match="--weight-decay -1"):
+        TrainConfig(tmp_path, weight_decay=-1).validate()
 
 
 def test_sigkill_and_resume_gives_the_same_weights(tmp_path) -> None:
@@ -142,6 +152,8 @@ def test_streamed_shards_resume_exactly(tmp_path, workers) -> None:
     checkpoint = straight / "checkpoints" / "step_00000003.pt"
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["data"]["positions"][0], "no stream position was recorded"
+    # The user's own data gets CLIP's weight decay (the built-in data has its own default).
+    assert {g["weight_decay"] for g in saved["optimizer"]["param_groups"]} == {0.0, 0.2}
 
     def resume_from(state: dict, name: str) -> Path:
         run = tmp_path / name

@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 
 from ..configs import ACTIVATIONS
-from ..training.config import LOSSES, PRECISIONS, TOKENIZERS, TrainConfig, setting_names
+from ..training.config import (
+    BUILTIN_WEIGHT_DECAY,
+    LOSSES,
+    PRECISIONS,
+    TOKENIZERS,
+    WEIGHT_DECAY,
+    TrainConfig,
+    setting_names,
+)
 
 
 def _default(name: str):
@@ -46,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "at most this many examples with a graph at once")
     p.add_argument("--lr", type=float, default=_default("lr"))
     p.add_argument("--warmup", type=int, default=_default("warmup"))
-    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"),
+                   help=f"AdamW's (default: {BUILTIN_WEIGHT_DECAY} on the built-in data from "
+                   f"scratch, CLIP's {WEIGHT_DECAY} otherwise)")
     p.add_argument("--grad-clip", type=float, default=_default("grad_clip"),
                    help="max gradient norm (0: off)")
     p.add_argument("--loss", choices=LOSSES, default=_default("loss"))

@@ -127,7 +127,7 @@ def train_baseline(config: TrainConfig) -> dict[str, Any]:
     size = model.config.image_size
     preprocess = Preprocess.from_config(model.config)
     del model
-    optimizer = build_optimizer(classifier, config.lr, config.weight_decay)
+    optimizer = build_optimizer(classifier, config.lr, config.decay())
     scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
     scenes = LabelledScenes(config.seed, TrainTransform(preprocess), size, config.curriculum())
     loader = DataLoader(scenes,

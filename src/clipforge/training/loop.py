@@ -250,7 +250,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_mode(model, config)
     objective.to(device)
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = build_optimizer(objective, config.lr, config.weight_decay)
+    optimizer = build_optimizer(objective, config.lr, config.decay())
     scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
