@@ -30,8 +30,9 @@ Evaluation (printed, and appended as one JSON line to ``--results``):
     python benchmarks/bench_first_run.py --name two-kinds --two-kinds 0.5
     python benchmarks/bench_first_run.py --name twins --twins
     python benchmarks/bench_first_run.py --eval-only runs/first-run
+    python benchmarks/bench_first_run.py --summary      # the mean over seeds of each setting
 
-A run takes what ``clipforge train`` takes (about 7 minutes on 2 cores at 450 steps); run one at
+A run takes what ``clipforge train`` takes (7-9 minutes on 2 cores); run one at
 a time: two at once on 2 cores are ten times slower, not two.
 """
 
@@ -254,10 +255,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="default", help="the run's name (runs/ablations/NAME)")
     parser.add_argument("--eval-only", metavar="RUN", help="evaluate a trained run, no training")
-    parser.add_argument("--steps", type=int, default=450)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    for name, kind in (("steps", int), ("batch_size", int), ("warmup", int), ("lr", float)):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                            default=TrainConfig.__dataclass_fields__[name].default)
     parser.add_argument("--curriculum-share", type=float,
                         help="share of the run over which the scenes widen (0.6)")
     parser.add_argument("--styles", help="training styles, comma-separated, each with an optional "
@@ -276,26 +276,19 @@ def main() -> None:
                         help="AdamW's (default: the library's for the built-in data)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed: other samples")
     parser.add_argument("--results", default="runs/ablations/results.jsonl")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the mean over seeds of each setting in --results, no run")
     args = parser.parse_args()
+    if args.summary:
+        print_summary(Path(args.results))
+        return
     apply_overrides(args)
     start = time.perf_counter()
     if args.eval_only:
         model, name = create_model(args.eval_only), Path(args.eval_only).name
     else:
-        name = args.name
-        output = Path("runs/ablations") / name
-        captured = {}
-
-        def keep_model(config, model, out, skipped):  # the run's own report is not needed
-            captured["model"] = model
-            return {}
-
-        report.final_report = keep_model
-        train(TrainConfig(output=output, steps=args.steps, batch_size=args.batch_size,
-                          warmup=args.warmup, lr=args.lr, loss=args.loss,
-                          weight_decay=args.weight_decay, seed=args.seed, progress=False))
-        model = captured["model"]
-    settings = {k: v for k, v in vars(args).items() if v is not None}
+        name, model = args.name, _train(args)
+    settings = {k: v for k, v in vars(args).items() if v is not None and k != "summary"}
     result = {"name": name, "settings": settings, "seconds": round(time.perf_counter() - start),
               "cpu": cpu_name(), "torch": torch.__version__, "top1": evaluate(model)}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +301,68 @@ def main() -> None:
     print("leave-one-colour-out probe:", result["top1"]["colour_out_probe"])
     print("binding (prefers its caption to the colour swap):", result["top1"]["binding"])
 
+
+def _train(args: argparse.Namespace):
+    """Train as ``clipforge train`` does with the settings given; the trained model."""
+    config = TrainConfig(output=Path("runs/ablations") / args.name, steps=args.steps,
+                         batch_size=args.batch_size, warmup=args.warmup, lr=args.lr,
+                         loss=args.loss, weight_decay=args.weight_decay, seed=args.seed,
+                         progress=False)
+    args.weight_decay = config.decay()  # recorded as run: the default depends on the data
+    captured = {}
+
+    def keep_model(config, model, out, skipped):  # the run's own report is not needed
+        captured["model"] = model
+        return {}
+
+    report.final_report = keep_model
+    train(config)
+    return captured["model"]
+
+
+# Settings that do not change what a run computes, or that tell runs of one setting apart.
+_NOT_A_SETTING = ("name", "seed", "results", "eval_only")
+
+
+def print_summary(results: Path) -> None:
+    """One line per setting: the mean over its seeds, since one run is not a measurement
+    (seeds of the same setting differ by 20 points on held-out compositions)."""
+    groups: dict[str, list[dict]] = {}
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        if "settings" not in row or row["settings"].get("eval_only"):
+            continue
+        key = json.dumps({k: v for k, v in sorted(row["settings"].items())
+                          if k not in _NOT_A_SETTING})
+        groups.setdefault(key, []).append(row)
+    print("mean over seeds, en / zh / ru: seen, held-out, suites training never drew; binding")
+    for key, rows in groups.items():
+        seeds = sorted(r["settings"].get("seed", 0) for r in rows)
+        top1 = [r["top1"] for r in rows]
+        shifts = _shift_suites(rows[0]["settings"], top1[0])
+        print(f"{key}\n  seeds {seeds}: seen {_mean(top1, 'seen')}, held-out "
+              f"{_mean(top1, 'heldout')}, shifts {_mean(top1, shifts)}; binding "
+              f"{_mean(top1, 'binding')}")
+
+
+def _shift_suites(settings: dict, top1: dict) -> list[str]:
+    """The suites of a run that its training never drew: not its styles or backgrounds."""
+    trained = {f"style:{s.partition(':')[0]}" for s in settings.get("styles", "filled").split(",")}
+    trained |= {f"background:{b.partition(':')[0]}"
+                for b in settings.get("backgrounds", "plain,gradient").split(",")}
+    return [k for k in top1["en"] if k not in trained | {"seen", "heldout"}]
+
+
+def _mean(top1: list[dict], figure: str | list[str]) -> str:
+    """``figure`` (or the mean over a list of suites) per language, then over runs."""
+    def one(t: dict, lang: str) -> float:
+        if figure == "binding":
+            return t["binding"][lang]
+        if isinstance(figure, list):
+            return float(np.mean([t[lang][k] for k in figure]))
+        return t[lang][figure]
+
+    return " / ".join(f"{np.mean([one(t, lang) for t in top1]):.1f}" for lang in LANGUAGES)
 
 if __name__ == "__main__":
     main()
