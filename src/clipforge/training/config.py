@@ -24,7 +24,8 @@ TOKENIZERS = ("auto", "model", "learn")
 CURRICULUM_SHARE = 0.6
 # AdamW's decoupled weight decay: CLIP's 0.2, except on the built-in data from scratch, where a
 # stronger pull towards small weights was measured to help held-out colour-shape compositions
-# (README, "More ablations"): a closed world of 48 conjunctions is easy to memorise.
+# at 450 steps (README, "More ablations"; at 600 steps not yet settled): a closed world of 48
+# conjunctions is easy to memorise.
 WEIGHT_DECAY = 0.2
 BUILTIN_WEIGHT_DECAY = 1.0
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -40,8 +41,8 @@ class TrainConfig:
     activation: str | None = None
     tokenizer: str = "auto"
     vocab_size: int = 1024
-    # 600 x 256 fits the first run in ten minutes on 2 cores; with the built-in data's weight
-    # decay it is also when held-out compositions come (README, "Longer runs").
+    # 600 x 256 fits the first run in ten minutes on 2 cores, and held-out compositions rise
+    # with the steps up to there (README, "Longer runs").
     steps: int = 600
     batch_size: int = 256
     micro_batch: int | None = None
