@@ -164,6 +164,37 @@ def test_bfloat16_runs_close_to_float32(tiny_rn) -> None:
             assert torch.nn.functional.cosine_similarity(a.float(), b).min() > 0.99
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_kernel_choice_changes_round_off_only(causal: bool) -> None:
+    """bfloat16 training on CPU takes the math kernel (clipforge.model.transformer.attention):
+    its output and gradients must be the attention, to bfloat16 round-off of a float32
+    reference; without gradients (inference, the exactness tests) nothing changes at all."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from clipforge.model.transformer import attention
+    torch.manual_seed(0)
+    shape = (4, 2, 24, 64)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    mask = None if causal else torch.rand(4, 1, 1, 24) > 0.3
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sdpa(*reference, attn_mask=mask, is_causal=causal)
+    out.backward(torch.ones_like(out))
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    ours = attention(*half, mask, causal)
+    ours.backward(torch.ones_like(ours))
+    with sdpa_kernel(SDPBackend.MATH):
+        assert torch.equal(ours, sdpa(*half, attn_mask=mask, is_causal=causal))
+    assert (ours.float() - out).abs().max() < 0.03
+    for a, b in zip(half, reference):
+        assert (a.grad.float() - b.grad).abs().max() < 0.05 * b.grad.abs().max()
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            args = [t.to(dtype) for t in (q, k, v)]
+            assert torch.equal(attention(*args, mask, causal),
+                               sdpa(*args, attn_mask=mask, is_causal=causal))
+
+
 def test_public_api_contract() -> None:
     names = clipforge.available_models()
     for required in ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16",

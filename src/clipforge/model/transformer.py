@@ -2,7 +2,8 @@
 
 Parameter names follow openai/CLIP (``ln_1``, ``attn.in_proj_weight``, ``mlp.c_fc`` ...) so that
 OpenAI and OpenCLIP state dicts load without renaming.  Attention goes through
-``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest kernel available.
+``torch.nn.functional.scaled_dot_product_attention``, which picks the fastest kernel available,
+except where it is known not to (:func:`attention`).
 
 What differs between families is data, not classes: the activation, the layer-norm epsilon,
 causal or bidirectional attention, a padding mask, and where the norms sit.  CLIP and SigLIP
@@ -24,7 +25,31 @@ from torch.utils.checkpoint import checkpoint
 from .linear import Linear, PacksWeights
 from .rope import Rope, rotate
 
+try:
+    from torch.compiler import is_compiling as _is_compiling
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3: no kernel choice (nor its CPU flash kernel's slow backward)
+    sdpa_kernel = None
+
 QUICK_GELU_SCALE = 1.702
+# PyTorch's flash-attention kernel for CPU is slow to differentiate in bfloat16 on short
+# sequences: forward and backward take 2.5-3 times as long as the math kernel's at 40-77 tokens,
+# and less time from about 200 on (torch 2.13, Xeon with AMX;
+# benchmarks/bench_attention.py).  Its forward alone, and float32, are faster at every length.
+MATH_KERNEL_MAX_TOKENS = 128
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention``, with the math kernel where the flash one is slow:
+    bfloat16 training on CPU with up to MATH_KERNEL_MAX_TOKENS keys (a text tower, a small
+    ViT: 10 % off the first run's step).  The kernels differ by round-off only."""
+    if (sdpa_kernel is not None and q.requires_grad and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16 and k.shape[-2] <= MATH_KERNEL_MAX_TOKENS
+            and not _is_compiling()):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class QuickGELU(nn.Module):
@@ -108,8 +133,7 @@ class Attention(PacksWeights):
         q, k, v = self._qkv(x)
         if rope is not None:
             q, k = rotate(q, rope), rotate(k, rope)
-        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                        is_causal=causal))
+        return self._out(attention(q, k, v, mask, causal))
 
     def forward_with_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
                             valid: torch.Tensor, keep: torch.Tensor | None = None
