@@ -10,7 +10,14 @@ backward (training).  Each figure is the median of ``--repeats`` calls after a w
 milliseconds, with torch's default thread count; the last column says which kernel
 ``attention`` uses there.
 
-    python benchmarks/bench_attention.py [--repeats 10] [--json PATH]
+Then what the choice is worth to a whole training step of the first run's model: small-rn at
+batch 256 in bfloat16 autocast (forward, the CLIP loss, backward, gradient clipping, AdamW),
+on built-in scenes and their captions (OpenAI's tokenizer here, so a little longer than the
+learnt vocabulary's), once with ``attention``'s choice and once with the flash kernel forced
+(``MATH_KERNEL_MAX_TOKENS`` set to 0), the two alternating step by step so that the machine's
+drift hits them alike.  The data worker's share of the cores is not in it.
+
+    python benchmarks/bench_attention.py [--repeats 10] [--steps 8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import cpu_name
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import clipforge.model.transformer as transformer
+from clipforge.data.synthetic import render_scene
+from clipforge.factory import create_model
+from clipforge.image.augment import TrainTransform
 from clipforge.model.transformer import attention
+from clipforge.training.objective import Objective
+from clipforge.training.optim import build_optimizer
+from machine import cpu_name
 
 # (what, batch, heads, tokens, head width, causal)
 SHAPES = (
@@ -79,9 +93,47 @@ def _takes_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
     return torch.equal(ours, math) and not torch.equal(ours, flash)
 
 
+def first_run_step(steps: int) -> dict:
+    """Median seconds of the first run's training step, with and without the math kernel."""
+    torch.manual_seed(0)
+    model = create_model("small-rn")
+    transform = TrainTransform.from_config(model.config)
+    scenes = [render_scene(i, language="en") for i in range(256)]
+    rng = np.random.default_rng(0)
+    pixels = torch.stack([transform(s.image, rng) for s in scenes])
+    tokens = model.tokenizer([s.caption for s in scenes])
+    objective = Objective(model, "clip")
+    objective.init_temperature()
+    optimizer = build_optimizer(objective, 1e-3, 1.0)
+    params = [p for p in objective.parameters() if p.requires_grad]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = objective(pixels, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    times: dict[str, list[float]] = {"clipforge's choice": [], "flash forced": []}
+    limit = transformer.MATH_KERNEL_MAX_TOKENS
+    try:
+        for i in range(2 * (steps + 1)):
+            transformer.MATH_KERNEL_MAX_TOKENS = limit if i % 2 == 0 else 0
+            start = time.perf_counter()
+            step()
+            if i >= 2:  # the first of each is a warm-up
+                times[list(times)[i % 2]].append(time.perf_counter() - start)
+    finally:
+        transformer.MATH_KERNEL_MAX_TOKENS = limit
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8,
+                        help="timed training steps of each kind (0: none)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -95,10 +147,13 @@ def main() -> None:
                 print(f"{shape[0]:<22} {str(dtype)[6:]:<9} {what:<17} {row['flash']:>9.1f} "
                       f"{row['math']:>8.1f}  {row['clipforge']}")
                 rows.append({"shape": shape[0], "dtype": str(dtype)[6:], "pass": what, **row})
+    step = first_run_step(args.steps) if args.steps else {}
+    for name, seconds in step.items():
+        print(f"first-run training step (small-rn, batch 256, bf16), {name}: {seconds:.3f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_name(), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+            json.dump({"cpu": cpu_name(), "torch": torch.__version__, "rows": rows,
+                       "first_run_step_s": step}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ except ImportError:  # torch < 2.3: no kernel choice (nor its CPU flash kernel's
 
 QUICK_GELU_SCALE = 1.702
 # PyTorch's flash-attention kernel for CPU is slow to differentiate in bfloat16 on short
-# sequences: forward and backward take 2.5-3 times as long as the math kernel's at 40-77 tokens,
+# sequences: its backward takes 2-4 times as long as the math kernel's at 40-77 tokens,
 # and less time from about 200 on (torch 2.13, Xeon with AMX;
 # benchmarks/bench_attention.py).  Its forward alone, and float32, are faster at every length.
 MATH_KERNEL_MAX_TOKENS = 128
@@ -43,7 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """``scaled_dot_product_attention``, with the math kernel where the flash one is slow:
     bfloat16 training on CPU with up to MATH_KERNEL_MAX_TOKENS keys (a text tower, a small
-    ViT: 10 % off the first run's step).  The kernels differ by round-off only."""
+    ViT: 13 % off the first run's step).  The kernels differ by round-off only."""
     if (sdpa_kernel is not None and q.requires_grad and q.device.type == "cpu"
             and q.dtype == torch.bfloat16 and k.shape[-2] <= MATH_KERNEL_MAX_TOKENS
             and not _is_compiling()):
