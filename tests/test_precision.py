@@ -9,6 +9,7 @@ on real architectures are measured by ``benchmarks/bench_precision.py``.
 from __future__ import annotations
 
 import copy
+import logging
 import platform
 
 import pytest
@@ -26,6 +27,7 @@ from clipforge.precision import (
     ProjectedAttention,
     apply_precision,
     check_precision,
+    native_bf16,
 )
 from clipforge.weights.fingerprint import weights_fingerprint
 from conftest import perturb
@@ -200,6 +202,31 @@ def test_unknown_precision_is_a_clear_error(tiny_vit: clipforge.CLIP) -> None:
     assert PRECISIONS == ("fp32", "bf16", "int8")
     with pytest.raises(ValueError, match="leave dtype unset"):
         clipforge.create_model("tiny-vit", precision="bf16", dtype=torch.float16)
+
+
+def cpu_with(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """Make torch report these CPU features (what ``native_bf16`` reads)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_emulated_bf16_is_a_warning(tiny_vit: clipforge.CLIP, precision: str, monkeypatch,
+                                    caplog) -> None:
+    """On a CPU without AVX-512 BF16 or AMX, bf16 is emulated (tens of times slower than
+    float32): the conversion still works, and says so."""
+    cases = {(False, False): True, (True, False): False, (False, True): False}
+    for (avx512_bf16, amx), warned in cases.items():
+        cpu_with(monkeypatch, avx512_bf16, amx)
+        assert native_bf16("cpu") is not warned
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipforge.precision"):
+            converted = apply_precision(copy.deepcopy(tiny_vit), precision)
+            apply_precision(copy.deepcopy(tiny_vit), "fp32")
+        assert converted.precision == precision
+        assert ("neither AVX-512 BF16 nor AMX" in caplog.text) is warned, caplog.text
+        assert f"precision {precision}" in caplog.text or not warned
 
 
 def test_conversion_needs_float32_weights(tiny_vit: clipforge.CLIP) -> None:

@@ -21,7 +21,7 @@ from clipforge.cli import main
 from clipforge.data.sources import DataError
 from clipforge.text.vocabulary import fit_config
 from clipforge.training.config import BUILTIN_WEIGHT_DECAY, WEIGHT_DECAY
-from clipforge.training.loop import TrainConfig, TrainingDiverged, train
+from clipforge.training.loop import TrainConfig, TrainingDiverged, resolve_precision, train
 from clipforge.training.objective import Objective
 
 TINY = ["--model", "tiny-vit", "--batch-size", "16", "--warmup", "2", "--workers", "0",
@@ -360,3 +360,19 @@ def test_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypatc
         "device); the earlier checkpoints are intact: free some space and continue the run "
         "with --resume latest")
     assert [p.name for p in directory.iterdir()] == ["step_00000001.pt"]
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch, caplog) -> None:
+    """"auto" trains in bf16 autocast where the CPU computes bfloat16 natively and in float32
+    where PyTorch would emulate it (about 100 times slower there); an explicit bf16 is obeyed
+    with a warning."""
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n,
+                            raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert resolve_precision(TrainConfig(Path("run"), precision="auto")).precision == expected
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipforge.precision"):
+            assert resolve_precision(TrainConfig(Path("run"), precision="bf16")).precision == "bf16"
+            assert resolve_precision(TrainConfig(Path("run"), precision="fp32")).precision == "fp32"
+        assert ("emulates bfloat16" in caplog.text) is (not native), caplog.text

@@ -16,7 +16,6 @@ trains into ``<run>/baseline/`` and then redraws the run's ``robustness.png`` wi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from ..image.augment import TrainTransform
 from ..image.transform import Preprocess
 from .config import BUILTIN_DATA, TrainConfig
 from .data import StepBatches
-from .loop import native_bf16
+from .loop import resolve_precision
 from .optim import build_optimizer, cosine_schedule
 from .report import (
     BASELINE_DIR,
@@ -114,9 +113,7 @@ def train_baseline(config: TrainConfig) -> dict[str, Any]:
     if config.data != BUILTIN_DATA:
         raise ValueError("the supervised baseline needs class labels: it trains on the built-in "
                          "dataset only (no --data)")
-    if config.precision == "auto":
-        config = dataclasses.replace(
-            config, precision="bf16" if native_bf16(config.device) else "fp32")
+    config = resolve_precision(config)
     output = Path(config.output) / BASELINE_DIR
     output.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)

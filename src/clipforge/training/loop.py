@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -30,6 +30,7 @@ from ..factory import create_model
 from ..fileio import atomic_directory, atomic_file
 from ..image.augment import TrainTransform
 from ..loss import LOGIT_SCALE_MAX
+from ..precision import native_bf16, warn_if_emulated
 from ..reading import REASONS, skip_reason
 from ..text.vocabulary import train_bpe
 from ..weights.formats import save_into_directory
@@ -64,16 +65,21 @@ from .optim import build_optimizer, cosine_schedule
 log = logging.getLogger("clipforge.train")
 VOCABULARY_DIR = "vocabulary"  # a run's learnt tokenizer (TrainConfig.tokenizer "learn")
 VOCABULARY_TEXTS = 10_000  # captions it is learnt from
+C = TypeVar("C")  # a training config: TrainConfig or FinetuneConfig
 
 
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (AVX-512 BF16 or AMX CPUs; GPUs from
-    Ampere on), where bf16 autocast is a real speed-up rather than an emulation."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    checks = [getattr(torch.cpu, name, None) for name in
-              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
+def resolve_precision(config: C) -> C:
+    """``config`` with ``precision`` "auto" made concrete: bf16 autocast where the device
+    computes bfloat16 natively, fp32 elsewhere (see :func:`clipforge.precision.native_bf16`).
+    An explicit bf16 is kept, with a warning where it is emulated.  Shared by pretraining,
+    fine-tuning and the supervised baseline."""
+    if config.precision == "auto":
+        config = dataclasses.replace(
+            config, precision="bf16" if native_bf16(config.device) else "fp32")
+        log.info("precision: %s", config.precision)
+    else:
+        warn_if_emulated(config.precision, config.device)
+    return config
 
 
 def _shown(value: Any) -> str:
@@ -224,10 +230,7 @@ class MetricsLog:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the final evaluation (empty for non-main ranks)."""
     config.validate()
-    if config.precision == "auto":
-        config = dataclasses.replace(
-            config, precision="bf16" if native_bf16(config.device) else "fp32")
-        log.info("precision: %s", config.precision)
+    config = resolve_precision(config)
     ranks, device = init_distributed(config.device)
     output = Path(config.output)
     checkpoints = output / "checkpoints"

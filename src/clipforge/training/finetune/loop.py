@@ -62,7 +62,7 @@ from ...ranks import all_gather_objects, barrier, rank_and_world
 from ...reading import DataError, skip_reason
 from ..checkpoint import random_state, set_random_state
 from ..distributed import average_gradients, init_distributed
-from ..loop import MetricsLog, TrainingDiverged, native_bf16
+from ..loop import MetricsLog, TrainingDiverged, resolve_precision
 from ..optim import build_optimizer, cosine_schedule
 from . import tip_adapter
 from .config import FROZEN_TOWER, GENERIC_TEMPLATES, FinetuneConfig
@@ -379,9 +379,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     config.validate()
     _, device = init_distributed(config.device)
     config = dataclasses.replace(config, device=str(device))
-    if config.precision == "auto":
-        config = dataclasses.replace(
-            config, precision="bf16" if native_bf16(config.device) else "fp32")
+    config = resolve_precision(config)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model = create_model(config.model, weights=config.weights, activation=config.activation,
