@@ -15,7 +15,9 @@ batch 256 in bfloat16 autocast (forward, the CLIP loss, backward, gradient clipp
 on built-in scenes and their captions (OpenAI's tokenizer here, so a little longer than the
 learnt vocabulary's), once with ``attention``'s choice and once with the flash kernel forced
 (``MATH_KERNEL_MAX_TOKENS`` set to 0), the two alternating step by step so that the machine's
-drift hits them alike.  The data worker's share of the cores is not in it.
+drift hits them alike.  The data worker's share of the cores is not in it.  On a CPU without
+AVX-512 BF16 or AMX the first run trains in float32 (``--precision auto``), so this part is
+skipped there: it would time PyTorch's bfloat16 emulation.
 
     python benchmarks/bench_attention.py [--repeats 10] [--steps 8] [--json PATH]
 """
@@ -37,6 +39,7 @@ from clipforge.data.synthetic import render_scene
 from clipforge.factory import create_model
 from clipforge.image.augment import TrainTransform
 from clipforge.model.transformer import attention
+from clipforge.precision import native_bf16
 from clipforge.training.objective import Objective
 from clipforge.training.optim import build_optimizer
 from machine import cpu_name
@@ -147,7 +150,11 @@ def main() -> None:
                 print(f"{shape[0]:<22} {str(dtype)[6:]:<9} {what:<17} {row['flash']:>9.1f} "
                       f"{row['math']:>8.1f}  {row['clipforge']}")
                 rows.append({"shape": shape[0], "dtype": str(dtype)[6:], "pass": what, **row})
-    step = first_run_step(args.steps) if args.steps else {}
+    step = first_run_step(args.steps) if args.steps and native_bf16("cpu") else {}
+    if args.steps and not native_bf16("cpu"):
+        print("first-run training step: not timed; this CPU has neither AVX-512 BF16 nor AMX, "
+              "so the first run trains in float32 here and its bf16 step would time PyTorch's "
+              "emulation")
     for name, seconds in step.items():
         print(f"first-run training step (small-rn, batch 256, bf16), {name}: {seconds:.3f} s")
     if args.json:
