@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--styles", help="training styles, comma-separated, each with an optional "
                         ":weight (default: filled; e.g. filled:0.8,outlined:0.2)")
     parser.add_argument("--backgrounds", help="training backgrounds (default: plain,gradient)")
-    parser.add_argument("--two-kinds", type=float, help="share of two-kind scenes (0.25)")
+    parser.add_argument("--two-kinds", type=float, help="share of two-kind scenes (0.1)")
     parser.add_argument("--colour-jitter", type=int, help="per channel (12)")
     parser.add_argument("--grey", type=float, default=0.0,
                         help="share of greyscale one-kind scenes with colourless captions")

@@ -111,7 +111,7 @@ def test_training_spans_every_style_background_size_cell_and_count(train_scenes)
     assert {cell for o in objects for cell in o["cells"]} == set(POSITIONS)
     assert {o["count"] for o in objects} == {1, 2, 3}
     two_kinds = sum(len(s.objects) == 2 for s in train_scenes) / len(train_scenes)
-    assert 0.15 < two_kinds < 0.35
+    assert 0.07 < two_kinds < 0.13
     for o in objects:
         low, high = SIZES[o["size"]]
         assert low <= o["diameter"] < high
