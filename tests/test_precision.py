@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 import clipforge
 from clipforge.evaluation import ZeroShotClassifier
+from clipforge.model import linear as linear_module
 from clipforge.model.linear import Linear
 from clipforge.model.transformer import Attention, LayerNorm
 from clipforge.precision import (
@@ -372,10 +372,8 @@ def test_families_close_to_float32(family: clipforge.CLIP, precision: str) -> No
 
 # ------------------------------------------------------------------ int8 kernels (oneDNN)
 needs_onednn_int8 = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64")
-    or not torch.backends.mkldnn.is_available()
-    or not hasattr(torch.ops.onednn, "qlinear_pointwise"),
-    reason="oneDNN's int8 linear ops are used on x86 CPUs only")
+    not linear_module._HAVE_ONEDNN_INT8,
+    reason="oneDNN's int8 linear ops are used on x86 CPUs with VNNI only")
 
 
 @needs_onednn_int8

@@ -39,16 +39,22 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-_PACKABLE = (torch.float32, torch.bfloat16)
+# bf16 packing needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU oneDNN
+# refuses to reorder bf16 weights, so bf16 products stay F.linear there
+_PACKABLE = ((torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+             else (torch.float32,))
 # the ops packing needs (torch builds without oneDNN, or too old, keep F.linear)
 _HAVE_ONEDNN = (torch.backends.mkldnn.is_available()
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-# oneDNN's int8 products (x86 only: elsewhere its int8 kernels are reference code)
+# oneDNN's int8 products (x86 only: elsewhere its int8 kernels are reference code), on CPUs
+# with VNNI: without it (AVX2 only) oneDNN multiplies u8 by s8 in 16-bit sums that saturate, and
+# embeddings fell to a cosine of 0.85 against float32 (an AVX2 EPYC, 2026-12-03)
 _HAVE_ONEDNN_INT8 = (torch.backends.mkldnn.is_available()
                      and platform.machine().lower() in ("x86_64", "amd64")
+                     and bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
                      and hasattr(torch.ops.onednn, "qlinear_prepack")
                      and hasattr(torch.ops.onednn, "qlinear_pointwise"))
 
