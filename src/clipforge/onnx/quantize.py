@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..configs import CLIPConfig
 from .manifest import (
@@ -65,6 +64,7 @@ def quantize_export(path: str | Path, *, verify: bool = True) -> Path:
     ``path`` and record them in its manifest (``variants.int8``); load them with
     ``OnnxCLIP(path, variant="int8")``.  With ``verify``, the manifest also records the
     lowest cosine similarity to the float32 graphs on a few random inputs."""
+    import torch  # not at module level: running an export needs no torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     directory = export_directory(path)
